@@ -107,7 +107,8 @@ class ModelConfig:
             raise ValueError("minimind2-era MoE configs (shared experts, MoEGate) are not supported; "
                              "only the minimind-3 / Qwen3 architecture is")
         known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in known}
+        # None means "unset" in reference / HF configs (e.g. pad_token_id): keep our default.
+        kwargs = {k: v for k, v in d.items() if k in known and v is not None}
         if d.get("model_type") == "qwen3_moe" or ("num_experts" in d and "use_moe" not in d):
             kwargs["use_moe"] = True
         return cls(**kwargs)
