@@ -1,0 +1,53 @@
+"""The one batch type every training stage consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: Target value the loss ignores (``F.cross_entropy(ignore_index=-100)``, as in the reference).
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Batch:
+    """A packed batch of ``B`` rows of ``T`` tokens.
+
+    * ``input_ids`` [B, T] long -- tokens fed to the model.
+    * ``targets`` [B, T] long -- the next token where it is trained, else ``IGNORE_INDEX``; never
+      crosses a document boundary, never points at padding, and honours the loss mask.
+    * ``position_ids`` [B, T] long -- RoPE positions, restarting at 0 at every document start (a
+      continuation of a cropped document continues from its offset in the document).
+    * ``doc_ids`` [B, T] int32 -- segment index within the row; attention must be causal *and*
+      restricted to equal ``doc_ids`` (padding is its own segment, so it never mixes with text).
+    * ``num_target_tokens`` -- ``(targets != IGNORE_INDEX).sum()``, for token-weighted loss averaging
+      across micro-batches and ranks.
+    """
+
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    position_ids: torch.Tensor
+    doc_ids: torch.Tensor
+    num_target_tokens: int
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        """A copy with every tensor on ``device`` (``non_blocking`` pays off with pinned memory)."""
+        return Batch(
+            input_ids=self.input_ids.to(device, non_blocking=non_blocking),
+            targets=self.targets.to(device, non_blocking=non_blocking),
+            position_ids=self.position_ids.to(device, non_blocking=non_blocking),
+            doc_ids=self.doc_ids.to(device, non_blocking=non_blocking),
+            num_target_tokens=self.num_target_tokens,
+        )
+
+    def pin_memory(self) -> "Batch":
+        """Page-locked host copy, so that ``to(cuda, non_blocking=True)`` overlaps with compute."""
+        return Batch(self.input_ids.pin_memory(), self.targets.pin_memory(),
+                     self.position_ids.pin_memory(), self.doc_ids.pin_memory(),
+                     self.num_target_tokens)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(B, T)``."""
+        return tuple(self.input_ids.shape)  # type: ignore[return-value]

@@ -1,0 +1,411 @@
+"""Tokenised shards on disk: built once per (data file, tokenizer, settings), memory-mapped after.
+
+The reference re-renders and re-tokenises every sample in ``__getitem__`` on every epoch (spec
+6.3.1).  Here a JSONL file is converted once into a flat token array plus an index::
+
+    out_dir/ids.bin       all documents' token ids back to back (uint16 if the vocab fits, else uint32)
+    out_dir/mask.bin      uint8 loss mask per token (SFT: spec 3.3 assistant spans; pretrain: all 1)
+    out_dir/offsets.npy   int64 [n_docs + 1]; document i is ids[offsets[i]:offsets[i+1]]
+    out_dir/meta.json     what was built from what (source size/mtime, tokenizer hash, settings, ...)
+
+Memory stays bounded for files larger than RAM: the input is streamed in chunks of lines, chunks are
+tokenised in a process pool with a bounded number in flight (``Pool.imap`` would read the whole file
+ahead), results are appended to the ``.bin`` files in input order, and document lengths go to a
+scratch file that becomes ``offsets.npy`` by a chunked cumulative sum.  Everything is written into a
+temporary sibling folder that is renamed into place only when complete, so an interrupted or failed
+build never leaves a half-written ``out_dir``.
+
+SFT augmentation draws from ``random.Random(f"...:{seed}:{line_no}")``: the shards are identical
+whatever ``num_proc`` is, and a given line always gets the same augmentation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import multiprocessing as mp
+import os
+import random
+import shutil
+import uuid
+from collections import deque
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+
+from .formats import pretrain_text, sft_conversation
+from .jsonl import DataFormatError, SkipStats, iter_jsonl_raw, parse_jsonl_line
+from .sft import MaskMarkers, assistant_mask, render_sft_text
+
+SHARD_VERSION = 1
+Kind = Literal["pretrain", "sft"]
+#: Lines per work unit, and a byte cap so that chunks of very long lines stay small.
+CHUNK_LINES = 512
+CHUNK_BYTES = 4 << 20
+#: ``spawn`` children re-import instead of inheriting the parent (torch threads, CUDA, tokenizers'
+#: Rayon pool), which is the only start method that is safe in every process we may be called from.
+MP_START_METHOD = "spawn"
+
+
+@dataclass
+class ShardInfo:
+    """Summary of a built (or reused) shard folder."""
+
+    out_dir: Path
+    kind: str
+    n_docs: int
+    n_tokens: int
+    skipped_lines: int
+    reused: bool
+    meta: dict = field(repr=False, default_factory=dict)
+
+
+def tokenizer_key(tokenizer: Any) -> str:
+    """Cache key of everything in the tokenizer that changes ids: vocab/merges and chat template."""
+    key = str(tokenizer.hash)
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        key += "-" + hashlib.sha256(template.encode("utf-8")).hexdigest()[:8]
+    return key
+
+
+def _load_tokenizer(spec: Any) -> Any:
+    if isinstance(spec, (str, os.PathLike)):
+        from minimind.tokenizer import MiniMindTokenizer
+        return MiniMindTokenizer.from_dir(spec)
+    return spec
+
+
+def _ids_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def _source_fingerprint(path: Path) -> dict:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _settings(kind: str, seed: int, skip_bad_lines: bool, max_len: int | None,
+              add_system_ratio: float, empty_think_ratio: float) -> dict:
+    """The build settings that change the shard content (pretrain ignores the SFT knobs)."""
+    s: dict[str, Any] = {"skip_bad_lines": bool(skip_bad_lines)}
+    if kind == "sft":
+        s.update(seed=int(seed), max_len=max_len, add_system_ratio=float(add_system_ratio),
+                 empty_think_ratio=float(empty_think_ratio))
+    return s
+
+
+# ---------------------------------------------------------------------------------------- workers
+@dataclass
+class _Chunk:
+    """Tokenised output of one chunk of lines, in input order."""
+
+    ids: np.ndarray
+    lengths: np.ndarray
+    mask: np.ndarray | None
+    errors: list[tuple[int, str]]
+    n_bytes: int = 0
+
+
+class ChunkTokenizer:
+    """Turns a list of ``(line_no, raw_line)`` into concatenated ids/masks; one per process."""
+
+    def __init__(self, tokenizer: Any, kind: str, src: str, seed: int, max_len: int | None,
+                 add_system_ratio: float, empty_think_ratio: float) -> None:
+        if kind not in ("pretrain", "sft"):
+            raise ValueError(f"kind must be 'pretrain' or 'sft', got {kind!r}")
+        self.tok = tokenizer
+        self.kind, self.src, self.seed, self.max_len = kind, src, seed, max_len
+        self.ratios = (add_system_ratio, empty_think_ratio)
+        self.dtype = _ids_dtype(tokenizer.vocab_size)
+        self.markers = MaskMarkers(tokenizer) if kind == "sft" else None
+
+    def line_rng(self, line_no: int) -> random.Random:
+        """Per-line RNG: depends only on (seed, line number), never on worker or chunk layout."""
+        return random.Random(f"minimind-sft:{self.seed}:{line_no}")
+
+    def _text(self, obj: dict, line_no: int) -> str:
+        if self.kind == "pretrain":
+            return pretrain_text(obj)
+        messages, tools = sft_conversation(obj)
+        try:
+            return render_sft_text(self.tok, messages, tools, self.line_rng(line_no), *self.ratios)
+        except Exception as e:  # template errors on odd-but-valid JSON shapes are data errors
+            raise ValueError(f"cannot render conversation: {type(e).__name__}: {e}") from None
+
+    def __call__(self, lines: list[tuple[int, bytes]]) -> _Chunk:
+        texts: list[str] = []
+        errors: list[tuple[int, str]] = []
+        for line_no, raw in lines:
+            try:
+                obj = parse_jsonl_line(raw, self.src, line_no)
+                if obj is None:
+                    continue
+                texts.append(self._text(obj, line_no))
+            except DataFormatError as e:
+                errors.append((line_no, e.problem))
+            except ValueError as e:
+                errors.append((line_no, str(e)))
+        encoded = self.tok.encode_batch(texts) if texts else []
+        if self.kind == "pretrain":
+            bos, eos = self.tok.bos_id, self.tok.eos_id
+            docs = [[bos, *ids, eos] for ids in encoded]  # reference: labels include EOS
+            masks = None
+        else:
+            docs = [ids[: self.max_len] if self.max_len else ids for ids in encoded]
+            masks = [assistant_mask(ids, self.markers) for ids in docs]
+        lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
+        total = int(lengths.sum())
+        ids_arr = np.fromiter(itertools.chain.from_iterable(docs), dtype=self.dtype, count=total)
+        mask_arr = (None if masks is None else
+                    np.fromiter(itertools.chain.from_iterable(masks), dtype=np.uint8, count=total))
+        return _Chunk(ids_arr, lengths, mask_arr, errors)
+
+
+_WORKER: ChunkTokenizer | None = None
+
+
+def _worker_init(tok_spec: Any, args: tuple) -> None:
+    """Pool initializer: load the tokenizer once per worker process."""
+    global _WORKER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the pool
+    _WORKER = ChunkTokenizer(_load_tokenizer(tok_spec), *args)
+
+
+def _worker_run(lines: list[tuple[int, bytes]]) -> _Chunk:
+    assert _WORKER is not None, "worker not initialised"
+    return _WORKER(lines)
+
+
+def _read_chunks(path: Path) -> Iterator[tuple[list[tuple[int, bytes]], int]]:
+    """Yield ``(lines, n_bytes)`` groups of at most CHUNK_LINES lines / ~CHUNK_BYTES bytes."""
+    lines: list[tuple[int, bytes]] = []
+    n_bytes = 0
+    for line_no, raw, size in iter_jsonl_raw(path):
+        lines.append((line_no, raw))
+        n_bytes += size
+        if len(lines) >= CHUNK_LINES or n_bytes >= CHUNK_BYTES:
+            yield lines, n_bytes
+            lines, n_bytes = [], 0
+    if lines:
+        yield lines, n_bytes
+
+
+def _tokenized_chunks(path: Path, tok_spec: Any, tokenizer: Any, args: tuple,
+                      num_proc: int) -> Iterator[_Chunk]:
+    """Tokenise chunks in order, with at most ``2 * num_proc`` chunks in flight."""
+    if num_proc <= 1:
+        work = ChunkTokenizer(tokenizer, *args)
+        for lines, n_bytes in _read_chunks(path):
+            out = work(lines)
+            out.n_bytes = n_bytes
+            yield out
+        return
+    ctx = mp.get_context(MP_START_METHOD)
+    pool = ctx.Pool(num_proc, initializer=_worker_init, initargs=(tok_spec, args))
+    try:
+        pending: deque = deque()
+        for lines, n_bytes in _read_chunks(path):
+            pending.append((pool.apply_async(_worker_run, (lines,)), n_bytes))
+            if len(pending) >= 2 * num_proc:
+                res, nb = pending.popleft()
+                out = res.get()
+                out.n_bytes = nb
+                yield out
+        while pending:
+            res, nb = pending.popleft()
+            out = res.get()
+            out.n_bytes = nb
+            yield out
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+# ---------------------------------------------------------------------------------------- build
+def _write_offsets(lengths_path: Path, out_path: Path, block: int = 1 << 22) -> int:
+    """Turn the raw int64 length file into ``offsets.npy`` (n_docs + 1) by a chunked cumsum."""
+    n_docs = lengths_path.stat().st_size // 8
+    offsets = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.int64, shape=(n_docs + 1,))
+    offsets[0] = 0
+    carry = 0
+    with open(lengths_path, "rb") as f:
+        pos = 0
+        while pos < n_docs:
+            lens = np.fromfile(f, dtype=np.int64, count=min(block, n_docs - pos))
+            cs = np.cumsum(lens) + carry
+            offsets[pos + 1: pos + 1 + len(lens)] = cs
+            carry = int(cs[-1])
+            pos += len(lens)
+    offsets.flush()
+    del offsets
+    return n_docs
+
+
+def prepare_shards(data_path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: Any,
+                   kind: Kind, num_proc: int = 0, seed: int = 0, skip_bad_lines: bool = False,
+                   max_len: int | None = None, add_system_ratio: float = 0.2,
+                   empty_think_ratio: float = 0.2, progress: bool = True) -> ShardInfo:
+    """Tokenise ``data_path`` (JSONL) into ``out_dir`` (replaced atomically); see module docstring.
+
+    ``tokenizer`` is a :class:`~minimind.tokenizer.MiniMindTokenizer` or its folder.  ``num_proc=0``
+    uses every CPU.  Pretrain documents are ``[BOS] + encode(text) + [EOS]`` and are never cut (the
+    packer splits long ones); SFT documents follow :func:`minimind.data.sft.tokenize_conversation`
+    and are cut to ``max_len`` when given.  Bad lines raise :class:`DataFormatError` (nothing is
+    left behind) unless ``skip_bad_lines``, which counts them into the meta and warns once.
+    """
+    from tqdm.auto import tqdm
+
+    data_path, out_dir = Path(data_path), Path(out_dir)
+    if kind not in ("pretrain", "sft"):
+        raise ValueError(f"kind must be 'pretrain' or 'sft', got {kind!r}")
+    if max_len is not None and max_len < 1:
+        raise ValueError("max_len must be positive")
+    tok = _load_tokenizer(tokenizer)
+    num_proc = num_proc or os.cpu_count() or 1
+    source = _source_fingerprint(data_path)
+    dtype = _ids_dtype(tok.vocab_size)
+    args = (kind, str(data_path), seed, max_len, add_system_ratio, empty_think_ratio)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    stats = SkipStats()
+    n_tokens = 0
+    try:
+        bar = tqdm(total=source["size"], unit="B", unit_scale=True, disable=not progress,
+                   desc=f"tokenizing {data_path.name}")
+        chunks = _tokenized_chunks(data_path, tokenizer, tok, args, num_proc)
+        with open(tmp / "ids.bin", "wb") as f_ids, open(tmp / "mask.bin", "wb") as f_mask, \
+                open(tmp / "lengths.tmp", "wb") as f_len, bar, closing(chunks):
+            for chunk in chunks:
+                for line_no, problem in chunk.errors:
+                    err = DataFormatError(data_path, line_no, problem)
+                    if not skip_bad_lines:
+                        raise err
+                    stats.add(err)
+                chunk.ids.tofile(f_ids)
+                mask = chunk.mask if chunk.mask is not None else np.ones(len(chunk.ids), np.uint8)
+                mask.tofile(f_mask)
+                chunk.lengths.tofile(f_len)
+                n_tokens += len(chunk.ids)
+                bar.update(chunk.n_bytes)
+        n_docs = _write_offsets(tmp / "lengths.tmp", tmp / "offsets.npy")
+        (tmp / "lengths.tmp").unlink()
+        meta = {
+            "version": SHARD_VERSION, "kind": kind, "source": source,
+            "tokenizer": tokenizer_key(tok), "vocab_size": tok.vocab_size, "dtype": dtype.name,
+            "n_docs": n_docs, "n_tokens": n_tokens, "seed": seed,
+            "settings": _settings(kind, seed, skip_bad_lines, max_len, add_system_ratio,
+                                  empty_think_ratio),
+            "skipped_lines": stats.count, "skipped_examples": stats.locations,
+            "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+        }
+        with open(tmp / "meta.json", "w", encoding="utf-8") as f:
+            json.dump(meta, f, ensure_ascii=False, indent=2)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    stats.warn(data_path)
+    return ShardInfo(out_dir, kind, n_docs, n_tokens, stats.count, reused=False, meta=meta)
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished ``tmp`` folder to ``out_dir``, replacing an older build if there is one."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_meta(out_dir: str | os.PathLike) -> dict | None:
+    """The ``meta.json`` of a shard folder, or ``None`` if there is no complete build."""
+    try:
+        with open(Path(out_dir) / "meta.json", encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def load_or_prepare_shards(data_path: str | os.PathLike, out_dir: str | os.PathLike,
+                           tokenizer: Any, kind: Kind, num_proc: int = 0, seed: int = 0,
+                           skip_bad_lines: bool = False, max_len: int | None = None,
+                           add_system_ratio: float = 0.2, empty_think_ratio: float = 0.2,
+                           progress: bool = True) -> ShardInfo:
+    """Reuse ``out_dir`` if it was built from the same source/tokenizer/settings, else rebuild.
+
+    "Same source" means same resolved path, size and mtime (hashing a 10 GB file on every start
+    would cost more than it saves).  Arguments are those of :func:`prepare_shards`.
+    """
+    tok = _load_tokenizer(tokenizer)
+    meta = read_meta(out_dir)
+    want = {
+        "version": SHARD_VERSION, "kind": kind, "source": _source_fingerprint(Path(data_path)),
+        "tokenizer": tokenizer_key(tok),
+        "settings": _settings(kind, seed, skip_bad_lines, max_len, add_system_ratio,
+                              empty_think_ratio),
+    }
+    if meta is not None and all(meta.get(k) == v for k, v in want.items()) and _files_ok(out_dir, meta):
+        return ShardInfo(Path(out_dir), kind, meta["n_docs"], meta["n_tokens"],
+                         meta.get("skipped_lines", 0), reused=True, meta=meta)
+    return prepare_shards(data_path, out_dir, tokenizer, kind, num_proc=num_proc, seed=seed,
+                          skip_bad_lines=skip_bad_lines, max_len=max_len,
+                          add_system_ratio=add_system_ratio, empty_think_ratio=empty_think_ratio,
+                          progress=progress)
+
+
+def _files_ok(out_dir: str | os.PathLike, meta: dict) -> bool:
+    """Cheap consistency check of a shard folder against its meta (file sizes)."""
+    d = Path(out_dir)
+    try:
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        return ((d / "ids.bin").stat().st_size == meta["n_tokens"] * itemsize
+                and (d / "mask.bin").stat().st_size == meta["n_tokens"]
+                and (d / "offsets.npy").is_file())
+    except (OSError, KeyError, TypeError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------- reading
+class ShardReader:
+    """Read-only, memory-mapped view of a shard folder: ``doc(i) -> (ids, mask)``."""
+
+    def __init__(self, out_dir: str | os.PathLike) -> None:
+        self.out_dir = Path(out_dir)
+        meta = read_meta(self.out_dir)
+        if meta is None:
+            raise FileNotFoundError(f"no complete shard build in {self.out_dir} (missing meta.json)")
+        self.meta: dict = meta
+        self.kind: str = meta["kind"]
+        self.n_tokens: int = int(meta["n_tokens"])
+        dtype = np.dtype(meta["dtype"])
+        if self.n_tokens:
+            self.ids = np.memmap(self.out_dir / "ids.bin", dtype=dtype, mode="r")
+            self.mask = np.memmap(self.out_dir / "mask.bin", dtype=np.uint8, mode="r")
+        else:  # np.memmap refuses empty files
+            self.ids, self.mask = np.zeros(0, dtype), np.zeros(0, np.uint8)
+        self.offsets: np.ndarray = np.load(self.out_dir / "offsets.npy", mmap_mode="r")
+        self.lengths: np.ndarray = np.diff(self.offsets)
+        if len(self.ids) != self.n_tokens or int(self.offsets[-1]) != self.n_tokens:
+            raise ValueError(f"shard folder {self.out_dir} is inconsistent with its meta.json")
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def doc(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and loss mask of document ``i`` (views into the memmaps)."""
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.ids[a:b], self.mask[a:b]
+
+    def __reduce__(self) -> tuple:
+        # Re-open the memmaps in the receiving process instead of pickling their contents.
+        return (type(self), (self.out_dir,))

@@ -1,0 +1,64 @@
+"""Run observability: a metrics JSONL file for every run, a live progress line, optional trackers."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step; trackers (wandb / swanlab) mirror the same dict."""
+
+    def __init__(self, path: str | Path, enabled: bool = True, tracker: str = "",
+                 run_name: str = "", config: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+        self._tracker = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tracker:
+                self._tracker = _open_tracker(tracker, run_name, config or {})
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if self._tracker is not None:
+            self._tracker.log({k: v for k, v in record.items() if isinstance(v, (int, float))})
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records of steps that the resumed run will redo."""
+        if not (self.enabled and self.path.exists()):
+            return
+        keep = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        self.path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(ln) for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def _open_tracker(name: str, run_name: str, config: dict[str, Any]):
+    if name == "wandb":
+        import wandb  # optional dependency
+        wandb.init(project="MiniMind", name=run_name, config=config)
+        return wandb
+    if name == "swanlab":
+        import swanlab  # optional dependency
+        swanlab.init(project="MiniMind", experiment_name=run_name, config=config)
+        return swanlab
+    raise ValueError(f"unknown tracker {name!r} (wandb | swanlab)")
+
+
+def model_flops_per_token(n_matmul_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
+    """Training FLOPs per token: ``6 * N + 12 * L * H * T`` (PaLM appendix B).
+
+    ``N`` counts matmul weights (for a tied model the embedding counts once, as the output head;
+    for MoE only the active experts); ``12 L H T`` is attention scores and values, fwd + bwd.
+    """
+    return 6.0 * n_matmul_params + 12.0 * n_layers * hidden * seq_len
