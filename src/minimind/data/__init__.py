@@ -10,13 +10,15 @@ from .formats import chat_messages, dpo_pair, pretrain_text, sft_conversation
 from .jsonl import DataFormatError, SkipStats, iter_jsonl, parse_jsonl_line
 from .packing import PackedDataset, PackPlan, pack_rows
 from .sft import SYSTEM_PROMPTS, MaskMarkers, assistant_mask, render_sft_text, tokenize_conversation
-from .shards import ShardInfo, ShardReader, load_or_prepare_shards, prepare_shards, read_meta
+from .shards import ShardInfo, load_or_prepare_shards, prepare_shards
+from .store import ShardReader, ShardWriter, read_meta, write_docs
 
 __all__ = [
     "Batch", "IGNORE_INDEX",
     "DataFormatError", "SkipStats", "iter_jsonl", "parse_jsonl_line",
     "pretrain_text", "sft_conversation", "dpo_pair", "chat_messages",
     "SYSTEM_PROMPTS", "MaskMarkers", "assistant_mask", "render_sft_text", "tokenize_conversation",
-    "ShardInfo", "ShardReader", "prepare_shards", "load_or_prepare_shards", "read_meta",
+    "ShardInfo", "ShardReader", "ShardWriter", "prepare_shards", "load_or_prepare_shards",
+    "read_meta", "write_docs",
     "PackPlan", "PackedDataset", "pack_rows",
 ]

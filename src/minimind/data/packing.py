@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .batch import IGNORE_INDEX, Batch
-from .shards import ShardReader
+from .store import ShardReader
 
 Mode = Literal["pretrain", "sft"]
 PAD_DOC = -1  # seg_doc value of a padding segment

@@ -1,19 +1,14 @@
 """Tokenised shards on disk: built once per (data file, tokenizer, settings), memory-mapped after.
 
 The reference re-renders and re-tokenises every sample in ``__getitem__`` on every epoch (spec
-6.3.1).  Here a JSONL file is converted once into a flat token array plus an index::
-
-    out_dir/ids.bin       all documents' token ids back to back (uint16 if the vocab fits, else uint32)
-    out_dir/mask.bin      uint8 loss mask per token (SFT: spec 3.3 assistant spans; pretrain: all 1)
-    out_dir/offsets.npy   int64 [n_docs + 1]; document i is ids[offsets[i]:offsets[i+1]]
-    out_dir/meta.json     what was built from what (source size/mtime, tokenizer hash, settings, ...)
+6.3.1).  Here a JSONL file is converted once into the shard folder described in
+:mod:`minimind.data.store` (``ids.bin``, ``mask.bin``, ``offsets.npy``, ``meta.json``); pretrain
+masks are all 1, SFT masks are the spec 3.3 assistant spans.
 
 Memory stays bounded for files larger than RAM: the input is streamed in chunks of lines, chunks are
-tokenised in a process pool with a bounded number in flight (``Pool.imap`` would read the whole file
-ahead), results are appended to the ``.bin`` files in input order, and document lengths go to a
-scratch file that becomes ``offsets.npy`` by a chunked cumulative sum.  Everything is written into a
-temporary sibling folder that is renamed into place only when complete, so an interrupted or failed
-build never leaves a half-written ``out_dir``.
+tokenised in a process pool with at most ``2 * num_proc`` chunks in flight (``Pool.imap`` would read
+the whole file ahead), and results are appended to the store in input order.  The store publishes
+the folder atomically, so a failed or interrupted build leaves nothing at ``out_dir``.
 
 SFT augmentation draws from ``random.Random(f"...:{seed}:{line_no}")``: the shards are identical
 whatever ``num_proc`` is, and a given line always gets the same augmentation.
@@ -27,8 +22,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import shutil
-import uuid
 from collections import deque
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -40,8 +33,11 @@ import numpy as np
 from .formats import pretrain_text, sft_conversation
 from .jsonl import DataFormatError, SkipStats, iter_jsonl_raw, parse_jsonl_line
 from .sft import MaskMarkers, assistant_mask, render_sft_text
+from .store import (SHARD_VERSION, ShardReader, ShardWriter, files_match_meta, ids_dtype,
+                    read_meta)
 
-SHARD_VERSION = 1
+__all__ = ["ShardInfo", "ShardReader", "prepare_shards", "load_or_prepare_shards", "read_meta",
+           "tokenizer_key", "ChunkTokenizer"]
 Kind = Literal["pretrain", "sft"]
 #: Lines per work unit, and a byte cap so that chunks of very long lines stay small.
 CHUNK_LINES = 512
@@ -78,10 +74,6 @@ def _load_tokenizer(spec: Any) -> Any:
         from minimind.tokenizer import MiniMindTokenizer
         return MiniMindTokenizer.from_dir(spec)
     return spec
-
-
-def _ids_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
 def _source_fingerprint(path: Path) -> dict:
@@ -121,7 +113,7 @@ class ChunkTokenizer:
         self.tok = tokenizer
         self.kind, self.src, self.seed, self.max_len = kind, src, seed, max_len
         self.ratios = (add_system_ratio, empty_think_ratio)
-        self.dtype = _ids_dtype(tokenizer.vocab_size)
+        self.dtype = ids_dtype(tokenizer.vocab_size)
         self.markers = MaskMarkers(tokenizer) if kind == "sft" else None
 
     def line_rng(self, line_no: int) -> random.Random:
@@ -228,25 +220,6 @@ def _tokenized_chunks(path: Path, tok_spec: Any, tokenizer: Any, args: tuple,
 
 
 # ---------------------------------------------------------------------------------------- build
-def _write_offsets(lengths_path: Path, out_path: Path, block: int = 1 << 22) -> int:
-    """Turn the raw int64 length file into ``offsets.npy`` (n_docs + 1) by a chunked cumsum."""
-    n_docs = lengths_path.stat().st_size // 8
-    offsets = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.int64, shape=(n_docs + 1,))
-    offsets[0] = 0
-    carry = 0
-    with open(lengths_path, "rb") as f:
-        pos = 0
-        while pos < n_docs:
-            lens = np.fromfile(f, dtype=np.int64, count=min(block, n_docs - pos))
-            cs = np.cumsum(lens) + carry
-            offsets[pos + 1: pos + 1 + len(lens)] = cs
-            carry = int(cs[-1])
-            pos += len(lens)
-    offsets.flush()
-    del offsets
-    return n_docs
-
-
 def prepare_shards(data_path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: Any,
                    kind: Kind, num_proc: int = 0, seed: int = 0, skip_bad_lines: bool = False,
                    max_len: int | None = None, add_system_ratio: float = 0.2,
@@ -269,71 +242,33 @@ def prepare_shards(data_path: str | os.PathLike, out_dir: str | os.PathLike, tok
     tok = _load_tokenizer(tokenizer)
     num_proc = num_proc or os.cpu_count() or 1
     source = _source_fingerprint(data_path)
-    dtype = _ids_dtype(tok.vocab_size)
+    dtype = ids_dtype(tok.vocab_size)
     args = (kind, str(data_path), seed, max_len, add_system_ratio, empty_think_ratio)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     stats = SkipStats()
-    n_tokens = 0
-    try:
-        bar = tqdm(total=source["size"], unit="B", unit_scale=True, disable=not progress,
-                   desc=f"tokenizing {data_path.name}")
-        chunks = _tokenized_chunks(data_path, tokenizer, tok, args, num_proc)
-        with open(tmp / "ids.bin", "wb") as f_ids, open(tmp / "mask.bin", "wb") as f_mask, \
-                open(tmp / "lengths.tmp", "wb") as f_len, bar, closing(chunks):
-            for chunk in chunks:
-                for line_no, problem in chunk.errors:
-                    err = DataFormatError(data_path, line_no, problem)
-                    if not skip_bad_lines:
-                        raise err
-                    stats.add(err)
-                chunk.ids.tofile(f_ids)
-                mask = chunk.mask if chunk.mask is not None else np.ones(len(chunk.ids), np.uint8)
-                mask.tofile(f_mask)
-                chunk.lengths.tofile(f_len)
-                n_tokens += len(chunk.ids)
-                bar.update(chunk.n_bytes)
-        n_docs = _write_offsets(tmp / "lengths.tmp", tmp / "offsets.npy")
-        (tmp / "lengths.tmp").unlink()
-        meta = {
-            "version": SHARD_VERSION, "kind": kind, "source": source,
-            "tokenizer": tokenizer_key(tok), "vocab_size": tok.vocab_size, "dtype": dtype.name,
-            "n_docs": n_docs, "n_tokens": n_tokens, "seed": seed,
+    bar = tqdm(total=source["size"], unit="B", unit_scale=True, disable=not progress,
+               desc=f"tokenizing {data_path.name}")
+    chunks = _tokenized_chunks(data_path, tokenizer, tok, args, num_proc)
+    with ShardWriter(out_dir, dtype) as writer, bar, closing(chunks):
+        for chunk in chunks:
+            for line_no, problem in chunk.errors:
+                err = DataFormatError(data_path, line_no, problem)
+                if not skip_bad_lines:
+                    raise err  # the writer deletes its temporary folder
+                stats.add(err)
+            writer.append(chunk.ids, chunk.lengths, chunk.mask)
+            bar.update(chunk.n_bytes)
+        meta = writer.commit({
+            "kind": kind, "source": source, "tokenizer": tokenizer_key(tok),
+            "vocab_size": tok.vocab_size, "seed": seed,
             "settings": _settings(kind, seed, skip_bad_lines, max_len, add_system_ratio,
                                   empty_think_ratio),
             "skipped_lines": stats.count, "skipped_examples": stats.locations,
             "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
-        }
-        with open(tmp / "meta.json", "w", encoding="utf-8") as f:
-            json.dump(meta, f, ensure_ascii=False, indent=2)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        })
     stats.warn(data_path)
-    return ShardInfo(out_dir, kind, n_docs, n_tokens, stats.count, reused=False, meta=meta)
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished ``tmp`` folder to ``out_dir``, replacing an older build if there is one."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def read_meta(out_dir: str | os.PathLike) -> dict | None:
-    """The ``meta.json`` of a shard folder, or ``None`` if there is no complete build."""
-    try:
-        with open(Path(out_dir) / "meta.json", encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
+    return ShardInfo(out_dir, kind, meta["n_docs"], meta["n_tokens"], stats.count, reused=False,
+                     meta=meta)
 
 
 def load_or_prepare_shards(data_path: str | os.PathLike, out_dir: str | os.PathLike,
@@ -354,58 +289,11 @@ def load_or_prepare_shards(data_path: str | os.PathLike, out_dir: str | os.PathL
         "settings": _settings(kind, seed, skip_bad_lines, max_len, add_system_ratio,
                               empty_think_ratio),
     }
-    if meta is not None and all(meta.get(k) == v for k, v in want.items()) and _files_ok(out_dir, meta):
+    fresh = meta is not None and all(meta.get(k) == v for k, v in want.items())
+    if fresh and files_match_meta(out_dir, meta):
         return ShardInfo(Path(out_dir), kind, meta["n_docs"], meta["n_tokens"],
                          meta.get("skipped_lines", 0), reused=True, meta=meta)
     return prepare_shards(data_path, out_dir, tokenizer, kind, num_proc=num_proc, seed=seed,
                           skip_bad_lines=skip_bad_lines, max_len=max_len,
                           add_system_ratio=add_system_ratio, empty_think_ratio=empty_think_ratio,
                           progress=progress)
-
-
-def _files_ok(out_dir: str | os.PathLike, meta: dict) -> bool:
-    """Cheap consistency check of a shard folder against its meta (file sizes)."""
-    d = Path(out_dir)
-    try:
-        itemsize = np.dtype(meta["dtype"]).itemsize
-        return ((d / "ids.bin").stat().st_size == meta["n_tokens"] * itemsize
-                and (d / "mask.bin").stat().st_size == meta["n_tokens"]
-                and (d / "offsets.npy").is_file())
-    except (OSError, KeyError, TypeError):
-        return False
-
-
-# ---------------------------------------------------------------------------------------- reading
-class ShardReader:
-    """Read-only, memory-mapped view of a shard folder: ``doc(i) -> (ids, mask)``."""
-
-    def __init__(self, out_dir: str | os.PathLike) -> None:
-        self.out_dir = Path(out_dir)
-        meta = read_meta(self.out_dir)
-        if meta is None:
-            raise FileNotFoundError(f"no complete shard build in {self.out_dir} (missing meta.json)")
-        self.meta: dict = meta
-        self.kind: str = meta["kind"]
-        self.n_tokens: int = int(meta["n_tokens"])
-        dtype = np.dtype(meta["dtype"])
-        if self.n_tokens:
-            self.ids = np.memmap(self.out_dir / "ids.bin", dtype=dtype, mode="r")
-            self.mask = np.memmap(self.out_dir / "mask.bin", dtype=np.uint8, mode="r")
-        else:  # np.memmap refuses empty files
-            self.ids, self.mask = np.zeros(0, dtype), np.zeros(0, np.uint8)
-        self.offsets: np.ndarray = np.load(self.out_dir / "offsets.npy", mmap_mode="r")
-        self.lengths: np.ndarray = np.diff(self.offsets)
-        if len(self.ids) != self.n_tokens or int(self.offsets[-1]) != self.n_tokens:
-            raise ValueError(f"shard folder {self.out_dir} is inconsistent with its meta.json")
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def doc(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids and loss mask of document ``i`` (views into the memmaps)."""
-        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return self.ids[a:b], self.mask[a:b]
-
-    def __reduce__(self) -> tuple:
-        # Re-open the memmaps in the receiving process instead of pickling their contents.
-        return (type(self), (self.out_dir,))

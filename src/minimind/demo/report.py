@@ -1,0 +1,95 @@
+"""The demo's report: ``report.md`` with the figures of every step, plus PNG plots beside it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from minimind.train.plots import plot_metrics
+
+
+def _bar_chart(per_label: dict[str, dict[str, float]], out: Path, title: str) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = list(per_label)
+    kinds = sorted({k for v in per_label.values() for k in v})
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(kinds) + 2), 3.8))
+    width = 0.8 / max(len(labels), 1)
+    for i, label in enumerate(labels):
+        xs = [j + i * width for j in range(len(kinds))]
+        ax.bar(xs, [per_label[label].get(k, 0.0) for k in kinds], width=width, label=label)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(kinds))], kinds, rotation=20, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+def write_report(ctx: Any) -> Path:
+    out: Path = ctx.out
+    r = ctx.results
+    lines = ["# MiniMind demo report", ""]
+    lines += ["Everything below was built and trained on this machine by `minimind demo`.", ""]
+
+    if "corpus" in r:
+        lines += ["## Corpus", "", "```json", json.dumps(r["corpus"], ensure_ascii=False, indent=1)[:3000],
+                  "```", ""]
+
+    if "pretrain" in r:
+        p = r["pretrain"]
+        lines += ["## Pretraining", "",
+                  "| held-out bits per byte | value |", "|---|---|",
+                  f"| random init | {_fmt(p['heldout_bpb_before'])} |",
+                  f"| unigram baseline | {_fmt(p['unigram_bpb'])} |",
+                  f"| after pretraining | **{_fmt(p['heldout_bpb_after'])}** |", "",
+                  f"{p['steps']} steps in {p['seconds']} s, {p['useful_tokens_per_s']} useful tokens/s, "
+                  f"final loss {_fmt(p['final_loss'])}.", ""]
+        plots = [ctx.artifacts[k] for k in ("pretrain_metrics", "sft_metrics") if k in ctx.artifacts]
+        if plots:
+            png = plot_metrics(plots, out / "loss.png", keys=("loss", "lr"), title="training loss")
+            lines += [f"![loss curves]({png.name})", ""]
+
+    if "sft" in r:
+        s = r["sft"]
+        lines += ["## SFT", "", f"{s['steps']} steps in {s['seconds']} s, final loss {_fmt(s['final_loss'])}.", ""]
+
+    if "task_eval" in r:
+        t = r["task_eval"]
+        lines += ["## Held-out tasks (greedy decoding, same prompts)", "",
+                  "| kind | " + " | ".join(t) + " |", "|---|" + "---|" * len(t)]
+        kinds = sorted({k for v in t.values() for k in v["per_kind"]})
+        for k in kinds:
+            lines.append(f"| {k} | " + " | ".join(f"{v['per_kind'].get(k, 0):.2f}" for v in t.values()) + " |")
+        lines.append("| **all** | " + " | ".join(f"**{v['accuracy']:.2f}**" for v in t.values()) + " |")
+        lines.append("")
+        png = _bar_chart({label: v["per_kind"] for label, v in t.items()}, out / "tasks.png",
+                         "held-out task accuracy")
+        lines += [f"![task accuracy]({png.name})", "", "### Samples", ""]
+        for label, v in t.items():
+            lines += [f"**{label}**", ""]
+            seen: set[str] = set()
+            for smp in v["samples"]:
+                if smp["kind"] in seen:
+                    continue
+                seen.add(smp["kind"])
+                mark = "✓" if smp["correct"] else "✗"
+                lines += [f"- {mark} `{smp['kind']}` — {smp['prompt'][:120]!r} → {smp['output'][:160]!r}"]
+            lines.append("")
+
+    lines += ["## Timings (s)", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in ctx.timings.items()]
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / "results.json").write_text(json.dumps({"results": r, "timings": ctx.timings}, ensure_ascii=False,
+                                                 indent=1, default=str), encoding="utf-8")
+    return report
