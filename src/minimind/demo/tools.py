@@ -23,10 +23,12 @@ __all__ = [
     "TOOL_NAMES",
     "WEATHER",
     "UNIT_FACTORS",
+    "UNIT_PAIRS",
     "safe_calculate",
     "execute_tool",
     "parse_tool_calls",
     "format_number",
+    "tool_result_value",
     "tool_schema",
 ]
 
@@ -42,29 +44,17 @@ def _fn(name: str, description: str, properties: dict[str, Any], required: list[
     }
 
 
+# Descriptions are kept short on purpose: the schemas are rendered into every tool prompt and
+# the tiny demo model trains on short sequences.
 TOOLS: list[dict[str, Any]] = [
-    _fn(
-        "calculate_math",
-        "Evaluate an arithmetic expression",
-        {"expression": {"type": "string", "description": "e.g. 12*(3+4)"}},
-        ["expression"],
-    ),
+    _fn("calculate_math", "Evaluate an arithmetic expression", {"expression": {"type": "string"}}, ["expression"]),
     _fn(
         "unit_converter",
-        "Convert a value between units",
-        {
-            "value": {"type": "number"},
-            "from_unit": {"type": "string", "description": "km, miles, kg, pounds, meters, feet, celsius, fahrenheit"},
-            "to_unit": {"type": "string"},
-        },
+        "Convert a value between units (km, miles, kg, pounds, meters, feet, celsius, fahrenheit)",
+        {"value": {"type": "number"}, "from_unit": {"type": "string"}, "to_unit": {"type": "string"}},
         ["value", "from_unit", "to_unit"],
     ),
-    _fn(
-        "get_current_weather",
-        "Get the current weather of a city",
-        {"location": {"type": "string", "description": "city name"}},
-        ["location"],
-    ),
+    _fn("get_current_weather", "Get the current weather of a city", {"location": {"type": "string"}}, ["location"]),
 ]
 TOOL_NAMES: tuple[str, ...] = tuple(t["function"]["name"] for t in TOOLS)
 
@@ -149,7 +139,7 @@ def safe_calculate(expression: str) -> float | int:
     text = (
         expression.replace("×", "*").replace("÷", "/").replace("−", "-").replace("^", "**")
         .replace("（", "(").replace("）", ")")
-    )
+    )  # fmt: skip
     if len(text) > 200:
         raise ValueError("expression too long")
     try:
@@ -199,17 +189,20 @@ def execute_tool(name: str, arguments: dict[str, Any] | str) -> dict[str, Any] |
                 result = _TEMPERATURE[pair](value)
             else:
                 result = value * UNIT_FACTORS.get(pair, 1.0)
+            shown = format_number(result)  # rounded to 4 decimals, as in the reference
             return {
                 "value": arguments["value"],
                 "from_unit": pair[0],
                 "to_unit": pair[1],
-                "result": float(format_number(result)),
+                "result": int(shown) if shown.lstrip("-").isdigit() else float(shown),
             }
         if name == "get_current_weather":
             city = str(arguments.get("location") or arguments.get("city") or "").strip()
             row, lang = _WEATHER_BY_NAME.get(city, _WEATHER_BY_NAME.get(city.casefold(), (None, "zh")))
-            if row is None:  # reference default for unknown cities
-                return {"city": city, "temperature": "22°C", "humidity": "65%", "condition": "晴"}
+            if row is None:
+                # The reference answers 22°C/晴 for any unknown city; an explicit error instead
+                # keeps a made-up location from ever looking like a correct call.
+                return {"error": f"unknown city: {city}"}
             return {
                 "city": city,
                 "temperature": row[2],
@@ -218,6 +211,23 @@ def execute_tool(name: str, arguments: dict[str, Any] | str) -> dict[str, Any] |
             }
     except (KeyError, TypeError, ValueError):
         return None
+    return None
+
+
+def tool_result_value(name: str, result: dict[str, Any] | None) -> str | None:
+    """The one value a task's ``gt`` holds for a call of ``name``: what the answer must report.
+
+    calculate_math -> the result, unit_converter -> the converted number, weather -> the
+    temperature. ``None`` for failed calls.
+    """
+    if not result or "error" in result:
+        return None
+    if name == "calculate_math":
+        return str(result["result"])
+    if name == "unit_converter":
+        return format_number(result["result"])
+    if name == "get_current_weather":
+        return str(result["temperature"])
     return None
 
 

@@ -4,9 +4,10 @@ The steps run in the order HF ``transformers`` uses, on purpose:
 
 1. **Repetition penalty on the raw logits** (CTRL rule: a seen token's positive logit is divided by
    ``p``, a negative one multiplied by ``p``, so both move towards "less likely").  The reference
-   applied it *after* dividing by the temperature (UPSTREAM_SPEC 6.2.5); the sign test then sees
-   tempered logits and the penalty's strength depends on the temperature.  Doing it first makes
-   ``repetition_penalty`` mean the same thing at every temperature.
+   applied it *after* dividing by the temperature (UPSTREAM_SPEC 6.2.5).  For a positive
+   temperature both orders give the same numbers (dividing by T > 0 keeps the sign), but only
+   penalty-first also works when there is no temperature to divide by: greedy decoding sees the
+   penalised logits, and temperature 0 never enters the arithmetic.
 2. **Greedy short-circuit**: ``greedy=True`` or ``temperature == 0`` takes the argmax of the
    penalised logits.  The reference divided by the temperature before its argmax, so temperature 0
    produced ``inf/inf = NaN`` logits.

@@ -1,0 +1,287 @@
+"""``minimind chat``: talk to a checkpoint in the terminal, interactively or from a prompts file.
+
+Behaves like the reference ``eval_llm.py`` (chat template with ``open_thinking``, ``--historys``
+messages of context, a raw ``<|im_start|>`` + text prompt for pretrained weights, tokens/s after
+each reply) on top of :class:`GenerationEngine`.  Differences on purpose: the reference's
+``'model' in path`` heuristic is replaced by an explicit weights file whose shape is read from the
+file itself, fp32 is kept on CPUs (the reference forced ``.half()`` everywhere), and reasoning
+inside ``<think>...</think>`` is shown dimmed so it is not mistaken for the answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from rich.console import Console
+
+from minimind.infer.engine import GenerationEngine, GenerationResult
+from minimind.infer.sampling import SamplingParams
+
+Prompt = str | list[dict[str, Any]]
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+class ThinkSplitter:
+    """Split streamed text into ``("think", s)`` and ``("answer", s)`` segments.
+
+    The tags are single tokens, but a stream decoder can hand them over glued to other text, so
+    the splitter searches inside pieces and holds back a trailing partial tag.
+    """
+
+    def __init__(self, thinking: bool = False) -> None:
+        self.thinking = thinking
+        self._buf = ""
+
+    def _kind(self) -> str:
+        return "think" if self.thinking else "answer"
+
+    def feed(self, text: str) -> list[tuple[str, str]]:
+        self._buf += text
+        out: list[tuple[str, str]] = []
+        while True:
+            tag = THINK_CLOSE if self.thinking else THINK_OPEN
+            i = self._buf.find(tag)
+            if i < 0:
+                break
+            if i:
+                out.append((self._kind(), self._buf[:i]))
+            self._buf = self._buf[i + len(tag):]
+            self.thinking = not self.thinking
+        tag = THINK_CLOSE if self.thinking else THINK_OPEN
+        hold = next((k for k in range(min(len(tag) - 1, len(self._buf)), 0, -1)
+                     if tag.startswith(self._buf[-k:])), 0)
+        ready, self._buf = self._buf[:len(self._buf) - hold], self._buf[len(self._buf) - hold:]
+        if ready:
+            out.append((self._kind(), ready))
+        return out
+
+    def flush(self) -> list[tuple[str, str]]:
+        rest, self._buf = self._buf, ""
+        return [(self._kind(), rest)] if rest else []
+
+
+def load_prompts(path: str | Path) -> list[Prompt]:
+    """Prompts from a text file (one per line) or JSONL (``{"prompt": ...}`` or
+    ``{"conversations": [...]}`` rows; a conversation is cut after its last user turn so the
+    model answers it, with earlier turns as context)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if path.suffix != ".jsonl":
+        return [ln.strip() for ln in lines]
+    prompts: list[Prompt] = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+            prompts.append(row["prompt"])
+        elif isinstance(row, dict) and isinstance(row.get("conversations"), list):
+            conv = row["conversations"]
+            users = [i for i, m in enumerate(conv) if isinstance(m, dict) and m.get("role") == "user"]
+            if not users:
+                raise ValueError(f"{path}:{n}: conversation has no user turn")
+            prompts.append([dict(m) for m in conv[:users[-1] + 1]])
+        else:
+            raise ValueError(f'{path}:{n}: expected a "prompt" string or a "conversations" list')
+    return prompts
+
+
+def _interactive(console: Console, input_fn: Callable[[str], str]) -> Iterable[str]:
+    while True:
+        try:
+            line = input_fn("> ")
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return
+        if not line.strip() or line.strip() == "/exit":
+            return
+        yield line
+
+
+def run_chat(engine: GenerationEngine, tokenizer: Any, prompts: Sequence[Prompt] | None = None,
+             history: int = 0, open_thinking: bool = False, params: SamplingParams | None = None,
+             raw: bool = False, console: Console | None = None,
+             input_fn: Callable[[str], str] = input) -> list[GenerationResult]:
+    """Chat loop: interactive when ``prompts`` is None (empty line or ``/exit`` quits, ``/clear``
+    drops the history), else the scripted prompts in order.  Returns the replies.
+
+    ``history`` = number of past messages (user and assistant) sent as context; 0 = stateless.
+    ``raw`` = pretrained-model mode: no template, the prompt is ``<|im_start|>`` + text.
+    """
+    console = console or Console(highlight=False)
+    params = params or SamplingParams()
+    scripted = prompts is not None
+    source: Iterable[Prompt] = prompts if scripted else _interactive(console, input_fn)
+    past: list[dict[str, Any]] = []
+    replies: list[GenerationResult] = []
+    for prompt in source:
+        if isinstance(prompt, str) and prompt.strip() == "/clear":
+            past.clear()
+            console.print("(history cleared)", style="dim")
+            continue
+        user_text = prompt if isinstance(prompt, str) else str(prompt[-1].get("content", ""))
+        if scripted:
+            console.print(f"> {user_text}", markup=False, highlight=False)
+        if raw:
+            ids = tokenizer.encode(tokenizer.decode([tokenizer.bos_id]) + user_text)
+            thinking = False
+        else:
+            if isinstance(prompt, str):
+                context = past[-history:] if history > 0 else []
+                messages = context + [{"role": "user", "content": prompt}]
+            else:
+                messages = list(prompt)
+            ids = engine.chat_prompt_ids(messages, open_thinking=open_thinking)
+            # The generation prompt opens a think block when open_thinking is on.
+            thinking = tokenizer.decode(ids[-4:]).rstrip().endswith(THINK_OPEN)
+        result = _stream_reply(engine, ids, params, thinking, console)
+        replies.append(result)
+        if not raw and isinstance(prompt, str):
+            past += [{"role": "user", "content": prompt},
+                     {"role": "assistant", "content": result.text or ""}]
+    return replies
+
+
+def _stream_reply(engine: GenerationEngine, ids: list[int], params: SamplingParams, thinking: bool,
+                  console: Console) -> GenerationResult:
+    splitter = ThinkSplitter(thinking)
+    stream = engine.stream(ids, params)
+    start = time.perf_counter()
+
+    def show(segments: list[tuple[str, str]]) -> None:
+        for kind, text in segments:
+            console.print(text, style="dim" if kind == "think" else None, end="", markup=False,
+                          highlight=False, soft_wrap=True)
+
+    for piece in stream:
+        show(splitter.feed(piece))
+    show(splitter.flush())
+    elapsed = time.perf_counter() - start
+    result = stream.result
+    assert result is not None
+    speed = result.completion_tokens / max(elapsed, 1e-9)
+    console.print(f"\n[{result.completion_tokens} tokens, {speed:.1f} tokens/s, "
+                  f"{result.finish_reason}]", style="dim", markup=False, highlight=False)
+    return result
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``minimind chat`` (reference ``eval_llm.py`` names where they exist)."""
+    a = parser.add_argument
+    a("--weight", default="", help="weights file: .safetensors (config inside) or reference .pth")
+    a("--tokenizer_path", default="",
+      help="folder with tokenizer.json (default: next to the weights, then out/tokenizer, model/)")
+    a("--prompts", default="", help="text file (one prompt per line) or JSONL; default interactive")
+    a("--historys", type=int, default=0, help="past messages kept as context (0 = stateless)")
+    a("--open_thinking", type=int, default=0, choices=[0, 1], help="open a <think> block")
+    a("--max_new_tokens", type=int, default=8192)
+    a("--temperature", type=float, default=0.85, help="0 = greedy")
+    a("--top_p", type=float, default=0.95)
+    a("--top_k", type=int, default=50, help="0 = disabled")
+    a("--repetition_penalty", type=float, default=1.0)
+    a("--inference_rope_scaling", action="store_true", help="YaRN RoPE (2048 x 16 positions)")
+    a("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (auto: cuda, mps, cpu)")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    a("--raw", action="store_true",
+      help="pretrained-model mode: no chat template (automatic for weights named pretrain*)")
+    a("--seed", type=int, default=None, help="sampling seed (default: random)")
+    a("--preset", default="minimind-3", help="shape defaults for .pth files without a config")
+    a("--hidden_size", type=int, default=0, help=".pth only: override the shape read from weights")
+    a("--num_hidden_layers", type=int, default=0, help=".pth only: override")
+    a("--use_moe", type=int, default=-1, choices=[-1, 0, 1], help=".pth only: override")
+
+
+def infer_model_config(sd: dict[str, Any], preset_name: str = "minimind-3",
+                       overrides: dict[str, Any] | None = None) -> Any:
+    """Model config for a bare state dict: the shape is read from the tensors themselves
+    (head_dim from q_norm, heads from q/k_proj, experts from the keys, tying from lm_head); the
+    preset supplies what
+    tensors cannot tell (rope theta, positions, experts per token); explicit flags win."""
+    from minimind.config import PRESETS, ModelConfig
+
+    if preset_name not in PRESETS:
+        raise ValueError(f"unknown preset {preset_name!r}; choose one of {sorted(PRESETS)}")
+    emb = sd.get("model.embed_tokens.weight")
+    if emb is None:
+        raise ValueError("weights have no model.embed_tokens.weight: not a MiniMind checkpoint")
+    vocab, hidden = emb.shape
+    layer_ids = {int(k.split(".")[2]) for k in sd if k.startswith("model.layers.")}
+    head_dim = sd["model.layers.0.self_attn.q_norm.weight"].shape[0]
+    experts = {k.split(".")[5] for k in sd if k.startswith("model.layers.0.mlp.experts.")}
+    cfg: dict[str, Any] = dict(PRESETS[preset_name])
+    cfg.update(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=max(layer_ids) + 1,
+               head_dim=head_dim,
+               num_attention_heads=sd["model.layers.0.self_attn.q_proj.weight"].shape[0] // head_dim,
+               num_key_value_heads=sd["model.layers.0.self_attn.k_proj.weight"].shape[0] // head_dim,
+               use_moe=bool(experts),
+               tie_word_embeddings="lm_head.weight" not in sd or bool(
+                   (sd["lm_head.weight"] == emb).all()))
+    if experts:
+        inter = sd["model.layers.0.mlp.experts.0.gate_proj.weight"].shape[0]
+        cfg.update(num_experts=len(experts), moe_intermediate_size=inter, intermediate_size=inter)
+    else:
+        cfg["intermediate_size"] = sd["model.layers.0.mlp.gate_proj.weight"].shape[0]
+    cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return ModelConfig(**cfg)
+
+
+def _find_tokenizer_dir(explicit: str, weight: Path) -> Path:
+    candidates = [Path(explicit)] if explicit else [
+        weight.parent, weight.parent / "tokenizer", Path("out/tokenizer"), Path("model")]
+    for c in candidates:
+        if (c / "tokenizer.json").is_file():
+            return c
+    raise FileNotFoundError("no tokenizer.json found in " + ", ".join(map(str, candidates))
+                            + "; pass --tokenizer_path")
+
+
+def chat_main(args: argparse.Namespace) -> int:
+    """Load weights + tokenizer from the flags and run :func:`run_chat`."""
+    from minimind.infer.yarn import enable_yarn
+    from minimind.model import MiniMindForCausalLM, load_weights, read_config, read_state_dict
+    from minimind.tokenizer import MiniMindTokenizer
+    from minimind.train.device import pick_device, pick_dtype
+
+    if not args.weight:
+        raise ValueError("--weight is required: a .safetensors or reference .pth weights file")
+    weight = Path(args.weight)
+    sd = read_state_dict(weight)
+    config = read_config(weight)
+    if config is None:
+        overrides = {"hidden_size": args.hidden_size or None,
+                     "num_hidden_layers": args.num_hidden_layers or None,
+                     "use_moe": None if args.use_moe < 0 else bool(args.use_moe)}
+        config = infer_model_config(sd, args.preset, overrides)
+    tokenizer = MiniMindTokenizer.from_dir(_find_tokenizer_dir(args.tokenizer_path, weight))
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model only "
+                         f"{config.vocab_size}: wrong --tokenizer_path?")
+    model = MiniMindForCausalLM(config)
+    load_weights(model, sd)
+    del sd
+    if args.inference_rope_scaling:
+        enable_yarn(model)
+    device = pick_device(args.device)
+    engine = GenerationEngine(model, tokenizer, device=device, dtype=pick_dtype(device, args.dtype))
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p,
+                            repetition_penalty=args.repetition_penalty,
+                            stop_token_ids=(tokenizer.eos_id,), seed=args.seed)
+    raw = bool(args.raw) or weight.name.startswith("pretrain")
+    console = Console(highlight=False)
+    console.print(f"{model.describe()} | {weight.name} on {device}"
+                  f"{' | raw (pretrain) mode' if raw else ''}", style="dim", markup=False)
+    prompts = load_prompts(args.prompts) if args.prompts else None
+    if prompts is None:
+        console.print("empty line or /exit quits, /clear resets the history", style="dim")
+    run_chat(engine, tokenizer, prompts, history=args.historys, open_thinking=bool(args.open_thinking),
+             params=params, raw=raw, console=console)
+    return 0
