@@ -148,7 +148,7 @@ def write_docs(out_dir: str | os.PathLike, docs: Iterable[tuple[Iterable[int], I
             ids_arr = np.asarray(list(ids), dtype=w.dtype)
             mask_arr = None if mask is None else np.asarray(list(mask), dtype=np.uint8)
             w.append(ids_arr, np.array([len(ids_arr)]), mask_arr)
-        return w.commit({"kind": kind, "vocab_size": vocab_size, **meta})
+        return w.commit({"kind": kind, "vocab_size": int(vocab_size), **meta})
 
 
 class ShardReader:

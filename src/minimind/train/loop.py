@@ -182,11 +182,10 @@ def train(stage: Stage, cfg: TrainConfig, tokenizer: Any,
     progress = _progress(total_steps, step, info.is_main and cfg.progress)
     losses: list[float] = []
     window_loss = torch.zeros((), device=device)
-    window_tokens = window_useful = 0
+    window_tokens = window_useful = window_steps = 0
     window_t0 = run_t0 = time.perf_counter()
     run_tokens = run_useful = 0
     last_record: dict[str, float] = {}
-    start_step = step
 
     def save(final: bool = False) -> None:
         if info.is_main:
@@ -227,7 +226,7 @@ def train(stage: Stage, cfg: TrainConfig, tokenizer: Any,
                 scaler.scale(scaled).backward()
                 window_loss += scaled.detach()
                 for k, v in out.metrics.items():
-                    step_metrics[k] = step_metrics.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32) * (weights[micro] / total_w)
+                    step_metrics[k] = step_metrics.get(k, 0.0) + v.detach().float() * (weights[micro] / total_w)
                 n_tok = int(batch.input_ids.numel())
                 window_tokens += n_tok
                 window_useful += stage.useful_tokens(batch)
@@ -238,12 +237,11 @@ def train(stage: Stage, cfg: TrainConfig, tokenizer: Any,
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            window_steps += 1
             progress.update(1)
 
             if step % cfg.log_interval == 0 or step == total_steps:
-                n_window = step - (start_step if not losses and step - start_step < cfg.log_interval else step - cfg.log_interval)
-                n_window = max(n_window, 1)
-                loss_val = float(all_reduce_mean(window_loss.detach().float(), info)) / n_window
+                loss_val = float(all_reduce_mean(window_loss.detach().float(), info)) / window_steps
                 dt = max(time.perf_counter() - window_t0, 1e-9)
                 tok_s = window_tokens * info.world_size / dt
                 useful_s = window_useful * info.world_size / dt
@@ -259,12 +257,12 @@ def train(stage: Stage, cfg: TrainConfig, tokenizer: Any,
                 run_useful += window_useful
                 progress.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
                 window_loss.zero_()
-                window_tokens = window_useful = 0
+                window_tokens = window_useful = window_steps = 0
                 window_t0 = time.perf_counter()
-                if on_step is not None:
-                    on_step(step, record)
             if (cfg.save_interval > 0 and step % cfg.save_interval == 0) or step == total_steps:
                 save()
+            if on_step is not None and last_record.get("step") == step:
+                on_step(step, last_record)
     finally:
         progress.close()
         cleanup(info)
