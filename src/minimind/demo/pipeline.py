@@ -27,6 +27,7 @@ class DemoSettings:
     vocab_size: int = 6400
     preset: str = "tiny"
     seq_len: int = 256
+    sft_seq_len: int = 640
     batch_size: int = 16
     pretrain_steps: int = 260
     pretrain_lr: float = 2e-3
@@ -39,7 +40,7 @@ class DemoSettings:
     @classmethod
     def quick(cls, out_dir: Path) -> "DemoSettings":
         """A ~1 minute version for tests and smoke runs."""
-        return cls(out_dir=out_dir, vocab_size=1024, seq_len=128, batch_size=8, pretrain_steps=30,
+        return cls(out_dir=out_dir, vocab_size=1024, seq_len=128, sft_seq_len=256, batch_size=8, pretrain_steps=30,
                    sft_epochs=1, eval_tasks=24, corpus_scale=0.08)
 
 
@@ -145,7 +146,8 @@ class SupervisedFinetune:
         s = ctx.settings
         cfg = ctx.train_config(stage="sft", data_path=str(ctx.artifacts["sft"]), save_weight="full_sft",
                                from_weight=str(ctx.artifacts["pretrain_weights"]), learning_rate=s.sft_lr,
-                               epochs=s.sft_epochs, warmup_steps=5, weight_decay=0.0)
+                               epochs=s.sft_epochs, warmup_steps=5, weight_decay=0.0,
+                               max_seq_len=s.sft_seq_len, batch_size=max(s.batch_size * s.seq_len // s.sft_seq_len, 1))
         res = train(SFT, cfg, ctx.tokenizer)
         ctx.artifacts["sft_weights"] = res.weights_path
         ctx.artifacts["sft_metrics"] = res.metrics_path
