@@ -1,4 +1,4 @@
-"""JSONL reading and record validation: errors name file:line, skipping counts, format equivalences."""
+"""JSONL reading and record validation: file:line errors, skip counts, format equivalences."""
 
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def tok():
 
 # ------------------------------------------------------------------------------------ iter_jsonl
 def test_malformed_json_names_file_and_line(tmp_path: Path) -> None:
-    f = _write(tmp_path / "d.jsonl", ['{"text": "a"}', '{"text": "b"}', '{"text": oops}', '{"text": "d"}'])
+    f = _write(tmp_path / "d.jsonl",
+               ['{"text": "a"}', '{"text": "b"}', '{"text": oops}', '{"text": "d"}'])
     seen = []
     with pytest.raises(DataFormatError) as ei:
         for line_no, obj in iter_jsonl(f):

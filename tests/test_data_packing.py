@@ -52,7 +52,8 @@ def test_plan_tiles_every_document_exactly_once(pretrain) -> None:
         starts, lens = plan.seg_start[segs], plan.seg_len[segs]
         order = np.argsort(starts)
         ends = np.cumsum(lens[order])
-        assert starts[order][0] == 0 and (starts[order][1:] == ends[:-1]).all() and ends[-1] == lengths[d]
+        assert starts[order][0] == 0 and ends[-1] == lengths[d]
+        assert (starts[order][1:] == ends[:-1]).all()
     # Only the very last row may hold padding, and only at its end.
     pad = np.flatnonzero(~real)
     assert len(pad) <= 1 and (len(pad) == 0 or pad[0] == len(plan.seg_doc) - 1)
@@ -65,7 +66,7 @@ def test_batches_cover_every_token_once_with_full_rows(pretrain) -> None:
     seen: list[int] = []
     n_rows = ds.num_rows(0)
     for r in range(n_rows):
-        tok, msk, seg, pos = ds.get_rows(0, [r])
+        tok, msk, seg, pos, _ = ds.get_rows(0, [r])
         if r < n_rows - 1:
             assert (msk == 1).all()  # pretrain: every slot is a real token, no padding
         seen.extend(tok[msk == 1].tolist())
@@ -80,7 +81,8 @@ def test_rows_are_bos_aligned_unless_continuation(pretrain) -> None:
     ds = PackedDataset(reader, seq_len=64, seed=0)
     plan = ds.plan(0)
     first = plan.row_ptr[:-1]
-    tok, _, _, pos = ds.get_rows(0, range(plan.n_rows))
+    tok, _, _, pos, real = ds.get_rows(0, range(plan.n_rows))
+    assert real[:-1].all() and real.sum() == reader.n_tokens
     fresh = plan.seg_start[first] == 0
     assert (tok[fresh, 0] == BOS).all() and (pos[fresh, 0] == 0).all()
     assert (tok[~fresh, 0] != BOS).all() and (pos[~fresh, 0] == plan.seg_start[first][~fresh]).all()
@@ -99,6 +101,9 @@ def test_positions_targets_and_doc_ids(pretrain) -> None:
         for b in range(len(x)):
             for i in range(64):
                 tok = int(x[b, i])
+                if tok == 0:  # padding at the end of the final row
+                    assert y[b, i] == IGNORE_INDEX and b == len(x) - 1
+                    continue
                 if tok == BOS:
                     assert p[b, i] == 0
                 else:
@@ -165,13 +170,31 @@ def test_sft_mode_masks_truncation_and_padding(tmp_path) -> None:
         for b in range(len(x)):
             if pad[b].any():
                 assert not np.isin(d[b][pad[b]], d[b][~pad[b]]).any()
+    batch = ds.get_batch(0, range(ds.num_rows(0)))
+    assert batch.num_real_tokens == int((batch.input_ids != 0).sum())
+    assert batch.num_real_tokens < batch.input_ids.numel()
     # Every kept token with mask 1 is trained exactly once (offset 0 never is: it has no context).
     expected = sum(max(0, min(n, 129) - max(n // 3, 1)) for n in lengths)
     assert sum(b.num_target_tokens for b in all_batches(ds, 0)) == expected
 
 
+def test_max_position_shifts_long_continuations(tmp_path) -> None:
+    reader, _ = make_shards(tmp_path, [1000, 5, 7])
+    plain = PackedDataset(reader, seq_len=64, seed=0)
+    capped = PackedDataset(reader, seq_len=64, seed=0, max_position=200)
+    n = plain.num_rows(0)
+    a, b = plain.get_batch(0, range(n)), capped.get_batch(0, range(n))
+    assert int(a.position_ids.max()) == 999 and int(b.position_ids.max()) == 199
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.targets, b.targets)
+    # positions keep their differences inside every segment
+    same = b.doc_ids[:, 1:] == b.doc_ids[:, :-1]
+    assert (b.position_ids[:, 1:] - b.position_ids[:, :-1])[same].eq(1).all()
+    assert torch.equal(a.position_ids[a.position_ids < 136], b.position_ids[a.position_ids < 136])
+
+
 def test_million_document_plan_builds() -> None:
-    lengths = np.clip(np.random.default_rng(0).lognormal(5.0, 1.0, 1_000_000), 3, 8000).astype(np.int64)
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(5.0, 1.0, 1_000_000), 3, 8000).astype(np.int64)
     plan = pack_rows(lengths, 513, seed=0, epoch=0, mode="pretrain")
     assert plan.seg_len[plan.seg_doc >= 0].sum() == lengths.sum()
     assert plan.n_pad_tokens < 513

@@ -23,6 +23,7 @@ class Batch:
       restricted to equal ``doc_ids`` (padding is its own segment, so it never mixes with text).
     * ``num_target_tokens`` -- ``(targets != IGNORE_INDEX).sum()``, for token-weighted loss averaging
       across micro-batches and ranks.
+    * ``num_real_tokens`` -- inputs that are not padding (throughput accounting); defaults to B*T.
     """
 
     input_ids: torch.Tensor
@@ -30,6 +31,11 @@ class Batch:
     position_ids: torch.Tensor
     doc_ids: torch.Tensor
     num_target_tokens: int
+    num_real_tokens: int = -1
+
+    def __post_init__(self) -> None:
+        if self.num_real_tokens < 0:
+            self.num_real_tokens = int(self.input_ids.numel())
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         """A copy with every tensor on ``device`` (``non_blocking`` pays off with pinned memory)."""
@@ -39,13 +45,14 @@ class Batch:
             position_ids=self.position_ids.to(device, non_blocking=non_blocking),
             doc_ids=self.doc_ids.to(device, non_blocking=non_blocking),
             num_target_tokens=self.num_target_tokens,
+            num_real_tokens=self.num_real_tokens,
         )
 
     def pin_memory(self) -> "Batch":
         """Page-locked host copy, so that ``to(cuda, non_blocking=True)`` overlaps with compute."""
         return Batch(self.input_ids.pin_memory(), self.targets.pin_memory(),
                      self.position_ids.pin_memory(), self.doc_ids.pin_memory(),
-                     self.num_target_tokens)
+                     self.num_target_tokens, self.num_real_tokens)
 
     @property
     def shape(self) -> tuple[int, int]:

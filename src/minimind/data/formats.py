@@ -42,12 +42,13 @@ def _maybe_json(value: Any, what: str, where: str) -> Any:
         try:
             return json.loads(value)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: '{what}' is not valid JSON ({e.msg}, column {e.colno})") from None
+            raise ValueError(f"{where}: '{what}' is not valid JSON "
+                             f"({e.msg}, column {e.colno})") from None
     return value
 
 
 def _check_tool_calls(calls: Any, where: str) -> list[dict]:
-    """A tool-call list as the template expects: ``[{name, arguments}]`` or ``[{function: {...}}]``."""
+    """Check a tool-call list: ``[{name, arguments}]`` or ``[{function: {name, arguments}}]``."""
     if not isinstance(calls, list):
         raise ValueError(f"{where}: 'tool_calls' must be a list, got {type(calls).__name__}")
     for j, call in enumerate(calls):
@@ -117,7 +118,8 @@ def chat_messages(conv: Any, field_name: str = "conversations",
         reasoning = m.get("reasoning_content")
         if reasoning is not None:
             if role != "assistant" or not isinstance(reasoning, str):
-                raise ValueError(f"{where}: 'reasoning_content' must be a string on an assistant message")
+                raise ValueError(f"{where}: 'reasoning_content' must be a string "
+                                 "on an assistant message")
             out["reasoning_content"] = reasoning
         messages.append(out)
     if require_assistant and not any(m["role"] == "assistant" for m in messages):

@@ -62,7 +62,8 @@ def parse_jsonl_line(raw: bytes | str, path: str | os.PathLike, line_no: int) ->
         try:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataFormatError(path, line_no, f"invalid UTF-8 ({e.reason} at byte {e.start})") from None
+            problem = f"invalid UTF-8 ({e.reason} at byte {e.start})"
+            raise DataFormatError(path, line_no, problem) from None
     text = raw.strip()
     if not text:
         return None

@@ -133,7 +133,7 @@ def tokenize_conversation(tokenizer: ChatTokenizer, messages: list[dict], tools:
                           markers: MaskMarkers | None = None) -> tuple[list[int], list[int]]:
     """Render, tokenize and label one conversation; return ``(ids, loss_mask)`` of equal length.
 
-    ``messages``/``tools`` are the normalised output of :func:`minimind.data.formats.sft_conversation`.
+    ``messages``/``tools`` are the normalised output of :func:`~minimind.data.formats.sft_conversation`.
     ``rng`` drives both augmentations (pass ``add_system_ratio=0, empty_think_ratio=1`` for the plain
     template rendering).  Like the reference, ids are cut to ``max_len`` first and the cut ids are
     labelled (an assistant turn cut before its end marker is trained up to the cut).

@@ -78,6 +78,14 @@ def _load_tokenizer(spec: Any) -> Any:
     return spec
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on (respects taskset/cgroup affinity, unlike ``os.cpu_count``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS / Windows
+        return os.cpu_count() or 1
+
+
 def _source_fingerprint(path: Path) -> dict:
     st = path.stat()
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -250,7 +258,7 @@ def prepare_shards(data_path: str | os.PathLike, out_dir: str | os.PathLike, tok
     if max_len is not None and max_len < 1:
         raise ValueError("max_len must be positive")
     tok = _load_tokenizer(tokenizer)
-    num_proc = num_proc or os.cpu_count() or 1
+    num_proc = num_proc or _usable_cpus()
     source = _source_fingerprint(data_path)
     dtype = ids_dtype(tok.vocab_size)
     args = (kind, str(data_path), seed, max_len, add_system_ratio, empty_think_ratio)

@@ -53,11 +53,39 @@ def files_match_meta(out_dir: str | os.PathLike, meta: dict) -> bool:
         return False
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def remove_stale_builds(out_dir: str | os.PathLike) -> int:
+    """Delete temporary siblings ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>-*`` of dead processes.
+
+    They are what a killed build (SIGKILL, power loss) leaves behind; live builders are untouched.
+    """
+    out_dir = Path(out_dir)
+    removed = 0
+    if not out_dir.parent.is_dir():
+        return 0
+    for p in out_dir.parent.glob(f".{out_dir.name}.*-*-*"):
+        tag, _, rest = p.name[len(out_dir.name) + 2:].partition("-")
+        pid = rest.partition("-")[0]
+        if tag in ("tmp", "old") and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
     """Move the finished ``tmp`` folder to ``out_dir``, replacing an older build if there is one."""
     old = None
     if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     if old is not None:
@@ -70,12 +98,14 @@ class ShardWriter:
     def __init__(self, out_dir: str | os.PathLike, dtype: np.dtype | str) -> None:
         self.out_dir = Path(out_dir)
         self.dtype = np.dtype(dtype)
-        self.tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{tag}"
         self.n_tokens = 0
         self.committed = False
 
     def __enter__(self) -> "ShardWriter":
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_builds(self.out_dir)
         self.tmp.mkdir()
         self._f_ids = open(self.tmp / "ids.bin", "wb")
         self._f_mask = open(self.tmp / "mask.bin", "wb")
@@ -120,7 +150,7 @@ class ShardWriter:
         return n_docs
 
     def commit(self, meta: dict[str, Any]) -> dict:
-        """Finish the index, write ``meta.json`` (plus version/dtype/counts) and publish the folder."""
+        """Finish the index, write ``meta.json`` (+ version/dtype/counts), publish the folder."""
         self._close()
         n_docs = self._write_offsets()
         full = {"version": SHARD_VERSION, **meta, "dtype": self.dtype.name, "n_docs": n_docs,

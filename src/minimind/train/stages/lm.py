@@ -30,7 +30,8 @@ class LMStage:
             max_len=cfg.max_seq_len + 1 if self.kind == "sft" else None,
             add_system_ratio=cfg.add_system_ratio, empty_think_ratio=cfg.empty_think_ratio,
             progress=bool(cfg.progress) and rank == 0)
-        return PackedDataset(ShardReader(out_dir), seq_len=cfg.max_seq_len, seed=cfg.seed, mode=self.kind)
+        return PackedDataset(ShardReader(out_dir), seq_len=cfg.max_seq_len, seed=cfg.seed, mode=self.kind,
+                             max_position=cfg.model_config().max_position_embeddings)
 
     def prepare_model(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:
         return model
@@ -43,7 +44,7 @@ class LMStage:
 
     def useful_tokens(self, batch: Any) -> int:
         """Tokens that are not padding (packing leaves none in pretraining)."""
-        return int(batch.num_real_tokens) if hasattr(batch, "num_real_tokens") else int(batch.input_ids.numel())
+        return int(batch.num_real_tokens)
 
 
 PRETRAIN = LMStage("pretrain", "pretrain", defaults=dict(
