@@ -189,26 +189,12 @@ def as_float64(model: MiniMindForCausalLM) -> MiniMindForCausalLM:
     return model
 
 
-def _rmsnorm_keep_dtype(self, x):
-    # Spec 1.4 without the float32 round trip, used to isolate the known float64 precision loss.
-    return self.weight.to(x.dtype) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
-
-
-def assert_matches_naive(model, ref, monkeypatch, **kwargs):
-    """Model (float64) logits vs the naive logits ``ref``.
-
-    Every check runs on the real model at 1e-4 (logits are O(10); any math mistake is orders of magnitude
-    larger; float32 RMSNorm costs ~5e-6) and, with
-    RMSNorm computing in the input dtype, at 1e-9.  ``test_rmsnorm_keeps_float64`` tracks the cast.
-    """
+def assert_matches_naive(model, ref, monkeypatch=None, **kwargs):
+    """Model (float64) logits vs the naive float64 logits ``ref``: equal to 1e-9."""
     with torch.no_grad():
         out = model(**kwargs).logits
     diff = (out - ref).abs().max().item()
-    assert diff < 1e-4, f"model differs from the naive reference by {diff:.3e}"
-    with monkeypatch.context() as m, torch.no_grad():
-        m.setattr(RMSNorm, "forward", _rmsnorm_keep_dtype)
-        diff64 = (model(**kwargs).logits - ref).abs().max().item()
-    assert diff64 < 1e-9, f"model differs from the naive float64 reference by {diff64:.3e}"
+    assert diff < 1e-9, f"model differs from the naive float64 reference by {diff:.3e}"
 
 
 def rand_ids(b: int, t: int, seed: int = 1) -> torch.Tensor:
@@ -261,8 +247,6 @@ def test_rmsnorm_formula():
     assert all(m.eps == 3e-5 for m in norms)
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: RMSNorm.forward (model/layers.py) always computes in "
-                   "float32 (x.float()), so float64 inputs lose precision (~1e-7) under model.double()")
 def test_rmsnorm_keeps_float64():
     torch.manual_seed(0)
     norm = RMSNorm(16, eps=1e-6).double()
@@ -569,10 +553,7 @@ def test_parameter_count_independent_of_max_positions():
     (dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=3), "num_key_value_heads"),
     (dict(hidden_size=64, num_attention_heads=6, num_key_value_heads=4), "num_key_value_heads"),
     (dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=0), "num_key_value_heads"),
-    pytest.param(dict(hidden_size=64, num_attention_heads=0, num_key_value_heads=1), "num_attention_heads",
-                 marks=pytest.mark.xfail(strict=True, raises=ZeroDivisionError,
-                                         reason="src bug: ModelConfig.__post_init__ (config.py) derives "
-                                         "head_dim = hidden_size // num_attention_heads before validate()")),
+    (dict(hidden_size=64, num_attention_heads=0, num_key_value_heads=1), "num_attention_heads"),
     (dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=0),
      "num_hidden_layers"),
     (dict(hidden_size=36, num_attention_heads=4, num_key_value_heads=2), "head_dim"),

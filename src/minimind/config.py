@@ -62,6 +62,9 @@ class ModelConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
+        if self.num_attention_heads <= 0:
+            raise ValueError(f"invalid model config: num_attention_heads must be positive, "
+                             f"got {self.num_attention_heads}")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.intermediate_size is None:

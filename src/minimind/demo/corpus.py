@@ -98,7 +98,8 @@ def _pack_lines(lines: list[str], rng: random.Random, lo: int = 8, hi: int = 30)
         i += k
 
 
-def _fact_lines(rng: random.Random, seed: int, budget: int, repeats: int) -> list[str]:
+def _fact_lines(rng: random.Random, seed: int, budget: int, repeats: int,
+                level: str = "standard") -> list[str]:
     """Plain-text task facts: the fact-pool items ``repeats`` times, then computed facts.
 
     Pool facts (idiom meanings, dictionary lines) take at most half the budget, so small builds
@@ -122,7 +123,8 @@ def _fact_lines(rng: random.Random, seed: int, budget: int, repeats: int) -> lis
             size += len(text) + 1
     batch_seed = seed * 1000 + 17
     while size < budget:
-        for t in generate_tasks(2000, batch_seed, kinds=("arithmetic", "unit_conversion", "date_fact"), split="train"):
+        for t in generate_tasks(2000, batch_seed, kinds=("arithmetic", "unit_conversion", "date_fact"),
+                                split="train", level=level):
             text = task_fact_text(t)
             if text is None:
                 continue
@@ -229,6 +231,7 @@ def build_demo_corpus(
     pretrain_chars: int = 1_500_000,
     n_sft: int = 2400,
     n_eval: int = 300,
+    level: str = "standard",
     *,
     heldout_fraction: float = 0.02,
     min_heldout_docs: int = 100,
@@ -298,14 +301,14 @@ def build_demo_corpus(
     # 2. Task facts as plain text.
     rng = random.Random(seed)
     bar.set_postfix_str("task_facts")
-    facts = _fact_lines(rng, seed, int(pretrain_chars * mix.get("task_facts", 0)), fact_repeats)
+    facts = _fact_lines(rng, seed, int(pretrain_chars * mix.get("task_facts", 0)), fact_repeats, level)
     train_docs["task_facts"] = list(_pack_lines(facts, rng)) if facts else []
     bar.update()
 
     # 3. SFT conversations (train-split items) + open Q&A.
     bar.set_postfix_str("sft")
     n_generic = round(n_sft * generic_share)
-    sft_tasks = generate_tasks(n_sft - n_generic, seed, split="train")
+    sft_tasks = generate_tasks(n_sft - n_generic, seed, split="train", level=level)
     # Rows carry only "conversations": the reference loader declares its columns explicitly.
     sft_pairs: list[tuple[str, dict[str, Any]]] = [(t.kind, task_to_sft_row(t, json_strings)) for t in sft_tasks]
     sft_pairs += [("open_qa", {"conversations": c}) for c in _generic_qa(rng, n_generic)]
@@ -316,7 +319,7 @@ def build_demo_corpus(
 
     # 4. Evaluation tasks (eval-split items only).
     bar.set_postfix_str("eval")
-    eval_tasks = generate_tasks(n_eval, seed + 1, split="eval")
+    eval_tasks = generate_tasks(n_eval, seed + 1, split="eval", level=level)
     bar.update()
 
     # 5. Write.

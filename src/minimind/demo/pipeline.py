@@ -29,13 +29,17 @@ class DemoSettings:
     seq_len: int = 256
     sft_seq_len: int = 640
     batch_size: int = 16
-    pretrain_steps: int = 260
+    pretrain_steps: int = 200
     pretrain_lr: float = 2e-3
-    sft_epochs: int = 2
+    sft_epochs: int = 3
     sft_lr: float = 5e-4
     eval_tasks: int = 160
     device: str = "auto"
     corpus_scale: float = 1.0
+    task_level: str = "easy"
+    # The generation prompt ends with an empty think block; keep it in every SFT sample so a tiny
+    # model sees one consistent format (the reference drops it from 80% of samples).
+    empty_think_ratio: float = 1.0
 
     @classmethod
     def quick(cls, out_dir: Path) -> "DemoSettings":
@@ -78,7 +82,8 @@ class BuildCorpus:
     def run(self, ctx: DemoContext) -> None:
         from minimind.demo.corpus import build_demo_corpus
         s = ctx.settings
-        stats = build_demo_corpus(ctx.out / "data", seed=s.seed, **_scaled_corpus_args(s.corpus_scale))
+        stats = build_demo_corpus(ctx.out / "data", seed=s.seed, level=s.task_level,
+                                  **_scaled_corpus_args(s.corpus_scale))
         ctx.results[self.name] = stats
         for name in ("pretrain", "pretrain_heldout", "sft", "eval_tasks"):
             ctx.artifacts[name] = ctx.out / "data" / f"{name}.jsonl"
@@ -147,6 +152,7 @@ class SupervisedFinetune:
         cfg = ctx.train_config(stage="sft", data_path=str(ctx.artifacts["sft"]), save_weight="full_sft",
                                from_weight=str(ctx.artifacts["pretrain_weights"]), learning_rate=s.sft_lr,
                                epochs=s.sft_epochs, warmup_steps=5, weight_decay=0.0,
+                               empty_think_ratio=s.empty_think_ratio,
                                max_seq_len=s.sft_seq_len, batch_size=max(s.batch_size * s.seq_len // s.sft_seq_len, 1))
         res = train(SFT, cfg, ctx.tokenizer)
         ctx.artifacts["sft_weights"] = res.weights_path

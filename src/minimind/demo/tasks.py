@@ -143,13 +143,14 @@ _ARITH_Q = {
 _OP_WORD = {"+": "plus", "-": "minus", "×": "times"}
 
 
-def _gen_arithmetic(rng: random.Random, lang: str) -> Task:
-    op = rng.choice("+-×")
+def _gen_arithmetic(rng: random.Random, lang: str, level: str = "standard") -> Task:
+    op = rng.choice("+-" if level == "easy" else "+-×")
+    hi = 20 if level == "easy" else 99
     if op == "+":
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        a, b = rng.randint(0, hi), rng.randint(0, hi)
         c = a + b
     elif op == "-":
-        a = rng.randint(0, 99)
+        a = rng.randint(0, hi)
         b = rng.randint(0, a)
         c = a - b
     else:
@@ -180,8 +181,9 @@ def _en_unit(unit: tuple[str, str, str], n: int) -> str:
     return unit[1] if n == 1 else unit[2]
 
 
-def _gen_unit_conversion(rng: random.Random, lang: str) -> Task:
-    big, small, factor = rng.choice(_UNITS)
+def _gen_unit_conversion(rng: random.Random, lang: str, level: str = "standard") -> Task:
+    # easy: powers of ten only, so the answer is the number with zeros appended or removed
+    big, small, factor = rng.choice([u for u in _UNITS if level != "easy" or u[2] in (10, 100, 1000)])
     k = rng.randint(1, 99)
     if rng.random() < 0.6:  # big -> small: multiply
         src, dst, v, r = big, small, k, k * factor
@@ -211,10 +213,10 @@ def _en_date(d: dt.date) -> str:
     return f"{_EN_MONTHS[d.month - 1]} {d.day}, {d.year}"
 
 
-def _gen_date_fact(rng: random.Random, lang: str) -> Task:
+def _gen_date_fact(rng: random.Random, lang: str, level: str = "standard") -> Task:
     year, month = rng.randint(1950, 2049), rng.randint(1, 12)
     last = calendar.monthrange(year, month)[1]
-    sub = rng.choice(("weekday", "next_day", "days_in_month"))
+    sub = "next_day" if level == "easy" else rng.choice(("weekday", "next_day", "days_in_month"))
     if sub == "days_in_month":
         if lang == "zh":
             q = f"{year}年{month}月有多少天？"
@@ -224,7 +226,7 @@ def _gen_date_fact(rng: random.Random, lang: str) -> Task:
             a = f"{_EN_MONTHS[month - 1]} {year} has {last} days."
         return _qa("date_fact", lang, f"date:dim:{year}-{month:02d}", q, a, [str(last)])
     # Month ends are the interesting case for "next day", so over-sample them.
-    day = last if sub == "next_day" and rng.random() < 0.3 else rng.randint(1, last)
+    day = last if sub == "next_day" and rng.random() < (0.1 if level == "easy" else 0.3) else rng.randint(1, last)
     d = dt.date(year, month, day)
     if sub == "weekday":
         wd = d.weekday()
@@ -288,7 +290,7 @@ def _idiom_keys(meaning: str) -> list[str]:
 _IDIOM_Q = ("「{w}」是什么意思？", "成语「{w}」的意思是什么？", "请解释成语「{w}」。")
 
 
-def _gen_idiom_meaning(rng: random.Random, lang: str) -> Task:
+def _gen_idiom_meaning(rng: random.Random, lang: str, level: str = "standard") -> Task:
     e = rng.choice(idiom_pool())
     q = rng.choice(_IDIOM_Q).format(w=e.word)
     return _qa("idiom_meaning", "zh", f"idiom:{e.word}", q, idiom_answer(e), _idiom_keys(e.meaning))
@@ -330,7 +332,7 @@ _DICT_Q = {
 }
 
 
-def _gen_dictionary(rng: random.Random, lang: str) -> Task:
+def _gen_dictionary(rng: random.Random, lang: str, level: str = "standard") -> Task:
     e = rng.choice(dictionary_pool())
     q = rng.choice(_DICT_Q[lang]).format(w=e.word)
     return _qa("dictionary", lang, f"dict:{e.word}", q, dictionary_answer(e), list(e.glosses))
@@ -359,7 +361,7 @@ def _calc_expression(rng: random.Random) -> str:
     return rng.choice(("{a}*{b}", "{a}+{b}*{c}", "({a}+{b})*{c}", "{a}*{b}-{c}", "{a}-{b}+{c}")).format(a=a, b=b, c=c)
 
 
-def _gen_tool_call(rng: random.Random, lang: str) -> Task:
+def _gen_tool_call(rng: random.Random, lang: str, level: str = "standard") -> Task:
     sub = rng.choice(("calc", "unit", "weather"))
     zh = lang == "zh"
     i = 0 if zh else 1  # column of _UNIT_NAMES
@@ -410,7 +412,7 @@ def _gen_tool_call(rng: random.Random, lang: str) -> Task:
         cond = result["condition"]
         final = f"{city}现在{cond}，气温{gt}，湿度65%。" if zh else f"It is {cond} in {city}, {gt}, humidity 65%."
     msgs = [
-        {"role": "system", "content": _TOOL_SYSTEM[lang], "tools": copy.deepcopy(TOOLS)},
+        {"role": "system", "content": _TOOL_SYSTEM[lang], "tools": _offered_tools(call["name"], level)},
         {"role": "user", "content": q},
         {"role": "assistant", "content": "", "tool_calls": [copy.deepcopy(call)]},
         {"role": "tool", "content": json.dumps(result, ensure_ascii=False)},
@@ -419,7 +421,19 @@ def _gen_tool_call(rng: random.Random, lang: str) -> Task:
     return Task("tool_call", lang, key, msgs, final, [gt], [call])
 
 
-GENERATORS: dict[str, Callable[[random.Random, str], Task]] = {
+def _offered_tools(name: str, level: str) -> list[dict[str, Any]]:
+    """All tools (standard), or only the one the task needs (easy: a 3x shorter prompt)."""
+    if level == "easy":
+        return [copy.deepcopy(t) for t in TOOLS if t["function"]["name"] == name]
+    return copy.deepcopy(TOOLS)
+
+
+#: Difficulty levels: "standard" for RL and evaluation; "easy" keeps the formats but only
+#: copy-like answers (small +/- , powers-of-ten units, next-day dates, one offered tool) so that a
+#: few-million-parameter model learns them within the CPU demo's minutes.
+LEVELS = ("standard", "easy")
+
+GENERATORS: dict[str, Callable[..., Task]] = {
     "arithmetic": _gen_arithmetic,
     "unit_conversion": _gen_unit_conversion,
     "date_fact": _gen_date_fact,
@@ -448,6 +462,7 @@ def generate_tasks(
     langs: Sequence[str] = ("zh", "en"),
     split: str | None = None,
     eval_fraction: float = EVAL_FRACTION,
+    level: str = "standard",
 ) -> list[Task]:
     """``n`` tasks, kinds in equal shares (round robin), languages drawn uniformly, then shuffled.
 
@@ -459,6 +474,8 @@ def generate_tasks(
     """
     if split not in (None, "train", "eval"):
         raise ValueError(f"split must be None, 'train' or 'eval', not {split!r}")
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, not {level!r}")
     if kinds is None:
         kinds = available_kinds(langs)
     else:
@@ -479,7 +496,7 @@ def generate_tasks(
         kind = kinds[i % len(kinds)]
         kind_langs = [lg for lg in langs if lg in _KIND_LANGS.get(kind, langs)]
         for attempt in range(400):
-            task = GENERATORS[kind](rng, rng.choice(kind_langs))
+            task = GENERATORS[kind](rng, rng.choice(kind_langs), level)
             if split is not None and split_of(task.key, eval_fraction) != split:
                 continue
             prompt = task.prompt_messages[-1]["content"]

@@ -26,9 +26,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        dt = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays fp64
+        xf = x.to(dt)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * y).to(x.dtype)
+        return (self.weight.to(dt) * y).to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, max_positions: int,
