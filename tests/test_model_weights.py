@@ -209,3 +209,25 @@ def test_missing_file_and_missing_config(tmp_path):
     safetensors.torch.save_file({"x": torch.zeros(1)}, str(tmp_path / "bare.safetensors"))
     with pytest.raises(ValueError, match="config"):
         load_model(tmp_path / "bare.safetensors")
+
+
+def test_cli_convert_round_trip(tmp_path):
+    """safetensors -> reference .pth (fp16, both tied keys) -> safetensors keeps the model."""
+    from minimind.cli import main
+    from minimind.config import ModelConfig
+    from minimind.model import MiniMindForCausalLM, load_model, save_weights
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2, vocab_size=300,
+                                            max_position_embeddings=64))
+    src = save_weights(model, tmp_path / "a.safetensors")
+    assert main(["convert", "--weight", str(src), "--out", str(tmp_path / "b.pth")]) == 0
+    sd = torch.load(tmp_path / "b.pth", weights_only=True)
+    assert {"lm_head.weight", "model.embed_tokens.weight"} <= set(sd)
+    assert all(v.dtype == torch.float16 for v in sd.values())
+    # a bare .pth carries no config: the shape is read off the tensors
+    assert main(["convert", "--weight", str(tmp_path / "b.pth"), "--out", str(tmp_path / "c.safetensors")]) == 0
+    back = load_model(tmp_path / "c.safetensors")
+    assert back.config.hidden_size == 64 and back.config.num_key_value_heads == 2
+    ids = torch.randint(0, 300, (1, 12))
+    assert torch.allclose(back(ids).logits, model(ids).logits, atol=2e-2)

@@ -139,3 +139,16 @@ def test_cli_flags_map_to_config(tmp_path):
     sft_args = build_parser().parse_args(["sft"])
     sft_cfg = build_train_config(sft_args, {**SFT.defaults, "stage": "sft"})
     assert sft_cfg.learning_rate == 1e-5 and sft_cfg.save_weight == "full_sft"
+
+
+def test_cli_reports_malformed_line_without_traceback(workspace, tmp_path, capsys):
+    from minimind.cli import main
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": broken\n', encoding="utf-8")
+    code = main(["pretrain", "--data_path", str(bad), "--tokenizer_path", str(workspace["tok"]),
+                 "--save_dir", str(tmp_path / "out"), "--shard_dir", str(tmp_path / "sh"), "--progress", "0",
+                 "--num_workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{bad}:3" in err and "Traceback" not in err
+    assert not (tmp_path / "sh").exists()  # nothing half-written

@@ -110,6 +110,21 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """safetensors <-> reference-style fp16 ``.pth`` (both tied keys, as the reference saves)."""
+    from minimind.model import export_reference_pth, load_model, save_weights
+    model = load_model(args.weight, preset=args.preset)
+    out = Path(args.out)
+    if out.suffix == ".pth":
+        export_reference_pth(model, out)
+    elif out.suffix == ".safetensors":
+        save_weights(model, out)
+    else:
+        raise ValueError(f"--out must end in .pth or .safetensors: {out}")
+    print(f"wrote {out} ({model.describe()})")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from minimind.train.plots import plot_metrics
     out = plot_metrics([Path(p) for p in args.metrics], Path(args.out), keys=args.keys.split(","))
@@ -151,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("chat", help="chat with a trained model (interactive or --prompts file)")
     add_chat_arguments(ch)
     ch.set_defaults(func=chat_main)
+
+    cv = sub.add_parser("convert", help="convert weights: .safetensors <-> reference-style fp16 .pth")
+    cv.add_argument("--weight", required=True, help="input .safetensors or .pth")
+    cv.add_argument("--out", required=True, help="output path ending in .pth or .safetensors")
+    cv.add_argument("--preset", default="minimind-3", help="shape defaults for a .pth without config")
+    cv.set_defaults(func=cmd_convert)
 
     pl = sub.add_parser("plot", help="turn metrics JSONL files into a PNG")
     pl.add_argument("metrics", nargs="+")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -112,12 +113,46 @@ def export_reference_pth(model: MiniMindForCausalLM, path: str | Path,
     return Path(path)
 
 
+def infer_model_config(sd: dict[str, Any], preset_name: str = "minimind-3",
+                       overrides: dict[str, Any] | None = None) -> Any:
+    """Model config for a bare state dict: the shape is read from the tensors themselves
+    (head_dim from q_norm, heads from q/k_proj, experts from the keys, tying from lm_head); the
+    preset supplies what
+    tensors cannot tell (rope theta, positions, experts per token); explicit flags win."""
+    from minimind.config import PRESETS
+
+    if preset_name not in PRESETS:
+        raise ValueError(f"unknown preset {preset_name!r}; choose one of {sorted(PRESETS)}")
+    emb = sd.get("model.embed_tokens.weight")
+    if emb is None:
+        raise ValueError("weights have no model.embed_tokens.weight: not a MiniMind checkpoint")
+    vocab, hidden = emb.shape
+    layer_ids = {int(k.split(".")[2]) for k in sd if k.startswith("model.layers.")}
+    head_dim = sd["model.layers.0.self_attn.q_norm.weight"].shape[0]
+    experts = {k.split(".")[5] for k in sd if k.startswith("model.layers.0.mlp.experts.")}
+    cfg: dict[str, Any] = dict(PRESETS[preset_name])
+    cfg.update(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=max(layer_ids) + 1,
+               head_dim=head_dim,
+               num_attention_heads=sd["model.layers.0.self_attn.q_proj.weight"].shape[0] // head_dim,
+               num_key_value_heads=sd["model.layers.0.self_attn.k_proj.weight"].shape[0] // head_dim,
+               use_moe=bool(experts),
+               tie_word_embeddings="lm_head.weight" not in sd or bool(
+                   (sd["lm_head.weight"] == emb).all()))
+    if experts:
+        inter = sd["model.layers.0.mlp.experts.0.gate_proj.weight"].shape[0]
+        cfg.update(num_experts=len(experts), moe_intermediate_size=inter, intermediate_size=inter)
+    else:
+        cfg["intermediate_size"] = sd["model.layers.0.mlp.gate_proj.weight"].shape[0]
+    cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return ModelConfig(**cfg)
+
+
 def load_model(path: str | Path, config: ModelConfig | None = None,
-               device: torch.device | str = "cpu") -> MiniMindForCausalLM:
-    """Build a model from a weights file (config from metadata / sidecar, or given)."""
-    config = config or read_config(path)
-    if config is None:
-        raise ValueError(f"no model config found for {path}: pass one, or put config.json beside it")
+               device: torch.device | str = "cpu", preset: str = "minimind-3") -> MiniMindForCausalLM:
+    """Build a model from a weights file: config given, else from the file's metadata or a
+    ``config.json`` beside it, else read off the tensor shapes (reference ``.pth`` files)."""
+    sd = read_state_dict(path)
+    config = config or read_config(path) or infer_model_config(sd, preset)
     model = MiniMindForCausalLM(config)
-    load_weights(model, read_state_dict(path))
+    load_weights(model, sd)
     return model.to(device)
