@@ -481,3 +481,38 @@ def test_sources_table_records_licences() -> None:
     for name, src in sources.SOURCES.items():
         assert src.licence and src.attribution and src.url, name
     assert "CC BY-SA 4.0" in sources.SOURCES["cedict"].licence
+
+
+@pytest.mark.parametrize("level", ["standard", "easy"])
+def test_check_format_accepts_every_gold_answer_and_rejects_babble(level: str) -> None:
+    from minimind.demo.checks import check_format
+    from minimind.demo.tasks import available_kinds, generate_tasks
+    for t in generate_tasks(120, seed=3, kinds=available_kinds(), level=level):
+        if t.kind == "tool_call":
+            call = t.tool_calls[0]
+            gold = f'<tool_call>\n{json.dumps(call, ensure_ascii=False)}\n</tool_call>'
+            assert check_format("tool_call", gold), gold
+            broken = {"name": call["name"], "arguments": {}}  # required arguments missing
+            assert not check_format("tool_call", f"<tool_call>\n{json.dumps(broken)}\n</tool_call>")
+            assert not check_format("tool_call", t.answer)  # a final answer is not a call
+        else:
+            assert check_format(t.kind, t.answer), (t.kind, t.answer)
+            assert check_format(t.kind, "<think>\n\n</think>\n\n" + t.answer)
+        assert not check_format(t.kind, "19 + 1 = 19 19 19 the the")
+        assert not check_format(t.kind, "")
+
+
+def test_easy_level_is_easy() -> None:
+    from minimind.demo.tasks import generate_tasks
+    tasks = generate_tasks(200, seed=5, kinds=["arithmetic", "unit_conversion", "date_fact", "tool_call"],
+                           level="easy")
+    for t in tasks:
+        if t.kind == "arithmetic":
+            a, op, b = re.match(r"(\d+) ([+\-×]) (\d+)", t.answer).groups()
+            assert op in "+-" and int(a) <= 20 and int(b) <= 20
+        elif t.kind == "date_fact":
+            assert t.key.startswith("date:next:")
+        elif t.kind == "tool_call":
+            assert len(t.tools) == 1 and t.tools[0]["function"]["name"] == t.tool_calls[0]["name"]
+    with pytest.raises(ValueError, match="level"):
+        generate_tasks(3, seed=0, level="hard")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from .tools import execute_tool, parse_tool_calls, tool_result_value
 
-__all__ = ["check_answer", "check_tool_call", "extract_numbers", "CHECKERS"]
+__all__ = ["check_answer", "check_format", "check_tool_call", "extract_numbers", "CHECKERS"]
 
 # Spelled out rather than taken from ``calendar.month_name``, which follows the process locale.
 _EN_MONTHS = (
@@ -219,3 +219,35 @@ def check_tool_call(expected: list[dict[str, Any]] | dict[str, Any], text: str) 
         else:
             return False
     return True
+
+
+# --------------------------------------------------------------------------- answer format
+# Whether a reply has the *shape* of an answer to its kind, right or wrong.  SFT teaches the
+# format first and the content later; reporting both shows what a short run has learned.
+_FORMATS: dict[str, re.Pattern[str]] = {
+    "arithmetic": re.compile(r"^\s*-?\d+\s*[+\-×*]\s*-?\d+\s*=\s*-?\d+\s*$"),
+    "unit_conversion": re.compile(r"^\s*-?\d+\s*\S+\s*=\s*-?\d+\s*\S+\s*$"),
+    "date_fact": re.compile(
+        r"^\s*(?:\d{4}年\d{1,2}月\d{1,2}日(?:的后一天是\d{4}年\d{1,2}月\d{1,2}日|是星期[一二三四五六日])。"
+        r"|\d{4}年\d{1,2}月有\d{1,2}天。"
+        r"|The day after \w+ \d{1,2}, \d{4} is \w+ \d{1,2}, \d{4}\."
+        r"|\w+ \d{1,2}, \d{4} is a \w+day\.|\w+ \d{4} has \d{1,2} days\.)\s*$"),
+    "idiom_meaning": re.compile(r"^\s*「[^」]+」\s*[（(][^）)]+[）)]\s*[：:]\s*\S"),
+    "dictionary": re.compile(r"^\s*\S+\s*\([^)]+\)\s*:\s*\S"),
+}
+
+
+def check_format(kind: str, text: str) -> bool:
+    """True when ``text`` is shaped like an answer of ``kind`` (a parsable tool call with a known
+    tool and all required arguments for ``tool_call``)."""
+    body = _final_text(text)
+    if kind == "tool_call":
+        from .tools import TOOLS, parse_tool_calls
+        required = {t["function"]["name"]: set(t["function"]["parameters"].get("required", []))
+                    for t in TOOLS}
+        calls = parse_tool_calls(text)
+        return bool(calls) and all(
+            c.get("name") in required and isinstance(c.get("arguments"), dict)
+            and required[c["name"]] <= set(c["arguments"]) for c in calls)
+    pattern = _FORMATS.get(kind)
+    return bool(pattern and pattern.match(body))

@@ -24,15 +24,16 @@ from minimind.config import TrainConfig
 class DemoSettings:
     out_dir: Path = Path("out/demo")
     seed: int = 0
-    vocab_size: int = 6400
+    vocab_size: int = 4096
     preset: str = "tiny"
+    num_hidden_layers: int = 0  # 0 = the preset's
     seq_len: int = 256
     sft_seq_len: int = 640
-    batch_size: int = 16
-    pretrain_steps: int = 200
-    pretrain_lr: float = 2e-3
-    sft_epochs: int = 3
-    sft_lr: float = 5e-4
+    batch_size: int = 8
+    pretrain_steps: int = 500
+    pretrain_lr: float = 3e-3
+    sft_epochs: int = 2
+    sft_lr: float = 1e-3
     eval_tasks: int = 160
     device: str = "auto"
     corpus_scale: float = 1.0
@@ -64,8 +65,10 @@ class DemoContext:
         s = self.settings
         base = dict(tokenizer_path=str(self.out / "tokenizer"), save_dir=str(self.out),
                     checkpoint_dir=str(self.out / "checkpoints"), preset=s.preset, vocab_size=s.vocab_size,
+                    num_hidden_layers=s.num_hidden_layers,
                     batch_size=s.batch_size, max_seq_len=s.seq_len, seed=s.seed, device=s.device,
-                    log_interval=5, save_interval=0, num_workers=1, progress=1)
+                    log_interval=5, save_interval=0, num_workers=1, progress=1,
+                    shard_dir=str(self.out / "cache" / kw.get("stage", "run")))
         base.update(kw)
         return TrainConfig(**base)
 
@@ -168,13 +171,13 @@ class TaskEval:
     name = "task_eval"
 
     def run(self, ctx: DemoContext) -> None:
-        from minimind.demo.tasks import check_answer
+        from minimind.demo.checks import check_answer, check_format
         from minimind.eval.tasks import evaluate_tasks
         rows = _read_jsonl(ctx.artifacts["eval_tasks"])[: ctx.settings.eval_tasks]
         out = {}
         for label in ("pretrain", "sft"):
             engine = _engine(ctx, ctx.artifacts[f"{label}_weights"])
-            out[label] = evaluate_tasks(engine, ctx.tokenizer, rows, check_answer)
+            out[label] = evaluate_tasks(engine, ctx.tokenizer, rows, check_answer, format_checker=check_format)
         ctx.results[self.name] = out
 
 

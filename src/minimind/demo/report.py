@@ -72,8 +72,17 @@ def write_report(ctx: Any) -> Path:
             lines.append(f"| {k} | " + " | ".join(f"{v['per_kind'].get(k, 0):.2f}" for v in t.values()) + " |")
         lines.append("| **all** | " + " | ".join(f"**{v['accuracy']:.2f}**" for v in t.values()) + " |")
         lines.append("")
-        png = _bar_chart({label: v["per_kind"] for label, v in t.items()}, out / "tasks.png",
-                         "held-out task accuracy")
+        if all("format_per_kind" in v for v in t.values()):
+            lines += ["Well-formed answers (the reply has the answer's shape, right or wrong):", "",
+                      "| kind | " + " | ".join(t) + " |", "|---|" + "---|" * len(t)]
+            for k in kinds:
+                lines.append(f"| {k} | " + " | ".join(f"{v['format_per_kind'].get(k, 0):.2f}" for v in t.values()) + " |")
+            lines.append("| **all** | " + " | ".join(f"**{v['format_rate']:.2f}**" for v in t.values()) + " |")
+            lines.append("")
+        bars = {f"{label} correct": v["per_kind"] for label, v in t.items()}
+        bars.update({f"{label} well-formed": v["format_per_kind"] for label, v in t.items()
+                     if "format_per_kind" in v})
+        png = _bar_chart(bars, out / "tasks.png", "held-out tasks: correct and well-formed answers")
         lines += [f"![task accuracy]({png.name})", "", "### Samples", ""]
         for label, v in t.items():
             lines += [f"**{label}**", ""]

@@ -542,5 +542,11 @@ def task_to_rl_row(task: Task, json_strings: bool = False) -> dict[str, Any]:
 
 
 def task_fact_text(task: Task) -> str | None:
-    """The task's answer as a plain statement for pretraining text (``None`` for tool tasks)."""
-    return None if task.kind == "tool_call" else task.answer
+    """The task as plain pretraining text, question then answer (``None`` for tool tasks).
+
+    Seeing the operands again in the answer is what teaches a small model to copy from its
+    context (induction), which every task needs; the chat format is left for SFT to teach.
+    """
+    if task.kind == "tool_call":
+        return None
+    return f"{task.prompt_messages[-1]['content']} {task.answer}"

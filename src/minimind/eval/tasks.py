@@ -28,15 +28,18 @@ def prompt_of(row: dict[str, Any]) -> tuple[list[dict], list | None]:
 
 def evaluate_tasks(engine: GenerationEngine, tokenizer: Any, rows: Sequence[dict[str, Any]],
                    checker: Callable[[str, Any, str], bool], max_new_tokens: int = 96,
-                   batch_size: int = 16, raw: bool = False) -> dict[str, Any]:
-    """Greedy-decode every row and report accuracy overall and per ``kind``.
+                   batch_size: int = 16,
+                   format_checker: Callable[[str, str], bool] | None = None) -> dict[str, Any]:
+    """Greedy-decode every row (chat template, generation prompt) and report accuracy overall and
+    per ``kind``; with ``format_checker(kind, text)`` also the share of well-formed answers.
 
-    ``raw=True`` feeds the rendered prompt exactly as SFT would, which is also what we use for the
-    pretrained model: the comparison isolates what SFT taught, not prompt engineering.
+    Every model gets the same rendered prompts, so comparing a pretrained and an SFT model
+    isolates what SFT taught, not prompt engineering.
     """
     params = SamplingParams(max_new_tokens=max_new_tokens, greedy=True, temperature=0.0,
                             stop_token_ids=(tokenizer.eos_id,))
     per_kind: dict[str, list[bool]] = defaultdict(list)
+    fmt_kind: dict[str, list[bool]] = defaultdict(list)
     samples = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
@@ -50,10 +53,16 @@ def evaluate_tasks(engine: GenerationEngine, tokenizer: Any, rows: Sequence[dict
             text = res.text if res.text is not None else tokenizer.decode(res.token_ids)
             ok = bool(checker(row.get("kind", ""), row.get("gt"), text))
             per_kind[row.get("kind", "")].append(ok)
+            if format_checker is not None:
+                fmt_kind[row.get("kind", "")].append(bool(format_checker(row.get("kind", ""), text)))
             if len(samples) < 400:
                 samples.append({"kind": row.get("kind", ""), "prompt": prompt_of(row)[0][-1]["content"],
                                 "output": text, "correct": ok})
     acc = {k: sum(v) / len(v) for k, v in sorted(per_kind.items())}
     total = sum(len(v) for v in per_kind.values())
-    return {"accuracy": sum(sum(v) for v in per_kind.values()) / max(total, 1), "per_kind": acc,
-            "n": total, "samples": samples}
+    out = {"accuracy": sum(sum(v) for v in per_kind.values()) / max(total, 1), "per_kind": acc,
+           "n": total, "samples": samples}
+    if format_checker is not None:
+        out["format_rate"] = sum(sum(v) for v in fmt_kind.values()) / max(total, 1)
+        out["format_per_kind"] = {k: sum(v) / len(v) for k, v in sorted(fmt_kind.items())}
+    return out
