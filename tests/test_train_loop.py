@@ -152,3 +152,18 @@ def test_cli_reports_malformed_line_without_traceback(workspace, tmp_path, capsy
     assert code == 2
     assert f"{bad}:3" in err and "Traceback" not in err
     assert not (tmp_path / "sh").exists()  # nothing half-written
+
+
+def test_batch_without_targets_gives_zero_loss_not_nan():
+    from minimind.config import ModelConfig
+    from minimind.data import Batch
+    from minimind.model import MiniMindForCausalLM
+    from minimind.train.stages.base import next_token_loss
+    model = MiniMindForCausalLM(ModelConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                            num_key_value_heads=2, vocab_size=50, max_position_embeddings=32))
+    ids = torch.randint(0, 50, (2, 8))
+    batch = Batch(ids, torch.full_like(ids, -100), torch.arange(8).expand(2, 8), torch.zeros(2, 8, dtype=torch.int32), 0)
+    out = next_token_loss(model, batch)
+    out.loss.backward()
+    assert out.loss.item() == 0.0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -51,7 +51,10 @@ def next_token_loss(model: nn.Module, batch: Any) -> LossOutput:
     """
     out = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
     logits = out.logits.float()
-    ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), batch.targets.view(-1), ignore_index=-100)
+    # sum / max(N, 1) rather than "mean": a batch whose rows are all truncated prompts (no target)
+    # contributes zero loss and zero gradient instead of NaN.
+    ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), batch.targets.view(-1), ignore_index=-100,
+                         reduction="sum") / max(int(batch.num_target_tokens), 1)
     return LossOutput(loss=ce + out.aux_loss, weight=float(batch.num_target_tokens),
                       metrics={"ce": ce.detach(), "aux_loss": out.aux_loss.detach()})
 
