@@ -30,9 +30,10 @@ class DemoSettings:
     seq_len: int = 256
     sft_seq_len: int = 640
     batch_size: int = 8
-    pretrain_steps: int = 800
+    pretrain_steps: int = 700
     pretrain_lr: float = 3e-3
-    sft_epochs: int = 3
+    sft_epochs: int = 2
+    n_sft: int = 5000  # many distinct SFT items: copying the prompt's numbers beats memorising answers
     sft_lr: float = 1e-3
     eval_tasks: int = 160
     device: str = "auto"
@@ -46,7 +47,7 @@ class DemoSettings:
     def quick(cls, out_dir: Path) -> "DemoSettings":
         """A ~1 minute version for tests and smoke runs."""
         return cls(out_dir=out_dir, vocab_size=1024, seq_len=128, sft_seq_len=256, batch_size=8, pretrain_steps=30,
-                   sft_epochs=1, eval_tasks=24, corpus_scale=0.08)
+                   sft_epochs=1, eval_tasks=24, corpus_scale=0.08, n_sft=200)
 
 
 @dataclass
@@ -86,7 +87,7 @@ class BuildCorpus:
         from minimind.demo.corpus import build_demo_corpus
         s = ctx.settings
         stats = build_demo_corpus(ctx.out / "data", seed=s.seed, level=s.task_level,
-                                  **_scaled_corpus_args(s.corpus_scale))
+                                  **{**_scaled_corpus_args(s.corpus_scale), "n_sft": s.n_sft})
         ctx.results[self.name] = stats
         for name in ("pretrain", "pretrain_heldout", "sft", "eval_tasks"):
             ctx.artifacts[name] = ctx.out / "data" / f"{name}.jsonl"

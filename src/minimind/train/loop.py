@@ -187,7 +187,7 @@ def train(stage: Stage, cfg: TrainConfig, tokenizer: Any,
     run_tokens = run_useful = 0
     last_record: dict[str, float] = {}
 
-    def save(final: bool = False) -> None:
+    def save() -> None:
         if info.is_main:
             save_weights(base_model, out_path)
             ckpt.save_resume(resume_path, model_state=base_model.state_dict(), optimizer=optimizer,
