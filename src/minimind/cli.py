@@ -33,6 +33,8 @@ _HELP = {
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One ``--field`` per dataclass field; defaults are suppressed so we can tell what was given."""
     for f in dataclasses.fields(cls):
+        if f.name == "stage":  # the sub-command names the stage
+            continue
         kind = type(f.default) if f.default is not dataclasses.MISSING else str
         kind = int if kind is bool else kind
         parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
@@ -133,7 +135,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="minimind", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="minimind", description="MiniMind: build a tokenizer, pretrain, "
+                                "fine-tune, chat with and convert small Qwen3-shaped language models.")
     sub = p.add_subparsers(dest="command", required=True)
 
     from minimind.train.stages import STAGES
