@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.test_model_numerics import random_model
+
 from minimind.config import ModelConfig
 from minimind.model import KVCache, MiniMindForCausalLM, cache_attention_mask, load_weights, read_state_dict
 
@@ -149,20 +151,6 @@ def _tiny_cfg(**over) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def _random_model(cfg: ModelConfig) -> MiniMindForCausalLM:
-    torch.manual_seed(0)
-    model = MiniMindForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith("mlp.gate.weight"):
-                p.normal_(0, 0.5)
-            else:
-                p.normal_(0, 0.2)
-    return model.eval()
-
-
 def _hf_common(cfg: ModelConfig) -> dict:
     return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                 intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
@@ -193,7 +181,7 @@ def _compare_with_hf(ours: MiniMindForCausalLM, hf, ids):
 def test_hf_qwen3_dense_equivalence():
     transformers = pytest.importorskip("transformers")
     cfg = _tiny_cfg(head_dim=12)  # a head_dim that is not hidden/heads: must still map 1:1
-    ours = _random_model(cfg)
+    ours = random_model(cfg)
     hf_cfg = transformers.Qwen3Config(**_hf_common(cfg), use_sliding_window=False, sliding_window=None)
     torch.manual_seed(1)
     hf = transformers.Qwen3ForCausalLM(hf_cfg)
@@ -222,7 +210,7 @@ def _to_hf_moe_state_dict(sd: dict, cfg: ModelConfig, fused: bool) -> dict:
 def test_hf_qwen3_moe_equivalence(top_k):
     transformers = pytest.importorskip("transformers")
     cfg = _tiny_cfg(use_moe=True, num_experts=4, num_experts_per_tok=top_k, moe_intermediate_size=24)
-    ours = _random_model(cfg)
+    ours = random_model(cfg)
     hf_cfg = transformers.Qwen3MoeConfig(**_hf_common(cfg), num_experts=cfg.num_experts,
                                          num_experts_per_tok=top_k,
                                          moe_intermediate_size=cfg.moe_intermediate_size,

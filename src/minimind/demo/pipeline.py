@@ -37,7 +37,8 @@ class DemoSettings:
     sft_lr: float = 1e-3
     eval_tasks: int = 160
     device: str = "auto"
-    corpus_scale: float = 1.0
+    pretrain_chars: int = 1_500_000
+    n_eval: int = 300
     task_level: str = "easy"
     # The generation prompt ends with an empty think block; keep it in every SFT sample so a tiny
     # model sees one consistent format (the reference drops it from 80% of samples).
@@ -47,7 +48,7 @@ class DemoSettings:
     def quick(cls, out_dir: Path) -> "DemoSettings":
         """A ~1 minute version for tests and smoke runs."""
         return cls(out_dir=out_dir, vocab_size=1024, seq_len=128, sft_seq_len=256, batch_size=8, pretrain_steps=30,
-                   sft_epochs=1, eval_tasks=24, corpus_scale=0.08, n_sft=200)
+                   sft_epochs=1, eval_tasks=24, pretrain_chars=120_000, n_sft=200, n_eval=40)
 
 
 @dataclass
@@ -87,24 +88,10 @@ class BuildCorpus:
         from minimind.demo.corpus import build_demo_corpus
         s = ctx.settings
         stats = build_demo_corpus(ctx.out / "data", seed=s.seed, level=s.task_level,
-                                  **{**_scaled_corpus_args(s.corpus_scale), "n_sft": s.n_sft})
+                                  pretrain_chars=s.pretrain_chars, n_sft=s.n_sft, n_eval=s.n_eval)
         ctx.results[self.name] = stats
         for name in ("pretrain", "pretrain_heldout", "sft", "eval_tasks"):
             ctx.artifacts[name] = ctx.out / "data" / f"{name}.jsonl"
-
-
-def _scaled_corpus_args(scale: float) -> dict[str, Any]:
-    if scale >= 1.0:
-        return {}
-    from minimind.demo import corpus
-    import inspect
-    sig = inspect.signature(corpus.build_demo_corpus)
-    out = {}
-    for name in ("pretrain_chars", "n_sft", "n_eval"):
-        default = sig.parameters[name].default if name in sig.parameters else None
-        if isinstance(default, int):
-            out[name] = max(int(default * scale), 40)
-    return out
 
 
 class TrainTokenizer:
