@@ -1,8 +1,10 @@
-"""The ``minimind`` command.  Thin: flags -> config dataclass -> stage function.
+"""The ``minimind`` command.  Thin: flags -> config dataclasses -> stage function.
 
-Training flags are generated from :class:`minimind.config.TrainConfig` fields, so they keep the
+Training flags are generated from :class:`minimind.config.TrainConfig` fields (shared by every stage)
+and from the stage's own ``Options`` dataclass (``--beta``, ``--lora_rank`` ...), so they keep the
 reference names (``--batch_size``, ``--learning_rate``, ``--max_seq_len``, ``--from_resume`` ...).
-Precedence: dataclass defaults < stage defaults < ``--config file.toml|.json`` < explicit flags.
+Precedence: dataclass defaults < stage defaults < ``--config file.toml|.json|.yaml`` < explicit flags.
+Config-file values are coerced and validated exactly like flags, and errors name the file.
 """
 
 from __future__ import annotations
@@ -25,66 +27,149 @@ _HELP = {
     "dtype": "auto = bf16 on CUDA / AVX512-BF16 CPUs, else fp32",
     "compile": "1 = torch.compile the model",
     "max_steps": "stop after this many optimizer steps (0 = run all epochs)",
-    "use_wandb": "1 = SwanLab (reference behaviour), 2 = Weights & Biases",
+    "use_wandb": "log to SwanLab (bare flag or 1, the reference's tracker) or Weights & Biases (2)",
+    "wandb_project": "tracker project name",
     "skip_bad_lines": "1 = skip malformed JSONL lines with a counted warning instead of failing",
+    "warmup_steps": "linear warmup optimizer steps (0 = 1%% of the run)",
 }
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--field`` per dataclass field; defaults are suppressed so we can tell what was given."""
+def _field_type(f: dataclasses.Field) -> type:
+    kind = type(f.default) if f.default is not dataclasses.MISSING else str
+    return int if kind is bool else kind
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type,
+                        defaults: dict[str, Any] | None = None, skip: Sequence[str] = ("stage",)) -> None:
+    """One ``--field`` per dataclass field.  Defaults are suppressed (so we can tell what was given)
+    but shown in the help, with the stage's own defaults where it has them."""
+    defaults = defaults or {}
     for f in dataclasses.fields(cls):
-        if f.name == "stage":  # the sub-command names the stage
+        if f.name in skip:
             continue
-        kind = type(f.default) if f.default is not dataclasses.MISSING else str
-        kind = int if kind is bool else kind
-        parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
-                            help=_HELP.get(f.name, f"(default {f.default!r})"))
+        shown = defaults.get(f.name, f.default)
+        help_text = _HELP.get(f.name, (f.metadata or {}).get("help", ""))
+        help_text = f"{help_text} (default {shown!r})" if help_text else f"(default {shown!r})"
+        kwargs: dict[str, Any] = dict(type=_field_type(f), default=argparse.SUPPRESS, help=help_text)
+        if f.name == "use_wandb":  # the reference's bare switch, or an explicit 0/1/2
+            kwargs.update(nargs="?", const=1)
+        parser.add_argument(f"--{f.name}", **kwargs)
+
+
+def coerce_values(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Convert config-file values to the field types (YAML reads ``5e-4`` as a string, JSON has no
+    int/float distinction), failing with ``source: key: ...`` on anything that does not fit."""
+    types = {f.name: _field_type(f) for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        kind = types[key]
+        try:
+            if kind is str:
+                if not isinstance(value, str):
+                    raise TypeError
+                out[key] = value
+            elif kind is int:
+                if isinstance(value, bool):
+                    out[key] = int(value)
+                elif isinstance(value, float) and value.is_integer():
+                    out[key] = int(value)
+                elif isinstance(value, (int, str)):
+                    out[key] = int(value)
+                else:
+                    raise TypeError
+            elif kind is float:
+                if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                    raise TypeError
+                out[key] = float(value)
+            else:
+                out[key] = value
+        except (TypeError, ValueError):
+            raise ValueError(f"{source}: {key}: expected {kind.__name__}, got {value!r}") from None
+    return out
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"--config file not found: {path}")
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml  # optional
+            data = yaml.safe_load(text)
+        else:
+            raise ValueError(f"--config must be .toml, .json or .yaml: {path}")
+    except ValueError:
+        raise
+    except Exception as e:  # parser errors of the three formats
+        raise ValueError(f"{path}: cannot parse: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a table of settings at the top level")
+    return data
+
+
+def split_config_values(args: argparse.Namespace, stage_defaults: dict[str, Any],
+                        options_cls: type | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(TrainConfig values, stage option values) from stage defaults, ``--config`` and flags."""
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    opt_names = {f.name for f in dataclasses.fields(options_cls)} if options_cls else set()
+    values: dict[str, Any] = dict(stage_defaults)
+    options: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        data = _read_config_file(path)
+        unknown = sorted(set(data) - train_names - opt_names)
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {unknown}")
+        values.update(coerce_values(TrainConfig, {k: v for k, v in data.items() if k in train_names},
+                                    str(path)))
+        if options_cls:
+            options.update(coerce_values(options_cls, {k: v for k, v in data.items() if k in opt_names},
+                                         str(path)))
+    given = vars(args)
+    values.update({k: v for k, v in given.items() if k in train_names})
+    options.update({k: v for k, v in given.items() if k in opt_names})
+    return values, options
 
 
 def build_train_config(args: argparse.Namespace, stage_defaults: dict[str, Any]) -> TrainConfig:
-    values: dict[str, Any] = dict(stage_defaults)
-    if getattr(args, "config", None):
-        values.update(_read_config_file(Path(args.config)))
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
-    unknown = set(values) - names
-    if unknown:
-        raise SystemExit(f"unknown config keys: {sorted(unknown)}")
+    values, _ = split_config_values(args, stage_defaults)
     cfg = TrainConfig(**values)
     cfg.validate()
     return cfg
 
 
-def _read_config_file(path: Path) -> dict[str, Any]:
-    if path.suffix == ".toml":
-        import tomllib
-        return tomllib.loads(path.read_text())
-    if path.suffix == ".json":
-        return json.loads(path.read_text())
-    if path.suffix in (".yaml", ".yml"):
-        import yaml  # optional
-        return yaml.safe_load(path.read_text())
-    raise SystemExit(f"--config must be .toml, .json or .yaml: {path}")
+def build_stage(name: str, args: argparse.Namespace):
+    """(stage object, TrainConfig) for sub-command ``name``; both validated before any data is read."""
+    from minimind.train.stages import STAGES
+    cls = STAGES[name]
+    values, options = split_config_values(args, {**cls.defaults, "stage": name}, cls.Options)
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    stage = cls(cls.Options(**options) if cls.Options else None)
+    stage.validate(cfg)
+    return stage, cfg
 
 
 def load_tokenizer_for(cfg: TrainConfig):
     from minimind.tokenizer import MiniMindTokenizer
     path = Path(cfg.tokenizer_path or Path(cfg.save_dir) / "tokenizer")
     if not (path / "tokenizer.json").exists() and not path.is_file():
-        raise SystemExit(f"no tokenizer at {path}: train one with `minimind tokenizer train` or pass "
-                         f"--tokenizer_path (e.g. the reference model/ folder)")
-    tok = MiniMindTokenizer.from_dir(path)
-    keep = Path(cfg.save_dir) / "tokenizer"
-    if path.resolve() != keep.resolve() and not (keep / "tokenizer.json").exists():
-        tok.save(keep)  # weights and their tokenizer travel together
-    return tok
+        raise FileNotFoundError(f"no tokenizer at {path}: train one with `minimind tokenizer train` or "
+                                f"pass --tokenizer_path (e.g. the reference model/ folder)")
+    return MiniMindTokenizer.from_dir(path)
 
 
 def cmd_train(stage_name: str, args: argparse.Namespace) -> int:
     from minimind.train.loop import train
-    from minimind.train.stages import STAGES
-    stage = STAGES[stage_name]
-    cfg = build_train_config(args, {**stage.defaults, "stage": stage_name})
+    stage, cfg = build_stage(stage_name, args)
     tok = load_tokenizer_for(cfg)
     res = train(stage, cfg, tok)
     print(f"saved {res.weights_path}  steps={res.steps}  loss={res.final_loss:.4f}  "
@@ -92,23 +177,32 @@ def cmd_train(stage_name: str, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lora(args: argparse.Namespace) -> int:
+    if getattr(args, "lora_action", None) == "merge":
+        from minimind.model.lora import merge_lora_files
+        out = merge_lora_files(args.weight, args.lora_weight, args.out)
+        print(f"wrote merged weights {out}")
+        return 0
+    return cmd_train("lora", args)
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from minimind.tokenizer import iter_texts_from_jsonl, train_tokenizer
-    texts = iter_texts_from_jsonl(args.data_path, max_lines=args.max_lines or None)
+    texts = iter_texts_from_jsonl(args.data_path, max_lines=args.max_lines or None,
+                                  skip_bad_lines=bool(args.skip_bad_lines))
     tok = train_tokenizer(texts, args.out_dir, vocab_size=args.vocab_size)
     print(f"tokenizer with {tok.vocab_size} tokens written to {args.out_dir}")
     return 0
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from minimind.data import load_or_prepare_shards
-    from minimind.tokenizer import MiniMindTokenizer
-    tok = MiniMindTokenizer.from_dir(args.tokenizer_path)
-    out = args.out_dir or str(Path("data_cache") / f"{Path(args.data_path).stem}-{args.kind}-{args.max_seq_len}-{tok.hash}")
-    info = load_or_prepare_shards(args.data_path, out, tok, kind=args.kind, num_proc=args.num_workers,
-                                  skip_bad_lines=bool(args.skip_bad_lines),
-                                  max_len=args.max_seq_len + 1 if args.kind == "sft" else None)
-    print(f"shards in {out}: {info}")
+    """Tokenize once with exactly the settings (and cache folder) the training stage would use."""
+    stage, cfg = build_stage(args.kind, args)
+    tok = load_tokenizer_for(cfg)
+    info = stage.prepare_data(cfg, tok, progress=bool(cfg.progress))
+    print(f"shards in {info.out_dir}: {info.n_docs} documents, {info.n_tokens} tokens"
+          f"{' (reused)' if info.reused else ''}; train with the same --data_path/--max_seq_len/--seed"
+          f"{'' if not cfg.shard_dir else ' and --shard_dir ' + cfg.shard_dir}")
     return 0
 
 
@@ -134,17 +228,44 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_stage_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    from minimind.train.stages import STAGES
+    cls = STAGES[name]
+    sp = sub.add_parser(name, help=help_text, description=f"{help_text}. {cls.__doc__ or ''}".strip())
+    sp.add_argument("--config", help="TOML/JSON/YAML file with settings (any flag of this command)")
+    add_dataclass_flags(sp, TrainConfig, defaults=cls.defaults)
+    if cls.Options is not None:
+        add_dataclass_flags(sp.add_argument_group(f"{name} options"), cls.Options)
+    return sp
+
+
+STAGE_HELP = {
+    "pretrain": "next-token pretraining on {\"text\"} rows",
+    "sft": "full SFT on {\"conversations\"} rows (assistant tokens only)",
+    "lora": "LoRA fine-tuning on SFT data (only adapters train; `minimind lora merge` merges)",
+    "dpo": "DPO on {\"chosen\", \"rejected\"} pairs against a frozen reference model",
+    "distill": "white-box distillation from a teacher model on SFT data",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minimind", description="MiniMind: build a tokenizer, pretrain, "
                                 "fine-tune, chat with and convert small Qwen3-shaped language models.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    from minimind.train.stages import STAGES
-    for name, stage in STAGES.items():
-        sp = sub.add_parser(name, help=f"{name} training (reference-style flags)")
-        sp.add_argument("--config", help="TOML/JSON/YAML file with TrainConfig fields")
-        add_dataclass_flags(sp, TrainConfig)
-        sp.set_defaults(func=lambda a, n=name: cmd_train(n, a))
+    for name, text in STAGE_HELP.items():
+        sp = _add_stage_parser(sub, name, text)
+        if name == "lora":
+            sp.add_argument("--lora_name", dest="save_weight", default=argparse.SUPPRESS,
+                            help="reference name of --save_weight for adapters (default 'lora_medical')")
+            ms = sp.add_subparsers(dest="lora_action").add_parser(
+                "merge", help="write base weights + adapter as one full weights file")
+            ms.add_argument("--weight", required=True, help="base weights (.safetensors or .pth)")
+            ms.add_argument("--lora_weight", "--lora", required=True, help="adapter file")
+            ms.add_argument("--out", required=True, help="output .safetensors (or reference .pth)")
+            sp.set_defaults(func=cmd_lora)
+        else:
+            sp.set_defaults(func=lambda a, n=name: cmd_train(n, a))
 
     tk = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
     tt = tk.add_parser("train", help="train a byte-level BPE tokenizer on a JSONL corpus")
@@ -152,17 +273,21 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--out_dir", default="out/tokenizer")
     tt.add_argument("--vocab_size", type=int, default=6400)
     tt.add_argument("--max_lines", type=int, default=0)
+    tt.add_argument("--skip_bad_lines", type=int, default=0, choices=[0, 1])
     tt.set_defaults(func=cmd_tokenizer_train)
 
     dp = sub.add_parser("data", help="data tools").add_subparsers(dest="action", required=True)
-    pr = dp.add_parser("prepare", help="tokenize a JSONL file once into on-disk shards")
-    pr.add_argument("--data_path", required=True)
-    pr.add_argument("--kind", choices=["pretrain", "sft"], required=True)
-    pr.add_argument("--tokenizer_path", required=True)
-    pr.add_argument("--out_dir", default="")
-    pr.add_argument("--max_seq_len", type=int, default=768)
-    pr.add_argument("--num_workers", type=int, default=0)
-    pr.add_argument("--skip_bad_lines", type=int, default=0)
+    pr = dp.add_parser("prepare", help="tokenize a JSONL file once into the shard cache training reads",
+                       description="Tokenize with the same settings and into the same cache folder as "
+                                   "the training command of --kind with the same flags.")
+    pr.add_argument("--kind", choices=["pretrain", "sft", "dpo"], required=True)
+    pr.add_argument("--out_dir", dest="shard_dir", default=argparse.SUPPRESS,
+                    help="cache folder (default: the one training would pick); same as --shard_dir")
+    for name in ("data_path", "tokenizer_path", "shard_dir", "save_dir", "max_seq_len", "seed", "num_workers",
+                 "skip_bad_lines", "add_system_ratio", "empty_think_ratio", "progress"):
+        f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+        pr.add_argument(f"--{name}", type=_field_type(f), default=argparse.SUPPRESS,
+                        help=_HELP.get(name, "as for training"))
     pr.set_defaults(func=cmd_data_prepare)
 
     from minimind.infer.chat import add_chat_arguments, chat_main
@@ -191,11 +316,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from minimind.train.loop import TrainingInterrupted
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:  # configuration / data errors: no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted:
+        return 130  # the loop saved and printed how to resume
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

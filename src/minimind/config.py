@@ -196,7 +196,8 @@ class TrainConfig:
     num_hidden_layers: int = 0
     use_moe: int = -1
     vocab_size: int = 0
-    use_wandb: int = 0
+    use_wandb: int = 0  # 1 = SwanLab (the reference's tracker), 2 = Weights & Biases
+    wandb_project: str = ""  # "" = the stage's default project name
     progress: int = 1
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
@@ -218,13 +219,36 @@ class TrainConfig:
         return ModelConfig(**{k: v for k, v in base.items() if v is not None})
 
     def validate(self) -> None:
+        """Every check that needs no data: run before anything is read, tokenized or allocated."""
         problems = []
-        for name in ("batch_size", "max_seq_len", "accumulation_steps", "epochs"):
+        for name in ("batch_size", "max_seq_len", "accumulation_steps", "epochs", "log_interval"):
             if getattr(self, name) <= 0:
                 problems.append(f"--{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "grad_clip", "save_interval", "weight_decay",
+                     "num_workers"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name} must not be negative, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             problems.append(f"--learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name, allowed in (("from_resume", (0, 1)), ("use_moe", (-1, 0, 1)), ("compile", (0, 1)),
+                              ("use_wandb", (0, 1, 2)), ("skip_bad_lines", (0, 1)), ("progress", (0, 1))):
+            if getattr(self, name) not in allowed:
+                problems.append(f"--{name} must be one of {', '.join(map(str, allowed))}, "
+                                f"got {getattr(self, name)}")
+        for name in ("add_system_ratio", "empty_think_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                problems.append(f"--{name} must be in [0, 1], got {getattr(self, name)}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             problems.append(f"--dtype must be auto|float32|bfloat16|float16, got {self.dtype!r}")
+        if self.preset not in PRESETS:
+            problems.append(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.hidden_size < 0 or self.num_hidden_layers < 0 or self.vocab_size < 0:
+            problems.append("--hidden_size / --num_hidden_layers / --vocab_size must not be negative")
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
+        from minimind.train.device import pick_device
+        if self.device != "auto":
+            pick_device(self.device)  # unknown / unavailable devices fail here, with the flag's name
+        self.model_config()  # an impossible model shape fails here too

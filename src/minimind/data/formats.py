@@ -134,11 +134,26 @@ def sft_conversation(obj: dict) -> tuple[list[Message], list[dict] | None]:
     return chat_messages(obj["conversations"])
 
 
+#: The message fields that make up a rendered turn; two prompts are equal when these are.
+_TURN_FIELDS = ("role", "content", "reasoning_content", "tool_calls")
+
+
+def _first_difference(a: list[Message], b: list[Message]) -> int | None:
+    """Index of the first message where ``a`` and ``b`` differ (a length mismatch counts), or None."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if any(x.get(k) != y.get(k) for k in _TURN_FIELDS):
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
 def dpo_pair(obj: dict) -> tuple[list[Message], list[Message]]:
     """Validate a DPO record ``{"chosen": [...], "rejected": [...]}``; return both message lists.
 
     Each side must be a valid conversation ending in an assistant turn (the turn being compared);
-    tools are not part of the reference DPO format and are rejected.
+    tools are not part of the reference DPO format and are rejected.  Both sides must share the
+    prompt -- every message before the final assistant turn equal in role, content, reasoning and
+    tool calls: DPO compares two answers *to the same prompt*, and a pair whose prompts differ
+    would silently train on the difference between the prompts' log-probabilities as well.
     """
     sides = []
     for key in ("chosen", "rejected"):
@@ -150,4 +165,8 @@ def dpo_pair(obj: dict) -> tuple[list[Message], list[Message]]:
         if messages[-1]["role"] != "assistant":
             raise ValueError(f"'{key}' must end with an assistant turn")
         sides.append(messages)
-    return sides[0], sides[1]
+    chosen, rejected = sides
+    i = _first_difference(chosen[:-1], rejected[:-1])
+    if i is not None:
+        raise ValueError(f"'chosen' and 'rejected' must share the prompt: they differ at message {i}")
+    return chosen, rejected

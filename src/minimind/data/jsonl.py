@@ -18,6 +18,10 @@ from typing import Any, Iterator
 #: How many bad-line locations a skip summary lists before "...".
 MAX_REPORTED_LOCATIONS = 5
 
+#: UTF-8 byte order mark.  Windows editors (Notepad, Excel "UTF-8" export) put it at the start of
+#: a file; ``json.loads`` rejects it, so it is dropped from the first line only.
+UTF8_BOM = b"\xef\xbb\xbf"
+
 
 class DataFormatError(ValueError):
     """A data file line that cannot be used; the message starts with ``path:line:``."""
@@ -80,27 +84,37 @@ def iter_jsonl_raw(path: str | os.PathLike, start_line: int = 1) -> Iterator[tup
     """Yield ``(line_no, raw_bytes, bytes_consumed)`` for each line from ``start_line`` on.
 
     ``bytes_consumed`` is the length of the raw line including its newline, so that callers can
-    advance a progress bar by bytes without an extra ``tell()``.
+    advance a progress bar by bytes without an extra ``tell()``.  A UTF-8 byte order mark at the
+    start of the file is removed from line 1 (but still counted in its ``bytes_consumed``).
     """
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             if line_no < start_line:
                 continue
-            yield line_no, raw, len(raw)
+            size = len(raw)
+            if line_no == 1 and raw.startswith(UTF8_BOM):
+                raw = raw[len(UTF8_BOM):]
+            yield line_no, raw, size
 
 
 def iter_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False, start_line: int = 1,
-               stats: SkipStats | None = None) -> Iterator[tuple[int, dict]]:
+               stats: SkipStats | None = None, warn: bool = True,
+               end_line: int | None = None) -> Iterator[tuple[int, dict]]:
     """Stream ``(line_no, object)`` pairs from a JSONL file without loading it whole.
 
     With ``skip_bad_lines=False`` the first malformed line raises :class:`DataFormatError`.  With
     ``True`` bad lines are counted (into ``stats`` when given) and a single summary warning is
     emitted when the iteration finishes.  ``start_line`` (1-based) skips earlier lines, which lets a
-    consumer resume in the middle of a file while keeping true line numbers in messages.
+    consumer resume in the middle of a file while keeping true line numbers in messages, and
+    ``end_line`` (inclusive) stops before reading further, so a line past it is never parsed.
+    ``warn=False`` leaves the summary to a caller that adds its own bad rows to ``stats`` (e.g.
+    rows that are valid JSON but lack the fields it needs) and reports everything once.
     """
     path = Path(path)
     stats = stats if stats is not None else SkipStats()
     for line_no, raw, _ in iter_jsonl_raw(path, start_line):
+        if end_line is not None and line_no > end_line:
+            break
         try:
             obj = parse_jsonl_line(raw, path, line_no)
         except DataFormatError as err:
@@ -110,4 +124,5 @@ def iter_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False, start_line
             continue
         if obj is not None:
             yield line_no, obj
-    stats.warn(path)
+    if warn:
+        stats.warn(path)

@@ -5,22 +5,26 @@ messages of context, a raw ``<|im_start|>`` + text prompt for pretrained weights
 each reply) on top of :class:`GenerationEngine`.  Differences on purpose: the reference's
 ``'model' in path`` heuristic is replaced by an explicit weights file whose shape is read from the
 file itself, fp32 is kept on CPUs (the reference forced ``.half()`` everywhere), and reasoning
-inside ``<think>...</think>`` is shown dimmed so it is not mistaken for the answer.
+inside ``<think>...</think>`` is shown dimmed so it is not mistaken for the answer.  Reference habits
+that still work: ``--weight full_sft`` (a stage name, resolved in ``--save_dir``) and
+``--lora_weight lora_medical``.  Ctrl-C stops the reply being streamed and returns to the prompt
+with the history kept; Ctrl-C at the prompt quits.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from rich.console import Console
 
-from minimind.model.weights import infer_model_config  # noqa: F401  (re-export)
 from minimind.infer.engine import GenerationEngine, GenerationResult
 from minimind.infer.sampling import SamplingParams
+from minimind.model.weights import infer_model_config  # noqa: F401  (re-export)
 
 Prompt = str | list[dict[str, Any]]
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -110,11 +114,15 @@ def run_chat(engine: GenerationEngine, tokenizer: Any, prompts: Sequence[Prompt]
              history: int = 0, open_thinking: bool = False, params: SamplingParams | None = None,
              raw: bool = False, console: Console | None = None,
              input_fn: Callable[[str], str] = input) -> list[GenerationResult]:
-    """Chat loop: interactive when ``prompts`` is None (empty line or ``/exit`` quits, ``/clear``
-    drops the history), else the scripted prompts in order.  Returns the replies.
+    """Chat loop: interactive when ``prompts`` is None (empty line, ``/exit`` or Ctrl-C quits,
+    ``/clear`` drops the history), else the scripted prompts in order.  Returns the replies.
 
     ``history`` = number of past messages (user and assistant) sent as context; 0 = stateless.
     ``raw`` = pretrained-model mode: no template, the prompt is ``<|im_start|>`` + text.
+
+    Ctrl-C during a reply ends that reply only (``finish_reason == "interrupted"``); its partial
+    text enters the history like a full reply, so the conversation goes on where the user cut it.
+    With scripted prompts there is no prompt to return to, so the remaining prompts are dropped.
     """
     console = console or Console(highlight=False)
     params = params or SamplingParams()
@@ -147,26 +155,51 @@ def run_chat(engine: GenerationEngine, tokenizer: Any, prompts: Sequence[Prompt]
         if not raw and isinstance(prompt, str):
             past += [{"role": "user", "content": prompt},
                      {"role": "assistant", "content": result.text or ""}]
+        if scripted and result.finish_reason == "interrupted":
+            console.print("(stopped: remaining prompts skipped)", style="dim")
+            break
     return replies
+
+
+def _interrupted_result(engine: GenerationEngine, ids: list[int], text: str,
+                        n_pieces: int) -> GenerationResult:
+    """What the user saw of a reply cut by Ctrl-C.  The engine's own result is lost with its
+    generator, so the token count is the shown text re-encoded (or the number of streamed pieces
+    when the tokenizer cannot encode), close to but not exactly the sampled ids."""
+    tok = getattr(engine, "tokenizer", None)
+    token_ids = list(tok.encode(text)) if text and hasattr(tok, "encode") else []
+    return GenerationResult(token_ids=token_ids, text=text,
+                            finish_reason="interrupted",  # type: ignore[arg-type]
+                            prompt_tokens=len(ids),
+                            completion_tokens=len(token_ids) if token_ids else n_pieces)
 
 
 def _stream_reply(engine: GenerationEngine, ids: list[int], params: SamplingParams, thinking: bool,
                   console: Console) -> GenerationResult:
+    """Print one reply as it streams; Ctrl-C ends the reply (not the session)."""
     splitter = ThinkSplitter(thinking)
-    stream = engine.stream(ids, params)
     start = time.perf_counter()
+    pieces: list[str] = []
 
     def show(segments: list[tuple[str, str]]) -> None:
         for kind, text in segments:
             console.print(text, style="dim" if kind == "think" else None, end="", markup=False,
                           highlight=False, soft_wrap=True)
 
-    for piece in stream:
-        show(splitter.feed(piece))
+    stream = None
+    try:
+        stream = engine.stream(ids, params)
+        for piece in stream:
+            pieces.append(piece)
+            show(splitter.feed(piece))
+        result = stream.result
+        assert result is not None
+    except KeyboardInterrupt:
+        if stream is not None:
+            stream.close()  # ends the generator: its KV cache is freed, the engine is reusable
+        result = _interrupted_result(engine, ids, "".join(pieces), len(pieces))
     show(splitter.flush())
     elapsed = time.perf_counter() - start
-    result = stream.result
-    assert result is not None
     speed = result.completion_tokens / max(elapsed, 1e-9)
     console.print(f"\n[{result.completion_tokens} tokens, {speed:.1f} tokens/s, "
                   f"{result.finish_reason}]", style="dim", markup=False, highlight=False)
@@ -177,7 +210,13 @@ def _stream_reply(engine: GenerationEngine, ids: list[int], params: SamplingPara
 def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``minimind chat`` (reference ``eval_llm.py`` names where they exist)."""
     a = parser.add_argument
-    a("--weight", default="", help="weights file: .safetensors (config inside) or reference .pth")
+    a("--weight", default="",
+      help="weights file (.safetensors with its config inside, or reference .pth), or a stage name: "
+           "full_sft -> <save_dir>/full_sft_<hidden_size>[_moe].safetensors (then .pth)")
+    a("--save_dir", default="out", help="where stage names of --weight / --lora_weight are looked up")
+    a("--lora_weight", "--lora", dest="lora_weight", default="",
+      help="LoRA adapter file or stage name (lora_medical -> <save_dir>/lora_medical_<H>[_moe]...); "
+           "none = no adapter")
     a("--tokenizer_path", default="",
       help="folder with tokenizer.json (default: next to the weights, then out/tokenizer, model/)")
     a("--prompts", default="", help="text file (one prompt per line) or JSONL; default interactive")
@@ -195,9 +234,11 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
       help="pretrained-model mode: no chat template (automatic for weights named pretrain*)")
     a("--seed", type=int, default=None, help="sampling seed (default: random)")
     a("--preset", default="minimind-3", help="shape defaults for .pth files without a config")
-    a("--hidden_size", type=int, default=0, help=".pth only: override the shape read from weights")
+    a("--hidden_size", type=int, default=0,
+      help="H of a stage-name --weight (0 = 768); for a bare .pth also overrides the shape")
     a("--num_hidden_layers", type=int, default=0, help=".pth only: override")
-    a("--use_moe", type=int, default=-1, choices=[-1, 0, 1], help=".pth only: override")
+    a("--use_moe", type=int, default=-1, choices=[-1, 0, 1],
+      help="1 = a stage-name --weight ends in _moe; for a bare .pth also overrides the shape")
 
 
 def _find_tokenizer_dir(explicit: str, weight: Path) -> Path:
@@ -210,30 +251,48 @@ def _find_tokenizer_dir(explicit: str, weight: Path) -> Path:
                             + "; pass --tokenizer_path")
 
 
+def _no_lora(value: str | None) -> bool:
+    """The reference passes ``--lora_weight None`` for "no adapter"."""
+    return not value or value.strip().lower() == "none"
+
+
 def chat_main(args: argparse.Namespace) -> int:
-    """Load weights + tokenizer from the flags and run :func:`run_chat`."""
+    """Load weights + tokenizer from the flags and run :func:`run_chat`; Ctrl-C exits with 130."""
+    try:
+        return _chat_main(args)
+    except KeyboardInterrupt:  # while loading, or at the prompt of a terminal without readline
+        print(file=sys.stderr)
+        return 130
+
+
+def _chat_main(args: argparse.Namespace) -> int:
     from minimind.infer.yarn import enable_yarn
-    from minimind.model import MiniMindForCausalLM, load_weights, read_config, read_state_dict
+    from minimind.model import load_model
+    from minimind.model.weights import resolve_weight_path
     from minimind.tokenizer import MiniMindTokenizer
     from minimind.train.device import pick_device, pick_dtype
 
     if not args.weight:
-        raise ValueError("--weight is required: a .safetensors or reference .pth weights file")
-    weight = Path(args.weight)
-    sd = read_state_dict(weight)
-    config = read_config(weight)
-    if config is None:
-        overrides = {"hidden_size": args.hidden_size or None,
-                     "num_hidden_layers": args.num_hidden_layers or None,
-                     "use_moe": None if args.use_moe < 0 else bool(args.use_moe)}
-        config = infer_model_config(sd, args.preset, overrides)
+        raise ValueError("--weight is required: a .safetensors / reference .pth weights file, or a "
+                         "stage name such as full_sft")
+    save_dir = getattr(args, "save_dir", "out")
+    weight = resolve_weight_path(args.weight, save_dir, args.hidden_size, args.use_moe)
+    overrides = {"hidden_size": args.hidden_size or None,
+                 "num_hidden_layers": args.num_hidden_layers or None,
+                 "use_moe": None if args.use_moe < 0 else bool(args.use_moe)}
+    model = load_model(weight, preset=args.preset, overrides=overrides)
+    config = model.config
+    lora_note = ""
+    lora_weight = getattr(args, "lora_weight", "")
+    if not _no_lora(lora_weight):
+        from minimind.model.lora import load_lora  # written alongside; imported only when used
+        lora_path = resolve_weight_path(lora_weight, save_dir, config.hidden_size, int(config.use_moe))
+        load_lora(model, lora_path)
+        lora_note = f" + LoRA {lora_path.name}"
     tokenizer = MiniMindTokenizer.from_dir(_find_tokenizer_dir(args.tokenizer_path, weight))
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model only "
                          f"{config.vocab_size}: wrong --tokenizer_path?")
-    model = MiniMindForCausalLM(config)
-    load_weights(model, sd)
-    del sd
     if args.inference_rope_scaling:
         enable_yarn(model)
     device = pick_device(args.device)
@@ -244,11 +303,12 @@ def chat_main(args: argparse.Namespace) -> int:
                             stop_token_ids=(tokenizer.eos_id,), seed=args.seed)
     raw = bool(args.raw) or weight.name.startswith("pretrain")
     console = Console(highlight=False)
-    console.print(f"{model.describe()} | {weight.name} on {device}"
+    console.print(f"{model.describe()} | {weight.name}{lora_note} on {device}"
                   f"{' | raw (pretrain) mode' if raw else ''}", style="dim", markup=False)
     prompts = load_prompts(args.prompts) if args.prompts else None
     if prompts is None:
-        console.print("empty line or /exit quits, /clear resets the history", style="dim")
+        console.print("empty line, /exit or Ctrl-C quits, /clear resets the history, "
+                      "Ctrl-C during a reply stops it", style="dim")
     run_chat(engine, tokenizer, prompts, history=args.historys, open_thinking=bool(args.open_thinking),
              params=params, raw=raw, console=console)
     return 0

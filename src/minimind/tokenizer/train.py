@@ -20,8 +20,9 @@ from typing import Iterable, Iterator
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .special_tokens import ADDED_TOKENS
-from .tokenizer import MiniMindTokenizer
+from minimind.data.jsonl import DataFormatError, SkipStats, iter_jsonl
+from minimind.tokenizer.special_tokens import ADDED_TOKENS
+from minimind.tokenizer.tokenizer import MiniMindTokenizer
 
 __all__ = ["QWEN2_PATTERN", "train_tokenizer", "iter_texts_from_jsonl", "build_untrained_tokenizer"]
 
@@ -82,6 +83,8 @@ def train_tokenizer(
 
     ``vocab_size`` counts the 36 added tokens and the 256 byte symbols, so it must exceed 292; a
     corpus too small to supply enough merges yields a smaller vocabulary (check ``vocab_size``).
+    An empty corpus raises ``ValueError`` before anything is saved: BPE would otherwise
+    "succeed" with the 292 reserved tokens and no merges, a useless tokenizer.
     """
     n_reserved = len(ADDED_TOKENS) + 256
     if vocab_size <= n_reserved:
@@ -93,7 +96,18 @@ def train_tokenizer(
         special_tokens=[content for content, _ in ADDED_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    seen = [0]
+
+    def counted(items: Iterable[str]) -> Iterator[str]:
+        for text in items:
+            if text:
+                seen[0] += 1
+            yield text
+
+    tok.train_from_iterator(counted(texts), trainer=trainer)
+    if not seen[0]:
+        raise ValueError("no training text: the corpus is empty (or every line was bad), "
+                         "so there is nothing to learn merges from")
     tokenizer = MiniMindTokenizer(_fix_added_token_flags(tok))
     tokenizer.save(out_dir)
     return tokenizer
@@ -117,29 +131,45 @@ def _row_text(row: object) -> str | None:
     return None
 
 
-def iter_texts_from_jsonl(path: str | Path, max_lines: int | None = None) -> Iterator[str]:
+def iter_texts_from_jsonl(path: str | Path, max_lines: int | None = None, *,
+                          skip_bad_lines: bool = True) -> Iterator[str]:
     """Yield tokenizer-training text from a pretrain (``{"text"}``) or SFT (``{"conversations"}``)
     JSONL file, reading at most ``max_lines`` lines.
 
-    Conversation rows contribute their non-empty message contents joined by newlines. Malformed
-    lines are skipped and reported in a single warning at the end, because a tokenizer corpus
-    tolerates a few bad rows but silently losing many would skew the vocabulary.
+    Conversation rows contribute their non-empty message contents joined by newlines.  Reading
+    goes through :func:`minimind.data.jsonl.iter_jsonl`, so the rules are those of the data
+    loaders: a UTF-8 BOM is accepted, invalid UTF-8 / JSON and rows without a ``text`` or
+    ``conversations`` field are :class:`DataFormatError` at ``file:line``.  With
+    ``skip_bad_lines`` such lines are dropped and listed (first few ``file:line`` locations) in one
+    warning at the end; without it the first one raises.
+
+    The default stays ``True`` (this reader always tolerated a few bad rows in a tokenizer corpus);
+    callers that mirror a ``--skip_bad_lines`` flag pass it explicitly.  A file that yields no text
+    at all raises ``ValueError``: training on nothing would silently produce a merge-less tokenizer.
     """
-    skipped = 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f):
-            if max_lines is not None and line_no >= max_lines:
-                break
-            if not line.strip():
-                continue
-            try:
-                text = _row_text(json.loads(line))
-            except json.JSONDecodeError:
-                text = None
+    path = Path(path)
+    stats = SkipStats()
+    rows = iter_jsonl(path, skip_bad_lines=skip_bad_lines, stats=stats, warn=False,
+                      end_line=max_lines)
+    n_texts = 0
+    try:
+        for line_no, row in rows:
+            text = _row_text(row)
             if text is None:
-                skipped += 1
+                err = DataFormatError(path, line_no, 'expected a "text" string or a "conversations" list')
+                if not skip_bad_lines:
+                    raise err
+                stats.add(err)
                 continue
             if text:
+                n_texts += 1
                 yield text
-    if skipped:
-        warnings.warn(f"{path}: skipped {skipped} malformed line(s)", RuntimeWarning, stacklevel=2)
+    finally:
+        rows.close()
+    if stats.count:
+        more = ", ..." if stats.count > len(stats.locations) else ""
+        warnings.warn(f"skipped {stats.count} malformed line(s) in {path}: "
+                      + "; ".join(stats.locations) + more, RuntimeWarning, stacklevel=2)
+    if not n_texts:
+        what = f"all {stats.count} non-blank line(s) were bad" if stats.count else "it has no text"
+        raise ValueError(f"no tokenizer training text in {path}: {what}")

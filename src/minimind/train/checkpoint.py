@@ -1,8 +1,9 @@
 """Resume checkpoints: everything needed to continue a run exactly where it stopped.
 
 A resume file holds the fp32 model weights (the reference stored fp16, so its resumes were lossy),
-the optimizer state, the data cursor (epoch, optimizer step), RNG states and the run's config.  It is
-written to a temporary name and renamed, and read with ``torch.load(weights_only=True)``.
+the optimizer state, the data cursor (epoch, optimizer step), one RNG state per rank (dropout and
+sampling draw differently on each rank), the stage's own state and the run's config.  It is written to
+a temporary name and renamed, and read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -41,12 +42,16 @@ def _list_to_py_state(s: list) -> tuple:
 
 def save_resume(path: str | Path, *, model_state: dict[str, torch.Tensor],
                 optimizer: torch.optim.Optimizer, epoch: int, step: int, micro_step: int,
-                world_size: int, config: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+                world_size: int, config: dict[str, Any], extra: dict[str, Any] | None = None,
+                rng_per_rank: list[dict[str, Any]] | None = None,
+                stage_state: dict[str, Any] | None = None) -> Path:
+    """``rng_per_rank``: every rank's :func:`rng_state` (default: this process's only)."""
     payload = {
         "model": {k: v.detach().cpu() for k, v in model_state.items()},
         "optimizer": optimizer.state_dict(),
         "epoch": epoch, "step": step, "micro_step": micro_step, "world_size": world_size,
-        "rng": rng_state(), "config": config, "extra": extra or {},
+        "rng": (rng_per_rank or [rng_state()])[0], "rng_per_rank": rng_per_rank or [rng_state()],
+        "config": config, "extra": extra or {}, "stage": stage_state or {},
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)

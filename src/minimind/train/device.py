@@ -18,7 +18,12 @@ import torch
 
 def pick_device(name: str = "auto") -> torch.device:
     if name != "auto":
-        dev = torch.device(name)
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
+        if dev.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda requested but CUDA is not available")
         if dev.type == "mps" and not torch.backends.mps.is_available():

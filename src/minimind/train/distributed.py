@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -31,7 +33,9 @@ def init_distributed(device_type: str) -> DistInfo:
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        # Generous timeout: ranks > 0 wait at a barrier while rank 0 tokenizes a large corpus.
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=2))
     info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
@@ -58,6 +62,41 @@ def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         values /= info.world_size
     return values
+
+
+def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum over ranks (a copy; the input is left alone)."""
+    if info.enabled:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@contextlib.contextmanager
+def local_rank_zero_first(info: DistInfo) -> Iterator[None]:
+    """Run the body on local rank 0 first, then on the other ranks of the node.
+
+    For work that writes a shared cache (token shards, the tokenizer copy): rank 0 builds it while the
+    others wait at a barrier, then they find it built and only read it.  Without this every rank
+    tokenizes into the same folder at once.
+    """
+    first = info.local_rank == 0
+    if info.enabled and not first:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if info.enabled and first:
+            dist.barrier()
 
 
 def barrier(info: DistInfo) -> None:

@@ -2,24 +2,45 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from pathlib import Path
 from typing import Any
+
+#: Supported trackers (``--use_wandb``: reference 1 = SwanLab, 2 = Weights & Biases).
+TRACKERS = ("swanlab", "wandb")
+
+
+def check_tracker(name: str) -> None:
+    """Fail fast, before any data preparation, when the selected tracker is not installed.
+
+    Opening the tracker happens only once training starts; without this check a missing optional
+    package surfaced as an ``ImportError`` traceback after minutes of tokenising.  ``find_spec``
+    looks the package up without importing it (importing wandb alone takes seconds).
+    """
+    if not name:
+        return
+    if name not in TRACKERS:
+        raise ValueError(f"unknown tracker {name!r} (wandb | swanlab)")
+    if importlib.util.find_spec(name) is None:
+        raise ValueError(f"--use_wandb needs the `{name}` package: pip install {name}")
 
 
 class MetricsWriter:
     """Appends one JSON object per logged step; trackers (wandb / swanlab) mirror the same dict."""
 
     def __init__(self, path: str | Path, enabled: bool = True, tracker: str = "",
-                 run_name: str = "", config: dict[str, Any] | None = None) -> None:
+                 run_name: str = "", config: dict[str, Any] | None = None,
+                 project: str = "MiniMind") -> None:
+        """``project`` is the tracker's project name (``--wandb_project``; reference: MiniMind)."""
         self.path = Path(path)
         self.enabled = enabled
         self._tracker = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if tracker:
-                self._tracker = _open_tracker(tracker, run_name, config or {})
+                self._tracker = _open_tracker(tracker, run_name, config or {}, project)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -43,16 +64,15 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
 
 
-def _open_tracker(name: str, run_name: str, config: dict[str, Any]):
+def _open_tracker(name: str, run_name: str, config: dict[str, Any], project: str = "MiniMind") -> Any:
+    check_tracker(name)
     if name == "wandb":
         import wandb  # optional dependency
-        wandb.init(project="MiniMind", name=run_name, config=config)
+        wandb.init(project=project, name=run_name, config=config)
         return wandb
-    if name == "swanlab":
-        import swanlab  # optional dependency
-        swanlab.init(project="MiniMind", experiment_name=run_name, config=config)
-        return swanlab
-    raise ValueError(f"unknown tracker {name!r} (wandb | swanlab)")
+    import swanlab  # optional dependency
+    swanlab.init(project=project, experiment_name=run_name, config=config)
+    return swanlab
 
 
 def model_flops_per_token(n_matmul_params: int, n_layers: int, hidden: int, seq_len: int) -> float:

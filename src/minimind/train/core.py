@@ -1,0 +1,258 @@
+"""The core every training driver shares: a run's device, precision, model, optimizer and files, and
+:meth:`Trainer.step` -- one optimizer step over a list of micro-batches.
+
+One step (``micro_batches`` on this rank, ``W`` = the sum of every rank's batch weights)::
+
+    set lr -> for each micro-batch i: forward under autocast,
+              backward(loss_i * w_i / W * world_size)       (DDP all-reduces only on the last one)
+           -> unscale (fp16) -> clip -> optimizer step -> zero grads
+
+DDP averages gradients over ranks, so the ``world_size`` factor makes the result
+``grad( sum_{all ranks, i} loss_i * w_i / W )``: every target token (or pair) counts the same, however
+unevenly the tokens fall on ranks and micro-batches.  The epoch driver (:func:`minimind.train.loop.train`)
+calls :meth:`Trainer.step` once per batch of rows; RL drivers call it several times per rollout batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from minimind.config import ModelConfig, TrainConfig
+from minimind.model import MiniMindForCausalLM, load_weights, read_config, read_state_dict
+from minimind.train import checkpoint as ckpt
+from minimind.train.device import autocast, pick_device, pick_dtype
+from minimind.train.distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier,
+                                        init_distributed, local_rank_zero_first, no_sync, wrap_ddp)
+from minimind.train.stages.base import LossOutput, StageBase, StageContext
+
+LossFn = Callable[[nn.Module, Any], LossOutput]
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step did.  ``loss`` and ``metrics`` are this rank's share of the global
+    weighted mean (sum them over ranks to get it); ``grad_norm`` is the global norm before clipping."""
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    weight: float = 0.0
+    tokens: int = 0
+    useful_tokens: int = 0
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP / torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model
+
+
+def weights_path(cfg: TrainConfig, mcfg: ModelConfig, name: str | None = None) -> Path:
+    """``out/<name>_<H>[_moe].safetensors`` (reference naming, safetensors format)."""
+    return Path(cfg.save_dir) / f"{name or cfg.save_weight}_{mcfg.weight_suffix}.safetensors"
+
+
+def resolve_from_weight(cfg: TrainConfig, mcfg: ModelConfig | None) -> Path | None:
+    """``--from_weight`` is a stage name (``pretrain`` -> out/pretrain_<H>.safetensors) or a path."""
+    if cfg.from_weight in ("", "none"):
+        return None
+    from minimind.model.weights import resolve_weight_path
+    if mcfg is None:
+        mcfg = cfg.model_config()
+    return resolve_weight_path(cfg.from_weight, cfg.save_dir, mcfg.hidden_size, int(mcfg.use_moe))
+
+
+def build_model(cfg: TrainConfig, vocab_size: int) -> tuple[MiniMindForCausalLM, Path | None]:
+    """New model from the preset/flags, or the model stored in ``--from_weight``.
+
+    A stored model keeps its own shape; an explicit ``--hidden_size`` / ``--num_hidden_layers`` /
+    ``--use_moe`` that contradicts it is refused rather than silently ignored."""
+    mcfg = cfg.model_config(vocab_size=cfg.vocab_size or vocab_size)
+    src = resolve_from_weight(cfg, mcfg)
+    if src is not None:
+        stored = read_config(src)
+        if stored is not None:
+            asked: dict[str, Any] = {}
+            if cfg.hidden_size:
+                asked["hidden_size"] = cfg.hidden_size
+            if cfg.num_hidden_layers:
+                asked["num_hidden_layers"] = cfg.num_hidden_layers
+            if cfg.use_moe >= 0:
+                asked["use_moe"] = bool(cfg.use_moe)
+            clash = [f"--{k} {int(v)} but the weights have {int(getattr(stored, k))}"
+                     for k, v in asked.items() if getattr(stored, k) != v]
+            if clash:
+                raise ValueError(f"--from_weight {src}: " + "; ".join(clash))
+            mcfg = stored
+        model = MiniMindForCausalLM(mcfg)
+        load_weights(model, read_state_dict(src))
+    else:
+        model = MiniMindForCausalLM(mcfg)
+    if mcfg.vocab_size < vocab_size:
+        raise ValueError(f"model vocab_size {mcfg.vocab_size} is smaller than the tokenizer's "
+                         f"{vocab_size}")
+    return model, src
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
+                   extra_groups: Sequence[dict[str, Any]] = ()) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norm gains are left alone); fused on CUDA.
+
+    Only parameters with ``requires_grad`` are optimised (LoRA freezes the base); ``extra_groups``
+    are a stage's own parameter groups (e.g. a critic), appended as given."""
+    seen: set[int] = set()
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]] + list(extra_groups)
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type == "cuda")
+
+
+class Trainer:
+    """A training run's moving parts, owned once: device, precision, distributed state, the model
+    (wrapped for compile/DDP), the optimizer, checkpoints.  Drivers call :meth:`prepare_data`,
+    :meth:`setup_model`, then :meth:`step` as often as they like, :meth:`save` when they want."""
+
+    def __init__(self, stage: StageBase, cfg: TrainConfig, tokenizer: Any) -> None:
+        cfg.validate()
+        stage.validate(cfg)
+        self.stage, self.cfg, self.tokenizer = stage, cfg, tokenizer
+        if cfg.use_wandb:  # fail before any data is read, not after an hour of tokenizing
+            from minimind.train.metrics import check_tracker
+            check_tracker("swanlab" if cfg.use_wandb == 1 else "wandb")
+        device = pick_device(cfg.device)
+        self.info: DistInfo = init_distributed(device.type)
+        if self.info.enabled and device.type == "cuda":
+            device = torch.device("cuda", self.info.local_rank)
+        self.device = device
+        self.dtype = pick_dtype(device, cfg.dtype)
+        torch.manual_seed(cfg.seed + self.info.rank)
+        self.ctx = StageContext(cfg=cfg, device=device, dtype=self.dtype, info=self.info, tokenizer=tokenizer)
+        self.model: nn.Module | None = None  # wrapped (compile / DDP)
+        self.base_model: MiniMindForCausalLM | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.source: Path | None = None
+
+    # ---- setup -----------------------------------------------------------------------------------
+    def prepare_data(self) -> Any:
+        """The stage's dataset; local rank 0 tokenizes (and copies the tokenizer next to the
+        weights) while the node's other ranks wait, so they never race on the cache."""
+        with local_rank_zero_first(self.info):
+            keep = Path(self.cfg.save_dir) / "tokenizer"
+            if self.info.local_rank == 0 and not (keep / "tokenizer.json").exists() \
+                    and hasattr(self.tokenizer, "save"):
+                self.tokenizer.save(keep)  # weights and their tokenizer travel together
+            return self.stage.build_dataset(self.cfg, self.tokenizer, rank=self.info.rank)
+
+    def setup_model(self) -> MiniMindForCausalLM:
+        """Build (or load) the model, let the stage wrap it and place its own models, create the
+        optimizer.  Returns the unwrapped model."""
+        model, self.source = build_model(self.cfg, self.tokenizer.vocab_size)
+        model = self.stage.prepare_model(model, self.cfg).to(self.device)
+        self.stage.setup(self.ctx)
+        self.base_model = model
+        self.optimizer = make_optimizer(model, self.cfg, self.device, self.stage.extra_param_groups(self.ctx))
+        wrapped: nn.Module = torch.compile(model) if self.cfg.compile else model
+        self.model = wrap_ddp(wrapped, self.info, self.device)
+        self.model.train()
+        return model
+
+    @property
+    def model_config(self) -> ModelConfig:
+        assert self.base_model is not None, "setup_model() first"
+        return self.base_model.config
+
+    # ---- the optimizer step ----------------------------------------------------------------------
+    def step(self, micro_batches: Sequence[Any], lr: float, loss_fn: LossFn | None = None,
+             weights: Sequence[float] | None = None) -> StepStats:
+        """One optimizer step over ``micro_batches`` (see the module docstring).
+
+        ``loss_fn(model, batch) -> LossOutput`` defaults to the stage's loss and ``weights`` to
+        ``stage.batch_weight(batch)``; the loss of a micro-batch must be a mean over its weight."""
+        assert self.model is not None and self.optimizer is not None, "setup_model() first"
+        loss_fn = loss_fn or self.stage.compute_loss
+        if weights is None:
+            weights = [float(self.stage.batch_weight(b)) for b in micro_batches]
+        local_w = float(sum(weights))
+        total_w = float(all_reduce_sum(torch.tensor([local_w], dtype=torch.float64), self.info)) \
+            if self.info.enabled else local_w
+        denom = max(total_w, 1e-12)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        loss_sum = torch.zeros((), device=self.device)
+        metrics: dict[str, torch.Tensor] = {}
+        tokens = useful = 0
+        for i, batch in enumerate(micro_batches):
+            if hasattr(batch, "to"):
+                batch = batch.to(self.device)
+            frac = weights[i] / denom
+            with no_sync(self.model, i < len(micro_batches) - 1), autocast(self.device, self.dtype):
+                out = loss_fn(self.model, batch)
+                scaled = out.loss * (frac * self.info.world_size)
+            self.scaler.scale(scaled).backward()
+            loss_sum += out.loss.detach().float() * frac
+            for k, v in out.metrics.items():
+                v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+                metrics[k] = metrics.get(k, 0.0) + v.to(self.device) * frac
+            if hasattr(batch, "input_ids"):
+                tokens += int(batch.input_ids.numel())
+                useful += int(self.stage.useful_tokens(batch))
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip) \
+            if self.cfg.grad_clip > 0 else torch.zeros(())
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepStats(loss=loss_sum, grad_norm=grad_norm, metrics=metrics, weight=local_w,
+                         tokens=tokens, useful_tokens=useful)
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def save(self, weights_out: Path, resume_out: Path, *, step: int, epoch: int,
+             config: dict[str, Any]) -> None:
+        """Export the stage's result and write the resume file (rank 0), with every rank's RNG.
+        Every rank must call it (the RNG states are gathered)."""
+        assert self.base_model is not None and self.optimizer is not None
+        rngs = all_gather_objects(ckpt.rng_state(), self.info)
+        if self.info.is_main:
+            self.stage.export(self.base_model, weights_out)
+            ckpt.save_resume(resume_out, model_state=self.base_model.state_dict(), optimizer=self.optimizer,
+                             epoch=epoch, step=step, micro_step=step * self.cfg.accumulation_steps,
+                             world_size=self.info.world_size, config=config,
+                             extra={"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {},
+                             rng_per_rank=rngs, stage_state=self.stage.state_dict())
+        barrier(self.info)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Load a resume file's model, optimizer, scaler, stage state and this rank's RNG."""
+        assert self.base_model is not None and self.optimizer is not None
+        load_weights(self.base_model, state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state.get("extra", {}):
+            self.scaler.load_state_dict(state["extra"]["scaler"])
+        self.stage.load_state_dict(state.get("stage", {}))
+        rngs = state.get("rng_per_rank") or [state["rng"]]
+        if len(rngs) == self.info.world_size:
+            ckpt.set_rng_state(rngs[self.info.rank])
+        else:  # another world size: no stream to continue, start a fresh one per rank
+            torch.manual_seed(self.cfg.seed + self.info.rank + 1_000_003 * int(state["step"]))
+
+    def config_record(self) -> dict[str, Any]:
+        """What the resume file stores about the run, to check that a resume continues the same run."""
+        return {**dataclasses.asdict(self.cfg), "stage_options": self.stage.options_dict()}
