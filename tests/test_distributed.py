@@ -1,52 +1,186 @@
 """DDP under torchrun on CPU (gloo, 2 processes) computes what one process with the same global batch
-computes: gradients are all-reduced, each rank reads its own rows, only rank 0 writes files."""
+computes: gradients are all-reduced with every target token weighted the same across ranks, each rank
+reads its own rows, rank 0 builds the token cache while the other waits, only rank 0 writes files,
+and a resumed run continues every rank's RNG stream."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.test_train_loop import _corpus
 
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 
 
-def _run(args: list[str], cwd: Path) -> None:
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
-def test_ddp_two_processes_match_single_process(tmp_path):
+def _torchrun(*args: str) -> list[str]:
+    return ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "minimind.cli", *args]
+
+
+def _uneven_sft(path: Path, n: int = 96, seed: int = 0) -> Path:
+    """Conversations whose assistant turns range from 1 to ~60 tokens, so the ranks' micro-batches
+    hold very different numbers of target tokens."""
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "red", "blue", "cat", "dog", "学习", "模型"]
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            q = " ".join(rng.choice(words) for _ in range(rng.randint(3, 30)))
+            a = " ".join(rng.choice(words) for _ in range(1 if i % 3 == 0 else rng.randint(5, 25)))
+            conv = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            f.write(json.dumps({"conversations": conv}, ensure_ascii=False) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> dict[str, Path]:
     from minimind.tokenizer import iter_texts_from_jsonl, train_tokenizer
-    data = _corpus(tmp_path / "pre.jsonl", n_docs=200)
-    train_tokenizer(iter_texts_from_jsonl(data), tmp_path / "tok", vocab_size=400, show_progress=False)
-    common = ["pretrain", "--data_path", str(data), "--tokenizer_path", str(tmp_path / "tok"),
-              "--preset", "tiny", "--hidden_size", "64", "--num_hidden_layers", "2", "--vocab_size", "400",
-              "--max_seq_len", "64", "--max_steps", "6", "--log_interval", "1", "--learning_rate", "3e-3",
-              "--progress", "0", "--device", "cpu", "--dtype", "float32", "--num_workers", "1",
-              "--shard_dir", str(tmp_path / "shards")]
-    # prepare shards once so both runs read identical data (and ranks don't race on the cache)
+    root = tmp_path_factory.mktemp("ddp")
+    data = _corpus(root / "pre.jsonl", n_docs=200)
+    sft = _uneven_sft(root / "sft.jsonl")
+    train_tokenizer(iter_texts_from_jsonl(data), root / "tok", vocab_size=400, show_progress=False)
+    return {"root": root, "pre": data, "sft": sft, "tok": root / "tok"}
+
+
+def _common(ws: dict[str, Path], *extra: str) -> list[str]:
+    return ["--tokenizer_path", str(ws["tok"]), "--preset", "tiny", "--hidden_size", "64",
+            "--num_hidden_layers", "2", "--vocab_size", "400", "--log_interval", "1", "--learning_rate", "3e-3",
+            "--progress", "0", "--device", "cpu", "--dtype", "float32", "--num_workers", "1", *extra]
+
+
+def _metrics(path: Path) -> list[dict]:
+    return [json.loads(r) for r in path.read_text().splitlines()]
+
+
+def test_ddp_fresh_cache_two_processes_match_single_process(ws, tmp_path):
+    """Both runs start from an empty cache: under torchrun rank 0 tokenizes while rank 1 waits."""
+    common = ["pretrain", "--data_path", str(ws["pre"]), "--max_seq_len", "64", "--max_steps", "6",
+              *_common(ws)]
     _run([sys.executable, "-m", "minimind.cli", *common, "--batch_size", "8", "--save_dir",
-          str(tmp_path / "single"), "--checkpoint_dir", str(tmp_path / "single_ck")], tmp_path)
-    _run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "minimind.cli", *common,
-          "--batch_size", "4", "--save_dir", str(tmp_path / "ddp"), "--checkpoint_dir",
-          str(tmp_path / "ddp_ck")], tmp_path)
-
-    def losses(d: str) -> list[float]:
-        rows = Path(tmp_path / d / "pretrain_64_metrics.jsonl").read_text().splitlines()
-        return [json.loads(r)["loss"] for r in rows]
-
-    single, ddp = losses("single"), losses("ddp")
-    assert len(single) == len(ddp) == 6
+          str(tmp_path / "single"), "--checkpoint_dir", str(tmp_path / "single_ck"),
+          "--shard_dir", str(tmp_path / "shards_single")], tmp_path)
+    ddp = _run(_torchrun(*common, "--batch_size", "4", "--save_dir", str(tmp_path / "ddp"),
+                         "--checkpoint_dir", str(tmp_path / "ddp_ck"), "--shard_dir", str(tmp_path / "shards_ddp")),
+               tmp_path)
+    # one build, no leftovers of a second (racing) build
+    assert (tmp_path / "shards_ddp" / "meta.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".shards_ddp.")], list(tmp_path.iterdir())
+    assert ddp.stderr.count("tokenizing") <= 1
+    single = [r["loss"] for r in _metrics(tmp_path / "single" / "pretrain_64_metrics.jsonl")]
+    two = [r["loss"] for r in _metrics(tmp_path / "ddp" / "pretrain_64_metrics.jsonl")]
+    assert len(single) == len(two) == 6
     # Same global batch (2 ranks x 4 rows == 1 x 8 rows), all rows full: identical up to float
     # reduction order.  Without the all-reduce the ranks would diverge after step 1.
-    for a, b in zip(single, ddp):
-        assert abs(a - b) < 2e-3, (single, ddp)
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(single), rtol=1e-4, atol=1e-5)
     assert single[-1] < single[0]
+
+
+def test_ddp_sft_weights_every_token_the_same_across_ranks(ws, tmp_path):
+    """SFT rows with very uneven assistant-token counts: averaging the ranks' losses equally would
+    weight a token on the sparse rank more.  DDP must match one process to float precision."""
+    common = ["sft", "--data_path", str(ws["sft"]), "--max_seq_len", "64", "--max_steps", "5",
+              "--from_weight", "none", "--add_system_ratio", "0", "--empty_think_ratio", "1",
+              "--shard_dir", str(ws["root"] / "sft_shards"), *_common(ws)]
+    _run([sys.executable, "-m", "minimind.cli", *common, "--batch_size", "4", "--save_dir",
+          str(tmp_path / "single"), "--checkpoint_dir", str(tmp_path / "c1")], tmp_path)
+    _run(_torchrun(*common, "--batch_size", "2", "--save_dir", str(tmp_path / "ddp"),
+                   "--checkpoint_dir", str(tmp_path / "c2")), tmp_path)
+    single = _metrics(tmp_path / "single" / "full_sft_64_metrics.jsonl")
+    two = _metrics(tmp_path / "ddp" / "full_sft_64_metrics.jsonl")
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in two]),
+                               torch.tensor([r["loss"] for r in single]), rtol=2e-5, atol=1e-6)
+    from safetensors.torch import load_file
+    a = load_file(str(tmp_path / "single" / "full_sft_64.safetensors"))
+    b = load_file(str(tmp_path / "ddp" / "full_sft_64.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
+def test_rank_token_weights_differ_in_this_data(ws):
+    """The previous test can only see a wrong cross-rank weighting if the two ranks' rows really hold
+    different numbers of target tokens: check that they do, by a margin that an equal average of
+    the ranks' losses would turn into a visible loss difference."""
+    from minimind.config import TrainConfig
+    from minimind.tokenizer import MiniMindTokenizer
+    from minimind.train.stages import SFT
+    cfg = TrainConfig(stage="sft", data_path=str(ws["sft"]), tokenizer_path=str(ws["tok"]), max_seq_len=64,
+                      shard_dir=str(ws["root"] / "sft_shards_check"), preset="tiny", hidden_size=64,
+                      num_hidden_layers=2, vocab_size=400, add_system_ratio=0.0, empty_think_ratio=1.0,
+                      progress=0, num_workers=1)
+    ds = SFT.build_dataset(cfg, MiniMindTokenizer.from_dir(ws["tok"]))
+    ratios = []
+    for step in range(5):  # rows of step s: rank 0 reads 4s..4s+1, rank 1 reads 4s+2..4s+3
+        r0 = ds.get_batch(0, range(4 * step, 4 * step + 2)).num_target_tokens
+        r1 = ds.get_batch(0, range(4 * step + 2, 4 * step + 4)).num_target_tokens
+        ratios.append(max(r0, r1) / max(min(r0, r1), 1))
+    assert max(ratios) > 1.3, ratios
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg_kw: dict, kill_at: int, result_file: str) -> None:
+    """One rank of an in-process 2-rank run (spawned): train, optionally 'killed' after step ``kill_at``."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from minimind.config import TrainConfig
+    from minimind.tokenizer import MiniMindTokenizer
+    from minimind.train.loop import train
+    from minimind.train.stages import PRETRAIN
+
+    class Killed(RuntimeError):
+        pass
+
+    def on_step(step: int, record: dict) -> None:
+        if step == kill_at:
+            raise Killed()
+
+    cfg = TrainConfig(**cfg_kw)
+    try:
+        res = train(PRETRAIN, cfg, MiniMindTokenizer.from_dir(cfg.tokenizer_path), on_step=on_step)
+    except Killed:
+        return
+    if rank == 0:
+        Path(result_file).write_text(json.dumps(res.losses))
+
+
+def _spawn(cfg_kw: dict, kill_at: int, result_file: Path) -> None:
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, cfg_kw, kill_at, str(result_file)), nprocs=2, join=True)
+
+
+def test_ddp_resume_restores_each_ranks_rng(ws, tmp_path):
+    """With dropout each rank draws its own masks: a resumed 2-process run must continue both ranks'
+    RNG streams (not rank 0's on both) to reproduce the uninterrupted run's losses."""
+    base = dict(stage="pretrain", data_path=str(ws["pre"]), tokenizer_path=str(ws["tok"]),
+                shard_dir=str(ws["root"] / "pre_shards"), preset="tiny", hidden_size=64, num_hidden_layers=2,
+                vocab_size=400, batch_size=4, max_seq_len=64, learning_rate=3e-3, warmup_steps=2,
+                log_interval=1, save_interval=3, progress=0, num_workers=1, device="cpu", dtype="float32",
+                seed=7, dropout=0.2, max_steps=6)
+    _spawn({**base, "save_dir": str(tmp_path / "a"), "checkpoint_dir": str(tmp_path / "a_ck")}, 0,
+           tmp_path / "full.json")
+    full = json.loads((tmp_path / "full.json").read_text())
+    part = {**base, "save_dir": str(tmp_path / "b"), "checkpoint_dir": str(tmp_path / "b_ck")}
+    _spawn(part, 4, tmp_path / "unused.json")  # killed after step 4; the last checkpoint is step 3
+    state = torch.load(tmp_path / "b_ck" / "pretrain_64_resume.pt", weights_only=True)
+    assert state["step"] == 3 and len(state["rng_per_rank"]) == 2
+    assert not torch.equal(state["rng_per_rank"][0]["torch"], state["rng_per_rank"][1]["torch"])
+    _spawn({**part, "from_resume": 1}, 0, tmp_path / "resumed.json")
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert resumed == full[3:], (full, resumed)

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
+import math
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from minimind.cli import build_parser, build_train_config
+from minimind.cli import build_parser, build_stage, build_train_config, main
 from minimind.config import TrainConfig
-from minimind.train.loop import train
+from minimind.data import IGNORE_INDEX
+from minimind.train.loop import TrainingInterrupted, train
+from minimind.train.schedule import lr_at
 from minimind.train.stages import PRETRAIN, SFT
+from minimind.train.stages.lm import SFTStage
 
 WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "to", "park", "red", "blue", "ball", "我们", "喜欢",
          "学习", "模型", "数据", "训练"]
@@ -75,7 +82,9 @@ def test_pretrain_loss_falls(workspace, tmp_path):
     records = [json.loads(x) for x in res.metrics_path.read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 41))
     assert {"loss", "lr", "grad_norm", "tok_per_s", "mfu"} <= set(records[0])
-    # warmup then cosine decay
+    # warmup then cosine decay, exactly the schedule function's values at every step
+    for r in records:
+        assert r["lr"] == lr_at(r["step"] - 1, 40, 3e-3, 2, 0.1), r
     lrs = [r["lr"] for r in records]
     assert lrs[0] < lrs[1] and lrs[-1] < lrs[5]
 
@@ -84,14 +93,55 @@ class _Killed(RuntimeError):
     pass
 
 
-def test_resume_is_bit_identical(workspace, tmp_path):
-    full = train(PRETRAIN, _cfg(workspace, tmp_path / "a", max_steps=8, save_interval=4), _tok(workspace))
+def _multi_sft(path: Path, n: int = 80, seed: int = 1) -> Path:
+    """Conversations of 1-3 turns whose user and assistant texts vary in length (so rows and
+    micro-batches hold uneven numbers of assistant tokens)."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            conv = []
+            for _ in range(rng.randint(1, 3)):
+                conv.append({"role": "user", "content": " ".join(rng.choice(WORDS[:9])
+                                                                 for _ in range(rng.randint(1, 8)))})
+                conv.append({"role": "assistant", "content": " ".join(rng.choice(WORDS[9:])
+                                                                      for _ in range(rng.randint(1, 12)))})
+            f.write(json.dumps({"conversations": conv}, ensure_ascii=False) + "\n")
+    return path
+
+
+FULL_STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def full_run(workspace):
+    """One uninterrupted 8-step pretraining run (periodic save at step 4); tests copy its folder."""
+    out = workspace["root"] / "full"
+    res = train(PRETRAIN, _cfg(workspace, out, max_steps=FULL_STEPS, save_interval=4), _tok(workspace))
+    assert res.steps == FULL_STEPS and len(res.losses) == FULL_STEPS
+    return {"out": out, "res": res}
+
+
+def _copy_run(full_run, dest: Path) -> Path:
+    shutil.copytree(full_run["out"], dest)
+    return dest
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_resume_is_bit_identical(workspace, full_run, tmp_path):
+    full = full_run["res"]
 
     def kill_at_5(step, record):
         if step == 5:
             raise _Killed()
 
-    cfg_b = _cfg(workspace, tmp_path / "b", max_steps=8, save_interval=4)
+    cfg_b = _cfg(workspace, tmp_path / "b", max_steps=FULL_STEPS, save_interval=4)
     with pytest.raises(_Killed):
         train(PRETRAIN, cfg_b, _tok(workspace), on_step=kill_at_5)
     cfg_b.from_resume = 1
@@ -167,3 +217,359 @@ def test_batch_without_targets_gives_zero_loss_not_nan():
     out.loss.backward()
     assert out.loss.item() == 0.0
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ---- SFT: only assistant tokens are trained ----------------------------------------------------------
+START, END = "<|im_start|>assistant\n", "<|im_end|>\n"
+
+
+def _expected_trained(tok, rows) -> torch.Tensor:
+    """[B, T] bool: which targets should be trained, derived from *text* rather than from the loss mask.
+
+    Token ``j`` of a segment is trained iff the decoded text before it has an ``<|im_start|>assistant\\n``
+    with no complete ``<|im_end|>\\n`` after it (assistant body plus both end-marker tokens); the
+    target at input position ``i`` is token ``i + 1`` when both lie in the same segment."""
+    tokens, seg = rows.tokens, rows.seg
+    B, L = tokens.shape
+    in_span = torch.zeros(B, L, dtype=torch.bool)
+    for b in range(B):
+        j0 = 0
+        while j0 < L:
+            j1 = j0
+            while j1 < L and seg[b, j1] == seg[b, j0]:
+                j1 += 1
+            ids = tokens[b, j0:j1].tolist()
+            for j in range(len(ids)):
+                before = tok.decode(ids[:j], skip_special_tokens=False)
+                open_at = before.rfind(START)
+                in_span[b, j0 + j] = open_at >= 0 and before.find(END, open_at + len(START)) < 0
+            j0 = j1
+    same_seg = torch.from_numpy(seg[:, 1:] == seg[:, :-1])
+    return same_seg & in_span[:, 1:]
+
+
+def _sft_dataset(workspace, tmp_path, **kw):
+    data = _multi_sft(tmp_path / "multi.jsonl")
+    cfg = _cfg(workspace, tmp_path, stage="sft", data_path=str(data), save_weight="full_sft",
+               shard_dir=str(tmp_path / "sft_shards"), **kw)
+    return cfg, SFT.build_dataset(cfg, _tok(workspace))
+
+
+def test_sft_targets_are_ignore_index_exactly_outside_assistant_spans(workspace, tmp_path):
+    tok = _tok(workspace)
+    # system prompts on every sample and multi-turn chats: system, user and later user turns must all
+    # be masked; 128 tokens so that some conversations are cut mid-answer too.
+    cfg, ds = _sft_dataset(workspace, tmp_path, max_seq_len=128, add_system_ratio=1.0, empty_think_ratio=0.5)
+    rows_idx = list(range(min(ds.num_rows(0), 8)))
+    rows = ds.get_rows(0, rows_idx)
+    batch = ds.get_batch(0, rows_idx)
+    want = _expected_trained(tok, rows)
+    got = batch.targets != IGNORE_INDEX
+    assert torch.equal(got, want), (got ^ want).nonzero()[:10]
+    # trained targets are the next token itself; the batch counts them
+    nxt = torch.from_numpy(rows.tokens[:, 1:])
+    assert torch.equal(batch.targets[got], nxt[got])
+    assert batch.num_target_tokens == int(want.sum())
+    # the sample exercises what the mask must exclude: system turns and second user turns
+    texts = [tok.decode(r.tolist(), skip_special_tokens=False) for r in rows.tokens]
+    assert any("<|im_start|>system" in t for t in texts)
+    assert any(t.count("<|im_start|>user") >= 2 for t in texts)
+    assert 0 < int(want.sum()) < int(batch.num_real_tokens) // 2
+
+
+def test_sft_non_assistant_positions_get_no_gradient(workspace, tmp_path):
+    from minimind.model import MiniMindForCausalLM
+    tok = _tok(workspace)
+    cfg, ds = _sft_dataset(workspace, tmp_path, max_seq_len=64, add_system_ratio=0.5, empty_think_ratio=0.5)
+    rows_idx = [0, 1, 2, 3]
+    batch = ds.get_batch(0, rows_idx)
+    want = _expected_trained(tok, ds.get_rows(0, rows_idx))
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(cfg.model_config(vocab_size=tok.vocab_size))
+    kept = {}
+
+    def keep_logits(_module, _inputs, out):
+        out.retain_grad()
+        kept["logits"] = out
+
+    handle = model.lm_head.register_forward_hook(keep_logits)
+    try:
+        out = SFT.compute_loss(model, batch)
+    finally:
+        handle.remove()
+    out.loss.backward()
+    grad = kept["logits"].grad  # d loss / d logits, [B, T, V]
+    has_grad = grad.abs().sum(-1) > 0
+    assert torch.equal(has_grad, want), (has_grad ^ want).nonzero()[:10]
+    # and the loss is the mean CE over exactly those positions (nothing else, nothing less)
+    logits = kept["logits"].detach()
+    nxt = torch.from_numpy(ds.get_rows(0, rows_idx).tokens[:, 1:])
+    manual = torch.nn.functional.cross_entropy(logits[want], nxt[want])
+    assert out.loss.item() == pytest.approx(manual.item(), rel=1e-5)
+    assert out.weight == int(want.sum())
+
+
+# ---- gradient accumulation == one big batch ----------------------------------------------------------
+def _final_model(res) -> dict[str, torch.Tensor]:
+    return _state(res.resume_path)["model"]
+
+
+def _assert_same_run(a, b, rtol=1e-5, atol=1e-6):
+    assert len(a.losses) == len(b.losses)
+    for x, y in zip(a.losses, b.losses):
+        assert x == pytest.approx(y, rel=rtol, abs=1e-6), (a.losses, b.losses)
+    ma, mb = _final_model(a), _final_model(b)
+    for k in ma:
+        torch.testing.assert_close(ma[k], mb[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
+def test_accumulation_equals_big_batch_pretrain(workspace, tmp_path):
+    big = train(PRETRAIN, _cfg(workspace, tmp_path / "big", batch_size=4, accumulation_steps=1, max_steps=5),
+                _tok(workspace))
+    acc = train(PRETRAIN, _cfg(workspace, tmp_path / "acc", batch_size=2, accumulation_steps=2, max_steps=5),
+                _tok(workspace))
+    _assert_same_run(big, acc)
+
+
+class _UnweightedSFT(SFTStage):
+    """Averages micro-batch means (every micro-batch counts the same): the bug weighting prevents."""
+
+    def batch_weight(self, batch) -> float:
+        return 1.0
+
+
+def test_accumulation_equals_big_batch_sft_uneven_tokens(workspace, tmp_path):
+    kw = dict(max_seq_len=64, add_system_ratio=0.0, empty_think_ratio=1.0, max_steps=5)
+    cfg_big, ds = _sft_dataset(workspace, tmp_path, batch_size=4, accumulation_steps=1, **kw)
+    # the two micro-batches of most steps hold different numbers of assistant tokens
+    counts = [(ds.get_batch(0, range(4 * s, 4 * s + 2)).num_target_tokens,
+               ds.get_batch(0, range(4 * s + 2, 4 * s + 4)).num_target_tokens) for s in range(5)]
+    assert sum(n1 != n2 for n1, n2 in counts) >= 3, counts
+    cfg_acc = _cfg(workspace, tmp_path / "acc", **{**vars(cfg_big), "batch_size": 2, "accumulation_steps": 2,
+                                                   "save_dir": str(tmp_path / "acc" / "out"),
+                                                   "checkpoint_dir": str(tmp_path / "acc" / "ckpt")})
+    big = train(SFT, cfg_big, _tok(workspace))
+    acc = train(SFT, cfg_acc, _tok(workspace))
+    _assert_same_run(big, acc)
+    # control: without token weighting the same comparison fails, so the check above has teeth
+    cfg_bad = _cfg(workspace, tmp_path / "bad", **{**vars(cfg_acc), "save_dir": str(tmp_path / "bad" / "out"),
+                                                   "checkpoint_dir": str(tmp_path / "bad" / "ckpt")})
+    bad = train(_UnweightedSFT(), cfg_bad, _tok(workspace))
+    with pytest.raises(AssertionError):
+        _assert_same_run(big, bad)
+
+
+# ---- precision, compile, MoE through the loop --------------------------------------------------------
+def test_bf16_autocast_through_loop(workspace, full_run, tmp_path, capsys):
+    from minimind.model import read_state_dict
+    res = train(PRETRAIN, _cfg(workspace, tmp_path, dtype="bfloat16", max_steps=12), _tok(workspace))
+    assert "dtype=bfloat16" in capsys.readouterr().out
+    assert all(math.isfinite(x) for x in res.losses)
+    assert sum(res.losses[-3:]) / 3 < sum(res.losses[:3]) / 3 - 0.3, res.losses
+    # step 1 sees the same weights and batch as the fp32 run: close, but not equal (autocast ran)
+    fp32_first = full_run["res"].losses[0]
+    assert res.losses[0] != fp32_first
+    assert res.losses[0] == pytest.approx(fp32_first, rel=1e-2)
+    # master weights, exported weights and optimizer state stay fp32
+    assert {v.dtype for v in read_state_dict(res.weights_path).values()} == {torch.float32}
+    state = _state(res.resume_path)
+    assert {v.dtype for v in state["model"].values()} == {torch.float32}
+    opt = [t for s in state["optimizer"]["state"].values() for k, t in s.items() if k != "step"]
+    assert opt and {t.dtype for t in opt} == {torch.float32}
+
+
+def _compile_unavailable() -> str | None:
+    if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+        return "torch.compile on CPU needs a C++ compiler (none on PATH)"
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(3))
+    except Exception as e:  # noqa: BLE001 -- any backend failure means "not usable here"
+        return f"torch.compile unavailable: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return None
+
+
+@pytest.mark.slow
+def test_compile_through_loop_matches_eager(workspace, full_run, tmp_path):
+    reason = _compile_unavailable()
+    if reason:
+        pytest.skip(reason)
+    from minimind.model import load_model
+    res = train(PRETRAIN, _cfg(workspace, tmp_path, compile=1, max_steps=FULL_STEPS, save_interval=4),
+                _tok(workspace))
+    eager = full_run["res"].losses
+    assert len(res.losses) == len(eager)
+    for c, e in zip(res.losses, eager):
+        assert c == pytest.approx(e, rel=1e-3), (res.losses, eager)
+    # the saved weights are the plain model's (no _orig_mod. prefixes) and reload
+    model = load_model(res.weights_path)
+    assert model.config.hidden_size == 64
+
+
+def test_moe_through_loop(workspace, tmp_path):
+    from minimind.model import load_model, read_state_dict
+    res = train(PRETRAIN, _cfg(workspace, tmp_path, use_moe=1, max_steps=12, warmup_steps=0), _tok(workspace))
+    assert sum(res.losses[-3:]) / 3 < sum(res.losses[:3]) / 3 - 0.3, res.losses
+    assert res.weights_path.name == "pretrain_64_moe.safetensors"
+    assert res.resume_path.name == "pretrain_64_moe_resume.pt"
+    records = [json.loads(x) for x in res.metrics_path.read_text().splitlines()]
+    assert len(records) == 12
+    assert all("aux_loss" in r and r["aux_loss"] > 0 for r in records)
+    # warmup_steps 0 = 1% of the run, at least one step
+    assert [r["lr"] for r in records] == [lr_at(r["step"] - 1, 12, 3e-3, 1, 0.1) for r in records]
+    model = load_model(res.weights_path)
+    assert model.config.use_moe and model.config.num_experts == 4
+    saved = read_state_dict(res.weights_path)
+    assert any("expert" in k for k in saved)
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in saved.items())
+
+
+# ---- resume behaviours -------------------------------------------------------------------------------
+@pytest.mark.parametrize("change,name", [({"batch_size": 2}, "batch_size"), ({"max_steps": 10}, "max_steps")])
+def test_resume_refuses_changed_settings(workspace, full_run, tmp_path, change, name):
+    out = _copy_run(full_run, tmp_path / "run")
+    res = full_run["res"]
+    ckpt = out / "ckpt" / res.resume_path.name
+    metrics = out / "out" / res.metrics_path.name
+    weights = out / "out" / res.weights_path.name
+    before = {p: _digest(p) for p in (ckpt, metrics, weights)}
+    cfg = _cfg(workspace, out, max_steps=FULL_STEPS, save_interval=4, from_resume=1, **{**{}, **change})
+    with pytest.raises(ValueError, match=name):
+        train(PRETRAIN, cfg, _tok(workspace))
+    assert {p: _digest(p) for p in before} == before
+
+
+def test_from_resume_without_checkpoint_starts_from_scratch(workspace, full_run, tmp_path, capsys):
+    res = train(PRETRAIN, _cfg(workspace, tmp_path, max_steps=3, from_resume=1), _tok(workspace))
+    assert "starting from scratch" in capsys.readouterr().out
+    assert res.steps == 3 and len(res.losses) == 3
+    assert res.losses[0] == full_run["res"].losses[0]  # a fresh model, not anything loaded
+    assert _state(res.resume_path)["step"] == 3
+
+
+def test_resuming_a_finished_run_returns_last_loss(workspace, full_run, tmp_path, capsys):
+    out = _copy_run(full_run, tmp_path / "run")
+    full = full_run["res"]
+    ckpt = out / "ckpt" / full.resume_path.name
+    metrics = out / "out" / full.metrics_path.name
+    before = (_digest(ckpt), _digest(metrics))
+    calls = []
+    res = train(PRETRAIN, _cfg(workspace, out, max_steps=FULL_STEPS, save_interval=4, from_resume=1),
+                _tok(workspace), on_step=lambda s, r: calls.append(s))
+    assert "already finished" in capsys.readouterr().out
+    assert res.steps == FULL_STEPS
+    assert not math.isnan(res.final_loss) and res.final_loss == full.losses[-1]
+    assert res.losses == full.losses
+    assert calls == []  # no step ran
+    assert (_digest(ckpt), _digest(metrics)) == before
+
+
+def test_keyboard_interrupt_saves_and_resumes_exactly(workspace, full_run, tmp_path, capsys):
+    full = full_run["res"]
+    cfg = _cfg(workspace, tmp_path, max_steps=FULL_STEPS, save_interval=4)
+
+    def ctrl_c_at_3(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted) as info:
+        train(PRETRAIN, cfg, _tok(workspace), on_step=ctrl_c_at_3)
+    assert info.value.step == 3
+    assert "--from_resume 1" in capsys.readouterr().err
+    state = _state(info.value.resume_path)
+    assert state["step"] == 3 and state["micro_step"] == 3
+    cfg.from_resume = 1
+    resumed = train(PRETRAIN, cfg, _tok(workspace))
+    assert resumed.losses == full.losses[3:]
+    a, b = _final_model(full), _final_model(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in resumed.metrics_path.read_text().splitlines()]
+    assert steps == list(range(1, FULL_STEPS + 1))
+
+
+def test_from_weight_refuses_contradicting_shape(workspace, full_run, tmp_path):
+    weights = full_run["res"].weights_path
+    for flag, value in (("hidden_size", 128), ("num_hidden_layers", 3), ("use_moe", 1)):
+        cfg = _cfg(workspace, tmp_path, from_weight=str(weights), max_steps=2, **{flag: value})
+        with pytest.raises(ValueError, match=flag):
+            train(PRETRAIN, cfg, _tok(workspace))
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+# ---- CLI: validation before any data is read ---------------------------------------------------------
+def _cli_base(workspace, tmp_path) -> list[str]:
+    return ["pretrain", "--data_path", str(tmp_path / "missing.jsonl"), "--tokenizer_path", str(workspace["tok"]),
+            "--save_dir", str(tmp_path / "out"), "--checkpoint_dir", str(tmp_path / "ckpt"),
+            "--shard_dir", str(tmp_path / "sh"), "--progress", "0"]
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("flag,value", [("device", "tpu"), ("log_interval", "0"), ("from_resume", "7"),
+                                        ("use_moe", "5"), ("warmup_steps", "-1"), ("grad_clip", "-1"),
+                                        ("preset", "nope")])
+def test_cli_rejects_bad_flag_before_reading_data(workspace, tmp_path, capsys, flag, value):
+    code = main(_cli_base(workspace, tmp_path) + [f"--{flag}", value])
+    assert code == 2
+    line = _one_line_error(capsys)
+    assert f"--{flag}" in line and "missing.jsonl" not in line, line
+    # nothing was read or written: no shard cache, no copied tokenizer, no checkpoint folder
+    for d in ("sh", "out", "ckpt"):
+        assert not (tmp_path / d).exists()
+
+
+@pytest.mark.parametrize("value,package", [(None, "swanlab"), ("2", "wandb")])
+def test_cli_use_wandb_without_tracker_fails_fast(workspace, tmp_path, capsys, value, package):
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    code = main(_cli_base(workspace, tmp_path) + ["--use_wandb"] + ([value] if value else []))
+    assert code == 2
+    line = _one_line_error(capsys)
+    assert f"pip install {package}" in line, line
+    assert not (tmp_path / "sh").exists() and not (tmp_path / "out").exists()
+
+
+def test_cli_yaml_config_is_coerced_and_bad_values_name_file_and_key(workspace, tmp_path, capsys):
+    yaml = pytest.importorskip("yaml")
+    good = tmp_path / "run.yaml"
+    good.write_text("learning_rate: 5e-4\nbatch_size: 3\n", encoding="utf-8")
+    assert isinstance(yaml.safe_load(good.read_text())["learning_rate"], str)  # YAML 1.1: a string
+    _, cfg = build_stage("pretrain", build_parser().parse_args(["pretrain", "--config", str(good)]))
+    assert type(cfg.learning_rate) is float and cfg.learning_rate == 5e-4
+    assert type(cfg.batch_size) is int and cfg.batch_size == 3
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 5e-4\nbatch_size: abc\n", encoding="utf-8")
+    with pytest.raises(ValueError) as err:
+        build_stage("pretrain", build_parser().parse_args(["pretrain", "--config", str(bad)]))
+    assert str(bad) in str(err.value) and "batch_size" in str(err.value)
+    code = main(_cli_base(workspace, tmp_path) + ["--config", str(bad)])
+    assert code == 2
+    line = _one_line_error(capsys)
+    assert str(bad) in line and "batch_size" in line and "abc" in line
+    assert not (tmp_path / "sh").exists()
+
+
+def _help(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv) + ["--help"])
+    assert exit_info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_cli_help_shows_stage_defaults_and_options(capsys):
+    sft = _help(capsys, "sft")
+    assert "--learning_rate LEARNING_RATE (default 1e-05)" in sft
+    assert "--save_weight SAVE_WEIGHT (default 'full_sft')" in sft
+    pre = _help(capsys, "pretrain")
+    assert "--learning_rate LEARNING_RATE (default 0.0005)" in pre
+    assert "--save_weight SAVE_WEIGHT (default 'pretrain')" in pre
+    assert "--beta" not in pre
+    dpo = _help(capsys, "dpo")
+    assert "--beta BETA" in dpo and "(default 0.15)" in dpo

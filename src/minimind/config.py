@@ -196,6 +196,7 @@ class TrainConfig:
     num_hidden_layers: int = 0
     use_moe: int = -1
     vocab_size: int = 0
+    dropout: float = 0.0  # attention / residual dropout of a new model (the reference default is 0)
     use_wandb: int = 0  # 1 = SwanLab (the reference's tracker), 2 = Weights & Biases
     wandb_project: str = ""  # "" = the stage's default project name
     progress: int = 1
@@ -212,6 +213,8 @@ class TrainConfig:
             over["use_moe"] = bool(self.use_moe)
         if vocab_size or self.vocab_size:
             over["vocab_size"] = vocab_size or self.vocab_size
+        if self.dropout:
+            over["dropout"] = self.dropout
         base = dict(PRESETS[self.preset]) if self.preset in PRESETS else {}
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")

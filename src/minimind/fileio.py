@@ -76,8 +76,8 @@ def remove_stale_tmp(path: str | Path) -> list[Path]:
 def _create_tmp(path: Path) -> Path:
     """Create an empty ``.<name>.<pid>.<random>.tmp`` next to ``path``.
 
-    ``os.open`` with mode 0o666 lets the process umask decide the final permissions (0644 under
-    the usual umask 022), as a plain ``open()`` would; ``mkstemp`` forces 0600, which made saved
+    ``os.open`` with mode 0o666 lets the process umask decide the permissions (0644 under the
+    usual umask 022), as a plain ``open()`` would; ``mkstemp`` forces 0600, which made saved
     weights unreadable to other users of a shared machine.
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -102,8 +102,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(path)
     tmp_path = _create_tmp(path)
+    # The umask-derived mode, read back instead of querying the umask (``os.umask`` can only be read
+    # by setting it, which races with other threads).  Re-applied after writing, because some writers
+    # (safetensors' ``save_file``) replace the file and create it 0600 themselves.
+    mode = tmp_path.stat().st_mode & 0o777
     try:
         yield tmp_path
+        os.chmod(tmp_path, mode)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)

@@ -43,12 +43,23 @@ class DemoSettings:
     # The generation prompt ends with an empty think block; keep it in every SFT sample so a tiny
     # model sees one consistent format (the reference drops it from 80% of samples).
     empty_think_ratio: float = 1.0
+    # DPO after SFT on checkable preference pairs (chosen = the SFT answer, rejected = a wrong or
+    # malformed one); see minimind.demo.preferences.
+    n_dpo: int = 800  # training pairs (train-split items)
+    n_dpo_eval: int = 200  # held-out pairs (eval-split items)
+    dpo_lr: float = 3e-4
+    dpo_beta: float = 0.1
+    dpo_epochs: int = 1
+    dpo_steps: int = 0  # 0 = as many as dpo_epochs take
+    dpo_seq_len: int = 768  # a packed row holds one tool-task pair (~2 x 320 tokens) or several short ones
+    dpo_batch_size: int = 2  # packed rows per step
 
     @classmethod
     def quick(cls, out_dir: Path) -> "DemoSettings":
         """A ~1 minute version for tests and smoke runs."""
         return cls(out_dir=out_dir, vocab_size=1024, seq_len=128, sft_seq_len=256, batch_size=8, pretrain_steps=30,
-                   sft_epochs=1, eval_tasks=24, pretrain_chars=120_000, n_sft=200, n_eval=40)
+                   sft_epochs=1, eval_tasks=24, pretrain_chars=120_000, n_sft=200, n_eval=40,
+                   n_dpo=120, n_dpo_eval=60, dpo_epochs=1)
 
 
 @dataclass
@@ -153,8 +164,68 @@ class SupervisedFinetune:
                                   "useful_tokens_per_s": round(res.useful_tokens_per_s, 1)}
 
 
+class PreferenceTuning:
+    """DPO from the SFT model on checkable preference pairs (:mod:`minimind.demo.preferences`).
+
+    Chosen = the answer SFT trains on, rejected = a wrong value, a wrong format, a truncated answer
+    or a malformed tool call.  Held-out pairs (eval-split items) are scored before (SFT model) and
+    after (DPO model): the share of pairs where ``log pi(chosen) > log pi(rejected)``, and after DPO
+    the implicit reward margin against the SFT model as reference.  Runs on an existing out dir too
+    (``minimind demo --steps dpo,task_eval``): the tokenizer and SFT weights are read from there.
+    """
+
+    name = "dpo"
+
+    def run(self, ctx: DemoContext) -> None:
+        from minimind.demo.preferences import build_preference_data, preference_eval
+        from minimind.model import load_model
+        from minimind.train.loop import train
+        from minimind.train.metrics import read_metrics
+        from minimind.train.stages import DPOOptions, DPOStage
+        s = ctx.settings
+        sft_weights = ctx.artifacts["sft_weights"]
+        data = build_preference_data(ctx.out / "data", seed=s.seed, n_train=s.n_dpo, n_heldout=s.n_dpo_eval,
+                                     level=s.task_level)
+        train_path, heldout = Path(data["train"]["path"]), Path(data["heldout"]["path"])
+        ctx.artifacts["dpo_train"], ctx.artifacts["dpo_heldout"] = train_path, heldout
+        cfg = ctx.train_config(stage="dpo", data_path=str(train_path), save_weight="dpo",
+                               from_weight=str(sft_weights), learning_rate=s.dpo_lr, epochs=s.dpo_epochs,
+                               max_steps=s.dpo_steps, warmup_steps=3, weight_decay=0.0,
+                               max_seq_len=s.dpo_seq_len, batch_size=s.dpo_batch_size, log_interval=2)
+        evalkw = dict(beta=s.dpo_beta, seq_len=s.dpo_seq_len, cache_dir=ctx.out / "cache" / "dpo_eval")
+        t0 = time.perf_counter()
+        before = preference_eval(load_model(sft_weights), ctx.tokenizer, heldout, **evalkw)
+        eval_s = time.perf_counter() - t0
+        res = train(DPOStage(DPOOptions(beta=s.dpo_beta, loss_type="sigmoid")), cfg, ctx.tokenizer)
+        ctx.artifacts["dpo_weights"] = res.weights_path
+        ctx.artifacts["dpo_metrics"] = res.metrics_path
+        t0 = time.perf_counter()
+        after = preference_eval(load_model(res.weights_path), ctx.tokenizer, heldout, reference=before, **evalkw)
+        eval_s += time.perf_counter() - t0
+        logged = [r for r in read_metrics(res.metrics_path) if "margin" in r]
+
+        def first_last(key: str) -> list[float]:
+            return [logged[0][key], logged[-1][key]] if logged else []
+
+        ctx.results[self.name] = {
+            "pairs": {k: {f: v[f] for f in ("pairs", "by_kind", "by_rejection")} for k, v in data.items()},
+            "beta": s.dpo_beta, "lr": s.dpo_lr, "steps": res.steps, "seconds": round(res.seconds, 1),
+            "eval_seconds": round(eval_s, 1), "final_loss": res.final_loss,
+            "heldout": {
+                "logp_accuracy": [before["logp_accuracy"], after["logp_accuracy"]],
+                "mean_logp_margin": [before["mean_logp_margin"], after["mean_logp_margin"]],
+                "by_rejection": _before_after(before, after, "logp_accuracy_by_rejection"),
+                "by_kind": _before_after(before, after, "logp_accuracy_by_kind"),
+                "reward_accuracy": after["reward_accuracy"], "mean_reward_margin": after["mean_reward_margin"],
+                "mean_reward_chosen": after["mean_reward_chosen"],
+                "mean_reward_rejected": after["mean_reward_rejected"]},
+            # training-batch figures from the metrics log (first and last logged window)
+            "train_margin": first_last("margin"), "train_pref_accuracy": first_last("pref_accuracy"),
+        }
+
+
 class TaskEval:
-    """Same held-out prompts, same greedy decoding, pretrained vs SFT model."""
+    """Same held-out prompts, same greedy decoding: pretrained, SFT and (when trained) DPO model."""
 
     name = "task_eval"
 
@@ -163,16 +234,47 @@ class TaskEval:
         from minimind.eval.tasks import evaluate_tasks
         rows = _read_jsonl(ctx.artifacts["eval_tasks"])[: ctx.settings.eval_tasks]
         out = {}
-        for label in ("pretrain", "sft"):
+        for label in ("pretrain", "sft", "dpo"):
+            if f"{label}_weights" not in ctx.artifacts:
+                continue
             engine = _engine(ctx, ctx.artifacts[f"{label}_weights"])
             out[label] = evaluate_tasks(engine, ctx.tokenizer, rows, check_answer, format_checker=check_format)
         ctx.results[self.name] = out
 
 
-DEFAULT_STEPS: list[DemoStep] = [BuildCorpus(), TrainTokenizer(), Pretrain(), SupervisedFinetune(), TaskEval()]
+DEFAULT_STEPS: list[DemoStep] = [BuildCorpus(), TrainTokenizer(), Pretrain(), SupervisedFinetune(), PreferenceTuning(),
+                                 TaskEval()]
+STEPS_BY_NAME: dict[str, DemoStep] = {step.name: step for step in DEFAULT_STEPS}
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+def _before_after(before: dict, after: dict, key: str) -> dict[str, list[float]]:
+    return {k: [v, after.get(key, {}).get(k)] for k, v in before.get(key, {}).items()}
+
+
+def _restore(ctx: DemoContext) -> None:
+    """Pick up what earlier runs left in the out dir (tokenizer, data files, weights, metrics), so
+    that a subset of the steps can run on it; what this run's steps produce replaces it."""
+    from minimind.train.core import weights_path
+    tok_dir = ctx.out / "tokenizer"
+    if ctx.tokenizer is None and (tok_dir / "tokenizer.json").exists():
+        from minimind.tokenizer import MiniMindTokenizer
+        ctx.tokenizer = MiniMindTokenizer.from_dir(tok_dir)
+    for name in ("pretrain", "pretrain_heldout", "sft", "eval_tasks"):
+        path = ctx.out / "data" / f"{name}.jsonl"
+        if path.exists():
+            ctx.artifacts.setdefault(name, path)
+    cfg = ctx.train_config()
+    mcfg = cfg.model_config(vocab_size=ctx.tokenizer.vocab_size if ctx.tokenizer else ctx.settings.vocab_size)
+    for label, save_weight in (("pretrain", "pretrain"), ("sft", "full_sft"), ("dpo", "dpo")):
+        path = weights_path(cfg, mcfg, save_weight)
+        metrics = ctx.out / f"{save_weight}_{mcfg.weight_suffix}_metrics.jsonl"
+        if path.exists():
+            ctx.artifacts.setdefault(f"{label}_weights", path)
+        if metrics.exists():
+            ctx.artifacts.setdefault(f"{label}_metrics", metrics)
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
 
@@ -216,16 +318,33 @@ def _engine(ctx: DemoContext, weights: Path):
 
 
 def run_demo(settings: DemoSettings, steps: list[DemoStep] | None = None) -> DemoContext:
+    """Run ``steps`` (default: all of :data:`DEFAULT_STEPS`) and write the report.
+
+    With a subset of the steps, the out dir of an earlier run supplies the rest: its tokenizer,
+    data and weights (see :func:`_restore`), and its ``results.json`` figures, so the report keeps
+    the sections of the steps that did not run again.
+    """
     from minimind.demo.report import write_report
     ctx = DemoContext(settings)
     ctx.out.mkdir(parents=True, exist_ok=True)
+    partial = steps is not None and [st.name for st in steps] != [st.name for st in DEFAULT_STEPS]
+    if partial:
+        _restore(ctx)
+        previous = ctx.out / "results.json"
+        if previous.exists():
+            saved = json.loads(previous.read_text(encoding="utf-8"))
+            ctx.results.update(saved.get("results", {}))
+            ctx.timings.update({k: v for k, v in saved.get("timings", {}).items() if k != "total"})
     t_all = time.perf_counter()
     for step in steps or DEFAULT_STEPS:
         print(f"== demo: {step.name} ==", flush=True)
         t0 = time.perf_counter()
         step.run(ctx)
         ctx.timings[step.name] = round(time.perf_counter() - t0, 1)
-    ctx.timings["total"] = round(time.perf_counter() - t_all, 1)
+    ctx.timings.pop("total", None)
+    ctx.timings = {k: ctx.timings[k] for k in [*STEPS_BY_NAME, *ctx.timings] if k in ctx.timings}
+    # a partial run's total is the sum of the steps' latest timings (this run's and the restored ones)
+    ctx.timings["total"] = round(sum(ctx.timings.values()) if partial else time.perf_counter() - t_all, 1)
     report = write_report(ctx)
     print(f"report: {report}")
     return ctx
@@ -238,6 +357,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrain_steps", type=int, default=0, help="override the pretraining length")
     p.add_argument("--sft_epochs", type=int, default=0)
+    p.add_argument("--steps", default="", help="comma-separated subset of the steps to run on an existing "
+                   f"--out_dir ({', '.join(STEPS_BY_NAME)}), e.g. dpo,task_eval")
 
 
 def demo_main(args: argparse.Namespace) -> int:
@@ -248,6 +369,13 @@ def demo_main(args: argparse.Namespace) -> int:
         s.pretrain_steps = args.pretrain_steps
     if args.sft_epochs:
         s.sft_epochs = args.sft_epochs
+    steps = None
+    if args.steps:
+        names = [n.strip() for n in args.steps.split(",") if n.strip()]
+        unknown = [n for n in names if n not in STEPS_BY_NAME]
+        if unknown:
+            raise SystemExit(f"unknown demo steps {unknown}; known: {', '.join(STEPS_BY_NAME)}")
+        steps = [STEPS_BY_NAME[n] for n in names]
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    run_demo(s)
+    run_demo(s, steps)
     return 0

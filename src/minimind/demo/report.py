@@ -35,6 +35,49 @@ def _fmt(x: Any) -> str:
     return f"{x:.4f}" if isinstance(x, float) else str(x)
 
 
+_REJECTION_TEXT = {
+    "wrong_value": "right format, wrong value",
+    "wrong_format": "wrong format (bare value, sentence, ISO date; tool task: no call)",
+    "truncated": "cut off before the value",
+    "malformed_tool_call": "malformed tool call (broken JSON, unknown tool, misnamed argument)",
+}
+
+
+def _dpo_section(ctx: Any, d: dict[str, Any]) -> list[str]:
+    """Preference tuning: pairs, run, held-out preference accuracy before -> after, reward curves."""
+    h = d["heldout"]
+    train, held = d["pairs"]["train"], d["pairs"]["heldout"]
+    mix = ", ".join(f"{k} {v}" for k, v in train["by_rejection"].items())
+    lines = ["## Preference tuning (DPO)", "",
+             f"{train['pairs']} training pairs from train-split tasks, {held['pairs']} held-out pairs from "
+             "eval-split tasks. Chosen = the answer SFT trains on; rejected = a worse answer to the same "
+             f"prompt ({mix}). {d['steps']} DPO steps from the SFT model (sigmoid loss, beta {d['beta']}, "
+             f"lr {d['lr']}) in {d['seconds']} s; held-out scoring {d['eval_seconds']} s.", "",
+             "| held-out pairs | SFT model | DPO model |", "|---|---|---|",
+             f"| log π(chosen) > log π(rejected) | {h['logp_accuracy'][0]:.2f} | **{h['logp_accuracy'][1]:.2f}** |",
+             f"| mean log π(chosen) − log π(rejected) (nats) | {h['mean_logp_margin'][0]:.2f} | "
+             f"{h['mean_logp_margin'][1]:.2f} |"]
+    for k, (b, a) in h.get("by_rejection", {}).items():
+        lines.append(f"| … rejected: {_REJECTION_TEXT.get(k, k)} | {b:.2f} | {a:.2f} |")
+    for k, (b, a) in h.get("by_kind", {}).items():
+        lines.append(f"| … task: {k} | {b:.2f} | {a:.2f} |")
+    lines += ["",
+              f"Implicit reward β·(log π − log π_SFT) of the DPO model against the SFT model on held-out pairs: "
+              f"chosen {h['mean_reward_chosen']:+.3f}, rejected {h['mean_reward_rejected']:+.3f}, margin "
+              f"**{h['mean_reward_margin']:+.3f}**, positive on {h['reward_accuracy']:.0%} of the pairs.", ""]
+    if d.get("train_margin"):
+        lines += [f"On training batches the reward margin went {d['train_margin'][0]:+.3f} → "
+                  f"{d['train_margin'][1]:+.3f} and the preference accuracy {d['train_pref_accuracy'][0]:.2f} → "
+                  f"{d['train_pref_accuracy'][1]:.2f} (first and last logged step).", ""]
+    metrics = ctx.artifacts.get("dpo_metrics")
+    if metrics is not None and Path(metrics).exists():
+        png = plot_metrics([metrics], ctx.out / "dpo.png",
+                           keys=("reward_chosen", "reward_rejected", "margin", "pref_accuracy"),
+                           title="DPO training batches: implicit rewards β·(log π − log π_SFT)")
+        lines += [f"![DPO rewards]({png.name})", ""]
+    return lines
+
+
 def write_report(ctx: Any) -> Path:
     out: Path = ctx.out
     r = ctx.results
@@ -62,6 +105,9 @@ def write_report(ctx: Any) -> Path:
     if "sft" in r:
         s = r["sft"]
         lines += ["## SFT", "", f"{s['steps']} steps in {s['seconds']} s, final loss {_fmt(s['final_loss'])}.", ""]
+
+    if "dpo" in r:
+        lines += _dpo_section(ctx, r["dpo"])
 
     if "task_eval" in r:
         t = r["task_eval"]

@@ -208,7 +208,7 @@ def _candidates(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def _matches(name: str, suffix: str) -> bool:
-    return name == suffix or suffix in name
+    return name == suffix or name.endswith("." + suffix)
 
 
 def _select_targets(model: nn.Module, cfg: LoRAConfig) -> dict[str, nn.Linear]:

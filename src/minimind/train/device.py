@@ -87,8 +87,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
 @functools.lru_cache(maxsize=4)
 def _measured_matmul_flops(device_type: str, dtype: torch.dtype) -> float:
     n = 1024
-    a = torch.randn(n, n, device=device_type, dtype=dtype)
-    b = torch.randn(n, n, device=device_type, dtype=dtype)
+    # Constant operands: drawing them would advance the global RNG, and a resumed run (which measures
+    # after restoring its RNG) would then draw different dropout masks than the uninterrupted one.
+    a = torch.full((n, n), 0.5, device=device_type, dtype=dtype)
+    b = torch.full((n, n), 0.25, device=device_type, dtype=dtype)
     a @ b
     reps, t0 = 3, time.perf_counter()
     for _ in range(reps):
