@@ -159,8 +159,12 @@ def test_stage_name_weight_and_lora(tmp_path: Path, tok_dir: Path, capsys, monke
     out = tmp_path / "out"
     save_weights(tiny_model(), out / f"full_sft_{H}.safetensors")
     calls: list[tuple[Any, Path]] = []
-    fake_lora = types.ModuleType("minimind.model.lora")
-    fake_lora.load_lora = lambda model, path, cfg=None: calls.append((model, Path(path)))  # type: ignore[attr-defined]
+    fake_lora = types.ModuleType("minimind.model.lora")  # decoupled from the real adapter code
+
+    def load_lora(model: MiniMindForCausalLM, path: str | Path, cfg: Any = None) -> None:
+        calls.append((model, Path(path)))
+
+    fake_lora.load_lora = load_lora  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "minimind.model.lora", fake_lora)
     common = ["--save_dir", str(out), "--hidden_size", str(H), "--tokenizer_path", str(tok_dir),
               "--prompts", str(_prompts(tmp_path)), "--max_new_tokens", "3", "--temperature", "0",

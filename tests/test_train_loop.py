@@ -1,7 +1,9 @@
-"""The one training loop: loss falls, a killed run resumes bit-identically, configs fail early."""
+"""The one training loop: loss falls, only assistant tokens train, accumulation == big batch, bf16 / compile /
+MoE run through it, a killed run resumes bit-identically, bad settings fail before any data is read."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -314,7 +316,7 @@ def _final_model(res) -> dict[str, torch.Tensor]:
     return _state(res.resume_path)["model"]
 
 
-def _assert_same_run(a, b, rtol=1e-5, atol=1e-6):
+def _assert_same_run(a, b, rtol=1e-5, atol=2e-6):
     assert len(a.losses) == len(b.losses)
     for x, y in zip(a.losses, b.losses):
         assert x == pytest.approx(y, rel=rtol, abs=1e-6), (a.losses, b.losses)
@@ -345,15 +347,13 @@ def test_accumulation_equals_big_batch_sft_uneven_tokens(workspace, tmp_path):
     counts = [(ds.get_batch(0, range(4 * s, 4 * s + 2)).num_target_tokens,
                ds.get_batch(0, range(4 * s + 2, 4 * s + 4)).num_target_tokens) for s in range(5)]
     assert sum(n1 != n2 for n1, n2 in counts) >= 3, counts
-    cfg_acc = _cfg(workspace, tmp_path / "acc", **{**vars(cfg_big), "batch_size": 2, "accumulation_steps": 2,
-                                                   "save_dir": str(tmp_path / "acc" / "out"),
-                                                   "checkpoint_dir": str(tmp_path / "acc" / "ckpt")})
+    cfg_acc = dataclasses.replace(cfg_big, batch_size=2, accumulation_steps=2, save_dir=str(tmp_path / "acc"),
+                                  checkpoint_dir=str(tmp_path / "acc"))
     big = train(SFT, cfg_big, _tok(workspace))
     acc = train(SFT, cfg_acc, _tok(workspace))
     _assert_same_run(big, acc)
     # control: without token weighting the same comparison fails, so the check above has teeth
-    cfg_bad = _cfg(workspace, tmp_path / "bad", **{**vars(cfg_acc), "save_dir": str(tmp_path / "bad" / "out"),
-                                                   "checkpoint_dir": str(tmp_path / "bad" / "ckpt")})
+    cfg_bad = dataclasses.replace(cfg_acc, save_dir=str(tmp_path / "bad"), checkpoint_dir=str(tmp_path / "bad"))
     bad = train(_UnweightedSFT(), cfg_bad, _tok(workspace))
     with pytest.raises(AssertionError):
         _assert_same_run(big, bad)
@@ -362,7 +362,7 @@ def test_accumulation_equals_big_batch_sft_uneven_tokens(workspace, tmp_path):
 # ---- precision, compile, MoE through the loop --------------------------------------------------------
 def test_bf16_autocast_through_loop(workspace, full_run, tmp_path, capsys):
     from minimind.model import read_state_dict
-    res = train(PRETRAIN, _cfg(workspace, tmp_path, dtype="bfloat16", max_steps=12), _tok(workspace))
+    res = train(PRETRAIN, _cfg(workspace, tmp_path, dtype="bfloat16", max_steps=8), _tok(workspace))
     assert "dtype=bfloat16" in capsys.readouterr().out
     assert all(math.isfinite(x) for x in res.losses)
     assert sum(res.losses[-3:]) / 3 < sum(res.losses[:3]) / 3 - 0.3, res.losses
@@ -407,15 +407,15 @@ def test_compile_through_loop_matches_eager(workspace, full_run, tmp_path):
 
 def test_moe_through_loop(workspace, tmp_path):
     from minimind.model import load_model, read_state_dict
-    res = train(PRETRAIN, _cfg(workspace, tmp_path, use_moe=1, max_steps=12, warmup_steps=0), _tok(workspace))
+    res = train(PRETRAIN, _cfg(workspace, tmp_path, use_moe=1, max_steps=8, warmup_steps=0), _tok(workspace))
     assert sum(res.losses[-3:]) / 3 < sum(res.losses[:3]) / 3 - 0.3, res.losses
     assert res.weights_path.name == "pretrain_64_moe.safetensors"
     assert res.resume_path.name == "pretrain_64_moe_resume.pt"
     records = [json.loads(x) for x in res.metrics_path.read_text().splitlines()]
-    assert len(records) == 12
+    assert len(records) == 8
     assert all("aux_loss" in r and r["aux_loss"] > 0 for r in records)
     # warmup_steps 0 = 1% of the run, at least one step
-    assert [r["lr"] for r in records] == [lr_at(r["step"] - 1, 12, 3e-3, 1, 0.1) for r in records]
+    assert [r["lr"] for r in records] == [lr_at(r["step"] - 1, 8, 3e-3, 1, 0.1) for r in records]
     model = load_model(res.weights_path)
     assert model.config.use_moe and model.config.num_experts == 4
     saved = read_state_dict(res.weights_path)
@@ -433,7 +433,7 @@ def test_resume_refuses_changed_settings(workspace, full_run, tmp_path, change, 
     metrics = out / "out" / res.metrics_path.name
     weights = out / "out" / res.weights_path.name
     before = {p: _digest(p) for p in (ckpt, metrics, weights)}
-    cfg = _cfg(workspace, out, max_steps=FULL_STEPS, save_interval=4, from_resume=1, **{**{}, **change})
+    cfg = _cfg(workspace, out, **{"max_steps": FULL_STEPS, "save_interval": 4, "from_resume": 1, **change})
     with pytest.raises(ValueError, match=name):
         train(PRETRAIN, cfg, _tok(workspace))
     assert {p: _digest(p) for p in before} == before
@@ -570,6 +570,6 @@ def test_cli_help_shows_stage_defaults_and_options(capsys):
     pre = _help(capsys, "pretrain")
     assert "--learning_rate LEARNING_RATE (default 0.0005)" in pre
     assert "--save_weight SAVE_WEIGHT (default 'pretrain')" in pre
-    assert "--beta" not in pre
+    assert "--beta BETA" not in pre and "--loss_type" not in pre
     dpo = _help(capsys, "dpo")
-    assert "--beta BETA" in dpo and "(default 0.15)" in dpo
+    assert "--beta BETA (default 0.15)" in dpo and "--loss_type LOSS_TYPE (default 'sigmoid')" in dpo

@@ -262,7 +262,8 @@ def test_resolve_weight_path(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="several"):
         resolve_weight_path("full_sft", out, 256)
     # a folder in the name wins over save_dir; paths pass through; missing paths are errors
-    assert resolve_weight_path(str(out / "full_sft"), tmp_path / "elsewhere") == out / "full_sft_768.safetensors"
+    in_name = resolve_weight_path(str(out / "full_sft"), tmp_path / "elsewhere")
+    assert in_name == out / "full_sft_768.safetensors"
     assert resolve_weight_path(out / "full_sft_768.pth", "ignored") == out / "full_sft_768.pth"
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         resolve_weight_path(out / "nope.pth", out)
