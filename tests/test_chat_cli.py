@@ -198,9 +198,10 @@ def test_bare_pth_uses_overrides_through_load_model(tmp_path: Path, tok_dir: Pat
     args = _args("--weight", str(path), "--tokenizer_path", str(tok_dir), "--prompts",
                  str(_prompts(tmp_path)), "--max_new_tokens", "2", "--device", "cpu",
                  "--num_hidden_layers", "2")
-    with pytest.warns(UserWarning, match="assumed from preset"):  # inferred config: one warning
-        with pytest.raises(ValueError, match="weights do not fit"):  # the override reached the model
-            chat_main(args)
+    # inferred config: one warning; the override reached the model: 3 stored layers do not fit 2
+    with pytest.warns(UserWarning, match="assumed from preset"), \
+            pytest.raises(ValueError, match="weights do not fit"):
+        chat_main(args)
     args.num_hidden_layers = 0
     with pytest.warns(UserWarning, match="assumed from preset"):
         assert chat_main(args) == 0

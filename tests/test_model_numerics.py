@@ -356,7 +356,8 @@ def test_yarn_only_beyond_original_context_and_attention_factor():
     assert torch.allclose(c2, 0.7 * c1, atol=1e-6) and torch.allclose(s2, 0.7 * s1, atol=1e-6)
     assert not torch.allclose(c1, rope_tables(hd, theta, 4096, None)[0])
     # the config switch installs exactly the reference YaRN dict
-    cfg = ModelConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, inference_rope_scaling=True)
+    cfg = ModelConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      inference_rope_scaling=True)
     assert cfg.rope_scaling == YARN
 
 
@@ -449,7 +450,8 @@ def test_prefill_then_decode_equals_single_pass(use_moe):
         while any(c < n for c, n in zip(cur, lens)):
             step_pos = torch.tensor([[min(c, n - 1)] for c, n in zip(cur, lens)])
             step_ids = torch.stack([ids[b, step_pos[b, 0]] for b in range(2)])[:, None]
-            o = model(step_ids, position_ids=step_pos, attn_mask=cache_attention_mask(step_pos, cache.max_len),
+            o = model(step_ids, position_ids=step_pos,
+                      attn_mask=cache_attention_mask(step_pos, cache.max_len),
                       kv_cache=cache, logits_to_keep=1).logits
             for b in range(2):
                 if cur[b] < lens[b]:

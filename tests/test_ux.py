@@ -231,7 +231,7 @@ def test_check_tracker_reports_missing_package(tmp_path: Path) -> None:
 def test_metrics_writer_passes_project_to_tracker(tmp_path: Path, monkeypatch) -> None:
     import types
 
-    import minimind.train.metrics as metrics
+    from minimind.train import metrics
 
     seen: dict = {}
     fake = types.SimpleNamespace(init=lambda **kw: seen.update(kw), log=lambda d: None)

@@ -26,14 +26,12 @@ log-probabilities per side (:func:`minimind.train.losses.sequence_logps`).
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import random
-from collections import deque
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -43,8 +41,8 @@ from .formats import Message, dpo_pair
 from .jsonl import DataFormatError, SkipStats, parse_jsonl_line
 from .packing import PAD_DOC, PackPlan, pack_rows
 from .sft import MaskMarkers, assistant_mask, render_sft_text
-from .shards import (MP_START_METHOD, ShardInfo, _Chunk, _load_tokenizer, _read_chunks,
-                     _source_fingerprint, _usable_cpus, tokenizer_key)
+from .shards import (ShardInfo, _Chunk, _load_tokenizer, _source_fingerprint, _tokenized_chunks,
+                     _usable_cpus, tokenizer_key)
 from .store import SHARD_VERSION, ShardReader, ShardWriter, files_match_meta, ids_dtype, read_meta
 
 __all__ = ["PairTokens", "tokenize_pair", "prepare_dpo_shards", "load_or_prepare_dpo_shards",
@@ -180,58 +178,6 @@ class PairChunkTokenizer:
         return _PairChunk(ids, lengths, mask, errors, truncated=truncated, no_response=no_response)
 
 
-_WORKER: PairChunkTokenizer | None = None
-_WORKER_INIT_ERROR: str | None = None
-
-
-def _worker_init(tokenizer: Any, args: tuple) -> None:
-    """Pool initializer; an exception is stored and re-raised by the first task (else the pool
-    would respawn failing workers forever)."""
-    global _WORKER, _WORKER_INIT_ERROR
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the pool
-    try:
-        _WORKER = PairChunkTokenizer(tokenizer, *args)
-    except BaseException as e:  # noqa: BLE001 - reported through the first task
-        _WORKER_INIT_ERROR = f"{type(e).__name__}: {e}"
-
-
-def _worker_run(lines: list[tuple[int, bytes]]) -> _PairChunk:
-    if _WORKER is None:
-        raise RuntimeError(f"tokenizer worker failed to start: {_WORKER_INIT_ERROR}")
-    return _WORKER(lines)
-
-
-def _pair_chunks(path: Path, tokenizer: Any, args: tuple, num_proc: int) -> Iterator[_PairChunk]:
-    """Tokenise chunks in input order, with at most ``2 * num_proc`` chunks in flight."""
-    if num_proc <= 1:
-        work = PairChunkTokenizer(tokenizer, *args)
-        for lines, n_bytes in _read_chunks(path):
-            out = work(lines)
-            out.n_bytes = n_bytes
-            yield out
-        return
-    pool = mp.get_context(MP_START_METHOD).Pool(num_proc, initializer=_worker_init,
-                                                initargs=(tokenizer, args))
-    try:
-        pending: deque = deque()
-        for lines, n_bytes in _read_chunks(path):
-            pending.append((pool.apply_async(_worker_run, (lines,)), n_bytes))
-            while len(pending) >= 2 * num_proc:
-                res, nb = pending.popleft()
-                out = res.get()
-                out.n_bytes = nb
-                yield out
-        while pending:
-            res, nb = pending.popleft()
-            out = res.get()
-            out.n_bytes = nb
-            yield out
-        pool.close()
-    finally:
-        pool.terminate()
-        pool.join()
-
-
 # ------------------------------------------------------------------------------ build / cache
 def _dpo_settings(skip_bad_lines: bool, max_len: int | None) -> dict:
     """The build settings that change the shard content."""
@@ -261,7 +207,8 @@ def prepare_dpo_shards(data_path: str | os.PathLike, out_dir: str | os.PathLike,
     n_pairs = truncated = no_response = 0
     bar = tqdm(total=source["size"], unit="B", unit_scale=True, disable=not progress,
                desc=f"tokenizing {data_path.name}")
-    chunks = _pair_chunks(data_path, tok, (str(data_path), max_len), num_proc)
+    chunks = _tokenized_chunks(data_path, tok, (str(data_path), max_len), num_proc,
+                               worker_cls=PairChunkTokenizer)
     with ShardWriter(out_dir, ids_dtype(tok.vocab_size)) as writer, bar, closing(chunks):
         for chunk in chunks:
             for line_no, problem in chunk.errors:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import multiprocessing as mp
 import os
 import random
@@ -168,12 +167,12 @@ class ChunkTokenizer:
         return _Chunk(ids_arr, lengths, mask_arr, errors)
 
 
-_WORKER: ChunkTokenizer | None = None
+_WORKER: Any = None
 _WORKER_INIT_ERROR: str | None = None
 
 
-def _worker_init(tokenizer: Any, args: tuple) -> None:
-    """Pool initializer: set up the tokenizer once per worker process.
+def _worker_init(worker_cls: type, tokenizer: Any, args: tuple) -> None:
+    """Pool initializer: set up the chunk tokenizer (``worker_cls(tokenizer, *args)``) once per process.
 
     An exception here would make ``multiprocessing.Pool`` respawn workers forever; it is stored
     instead and re-raised by the first task, which surfaces it in the parent.
@@ -181,7 +180,7 @@ def _worker_init(tokenizer: Any, args: tuple) -> None:
     global _WORKER, _WORKER_INIT_ERROR
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the pool
     try:
-        _WORKER = ChunkTokenizer(tokenizer, *args)
+        _WORKER = worker_cls(tokenizer, *args)
     except BaseException as e:  # noqa: BLE001 - reported through the first task
         _WORKER_INIT_ERROR = f"{type(e).__name__}: {e}"
 
@@ -206,22 +205,27 @@ def _read_chunks(path: Path) -> Iterator[tuple[list[tuple[int, bytes]], int]]:
         yield lines, n_bytes
 
 
-def _tokenized_chunks(path: Path, tokenizer: Any, args: tuple, num_proc: int) -> Iterator[_Chunk]:
-    """Tokenise chunks in order, with at most ``2 * num_proc`` chunks in flight."""
+def _tokenized_chunks(path: Path, tokenizer: Any, args: tuple, num_proc: int,
+                      worker_cls: type = None) -> Iterator[_Chunk]:
+    """Tokenise chunks in order, with at most ``2 * num_proc`` chunks in flight.
+
+    ``worker_cls(tokenizer, *args)`` turns a list of ``(line_no, raw_line)`` into a :class:`_Chunk`
+    (default :class:`ChunkTokenizer`; the DPO pair reader plugs in its own)."""
+    worker_cls = worker_cls or ChunkTokenizer
     if num_proc <= 1:
-        work = ChunkTokenizer(tokenizer, *args)
+        work = worker_cls(tokenizer, *args)
         for lines, n_bytes in _read_chunks(path):
             out = work(lines)
             out.n_bytes = n_bytes
             yield out
         return
     ctx = mp.get_context(MP_START_METHOD)
-    pool = ctx.Pool(num_proc, initializer=_worker_init, initargs=(tokenizer, args))
+    pool = ctx.Pool(num_proc, initializer=_worker_init, initargs=(worker_cls, tokenizer, args))
     try:
         pending: deque = deque()
         for lines, n_bytes in _read_chunks(path):
             pending.append((pool.apply_async(_worker_run, (lines,)), n_bytes))
-            if len(pending) >= 2 * num_proc:
+            while len(pending) >= 2 * num_proc:
                 res, nb = pending.popleft()
                 out = res.get()
                 out.n_bytes = nb

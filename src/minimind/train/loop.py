@@ -125,7 +125,7 @@ def train(stage: StageBase, cfg: TrainConfig, tokenizer: Any,
 def _run_steps(trainer: Trainer, dataset: Any, steps_per_epoch: list[int], total_steps: int, warmup: int,
                step: int, out_path: Path, resume_path: Path, metrics_path: Path, record: dict[str, Any],
                on_step: Callable[[int, dict[str, float]], None] | None) -> TrainResult:
-    cfg, info, stage = trainer.cfg, trainer.info, trainer.stage
+    cfg, info = trainer.cfg, trainer.info
     mcfg = trainer.model_config
     metrics = MetricsWriter(metrics_path, enabled=info.is_main,
                             tracker="swanlab" if cfg.use_wandb == 1 else ("wandb" if cfg.use_wandb == 2 else ""),

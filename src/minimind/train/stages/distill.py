@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from minimind.config import TrainConfig
 from minimind.train.losses import distill_loss
 from minimind.train.stages.base import LossOutput, StageContext
 from minimind.train.stages.lm import LMStage
