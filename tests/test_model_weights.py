@@ -200,7 +200,7 @@ def test_atomic_pth_export_keeps_previous_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="killed"):
         export_reference_pth(_model(_cfg(), seed=2), path)
     assert path.read_bytes() == original
-    assert [p.name for p in tmp_path.iterdir()] == ["ref.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.json", "ref.pth"]  # no partial file
 
 
 def test_missing_file_and_missing_config(tmp_path):

@@ -214,7 +214,8 @@ def test_batch_without_targets_gives_zero_loss_not_nan():
     model = MiniMindForCausalLM(ModelConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
                                             num_key_value_heads=2, vocab_size=50, max_position_embeddings=32))
     ids = torch.randint(0, 50, (2, 8))
-    batch = Batch(ids, torch.full_like(ids, -100), torch.arange(8).expand(2, 8), torch.zeros(2, 8, dtype=torch.int32), 0)
+    batch = Batch(ids, torch.full_like(ids, -100), torch.arange(8).expand(2, 8),
+                  torch.zeros(2, 8, dtype=torch.int32), 0)
     out = next_token_loss(model, batch)
     out.loss.backward()
     assert out.loss.item() == 0.0
@@ -353,7 +354,8 @@ def test_accumulation_equals_big_batch_sft_uneven_tokens(workspace, tmp_path):
     acc = train(SFT, cfg_acc, _tok(workspace))
     _assert_same_run(big, acc)
     # control: without token weighting the same comparison fails, so the check above has teeth
-    cfg_bad = dataclasses.replace(cfg_acc, save_dir=str(tmp_path / "bad"), checkpoint_dir=str(tmp_path / "bad"))
+    cfg_bad = dataclasses.replace(cfg_acc, save_dir=str(tmp_path / "bad"),
+                                  checkpoint_dir=str(tmp_path / "bad"))
     bad = train(_UnweightedSFT(), cfg_bad, _tok(workspace))
     with pytest.raises(AssertionError):
         _assert_same_run(big, bad)
@@ -498,7 +500,8 @@ def test_from_weight_refuses_contradicting_shape(workspace, full_run, tmp_path):
 
 # ---- CLI: validation before any data is read ---------------------------------------------------------
 def _cli_base(workspace, tmp_path) -> list[str]:
-    return ["pretrain", "--data_path", str(tmp_path / "missing.jsonl"), "--tokenizer_path", str(workspace["tok"]),
+    return ["pretrain", "--data_path", str(tmp_path / "missing.jsonl"),
+            "--tokenizer_path", str(workspace["tok"]),
             "--save_dir", str(tmp_path / "out"), "--checkpoint_dir", str(tmp_path / "ckpt"),
             "--shard_dir", str(tmp_path / "sh"), "--progress", "0"]
 

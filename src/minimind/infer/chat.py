@@ -169,7 +169,7 @@ def _interrupted_result(engine: GenerationEngine, ids: list[int], text: str,
     tok = getattr(engine, "tokenizer", None)
     token_ids = list(tok.encode(text)) if text and hasattr(tok, "encode") else []
     return GenerationResult(token_ids=token_ids, text=text,
-                            finish_reason="interrupted",  # type: ignore[arg-type]
+                            finish_reason="interrupted",
                             prompt_tokens=len(ids),
                             completion_tokens=len(token_ids) if token_ids else n_pieces)
 

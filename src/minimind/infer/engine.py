@@ -35,7 +35,7 @@ from minimind.model.kv_cache import KVCache
 from minimind.model.masks import cache_attention_mask
 from minimind.model.modeling import MiniMindForCausalLM
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "interrupted"]  # interrupted: Ctrl-C in chat
 OnToken = Callable[[int, int], None]
 
 
