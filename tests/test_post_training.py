@@ -92,6 +92,19 @@ def test_lora_trains_adapters_only_and_lowers_loss(ws, tmp_path):
     tuned = load_model(ws["pre_w"])
     load_lora(tuned, res.weights_path)
     assert _sft_loss(tuned, ws, tmp_path) < _sft_loss(load_model(ws["pre_w"]), ws, tmp_path) - 0.3
+    # `minimind lora merge` writes one plain weights file with the same logits as base + adapter
+    from minimind.cli import main
+    merged_path = tmp_path / "merged.safetensors"
+    assert main(["lora", "merge", "--weight", str(ws["pre_w"]), "--lora_weight", str(res.weights_path),
+                 "--out", str(merged_path)]) == 0
+    merged = load_model(merged_path).eval()
+    assert set(merged.state_dict()) == set(base)
+    ids = torch.randint(0, 400, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = tuned.eval()(ids).logits, merged(ids).logits
+    diff = float((want - got).abs().max())
+    assert diff <= 1e-5 * float(want.abs().max()) + 1e-5, diff
+    assert float((want - load_model(ws["pre_w"])(ids).logits).abs().max()) > 100 * diff  # the adapter matters
 
 
 def _sft_loss(model, ws, tmp_path) -> float:

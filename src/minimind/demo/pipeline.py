@@ -177,7 +177,7 @@ class PreferenceTuning:
     name = "dpo"
 
     def run(self, ctx: DemoContext) -> None:
-        from minimind.demo.preferences import build_preference_data, preference_eval
+        from minimind.demo.preferences import build_preference_data, longest_pair, preference_eval
         from minimind.model import load_model
         from minimind.train.loop import train
         from minimind.train.metrics import read_metrics
@@ -188,11 +188,13 @@ class PreferenceTuning:
                                      level=s.task_level)
         train_path, heldout = Path(data["train"]["path"]), Path(data["heldout"]["path"])
         ctx.artifacts["dpo_train"], ctx.artifacts["dpo_heldout"] = train_path, heldout
+        # rows long enough for the longest pair (tool prompts), so that no pair is ever cut
+        seq_len = max(s.dpo_seq_len, -(-(longest_pair(ctx.tokenizer, [train_path, heldout]) - 1) // 64) * 64)
         cfg = ctx.train_config(stage="dpo", data_path=str(train_path), save_weight="dpo",
                                from_weight=str(sft_weights), learning_rate=s.dpo_lr, epochs=s.dpo_epochs,
                                max_steps=s.dpo_steps, warmup_steps=3, weight_decay=0.0,
-                               max_seq_len=s.dpo_seq_len, batch_size=s.dpo_batch_size, log_interval=2)
-        evalkw = dict(beta=s.dpo_beta, seq_len=s.dpo_seq_len, cache_dir=ctx.out / "cache" / "dpo_eval")
+                               max_seq_len=seq_len, batch_size=s.dpo_batch_size, log_interval=2)
+        evalkw = dict(beta=s.dpo_beta, seq_len=seq_len, cache_dir=ctx.out / "cache" / "dpo_eval")
         t0 = time.perf_counter()
         before = preference_eval(load_model(sft_weights), ctx.tokenizer, heldout, **evalkw)
         eval_s = time.perf_counter() - t0
@@ -209,7 +211,8 @@ class PreferenceTuning:
 
         ctx.results[self.name] = {
             "pairs": {k: {f: v[f] for f in ("pairs", "by_kind", "by_rejection")} for k, v in data.items()},
-            "beta": s.dpo_beta, "lr": s.dpo_lr, "steps": res.steps, "seconds": round(res.seconds, 1),
+            "beta": s.dpo_beta, "lr": s.dpo_lr, "seq_len": seq_len, "batch_rows": s.dpo_batch_size,
+            "epochs": s.dpo_epochs, "steps": res.steps, "seconds": round(res.seconds, 1),
             "eval_seconds": round(eval_s, 1), "final_loss": res.final_loss,
             "heldout": {
                 "logp_accuracy": [before["logp_accuracy"], after["logp_accuracy"]],

@@ -58,7 +58,7 @@ from .tools import WEATHER, execute_tool, format_number, tool_result_value
 
 __all__ = ["REJECTIONS", "PreferencePair", "make_preference_pairs", "write_preference_pairs",
            "read_preference_rows", "build_preference_data", "response_text", "inline_tools",
-           "pair_logps", "preference_eval"]
+           "longest_pair", "pair_logps", "preference_eval"]
 
 REJECTIONS: tuple[str, ...] = ("wrong_value", "wrong_format", "truncated", "malformed_tool_call")
 #: Share of each rejection kind (drawn per pair); tool tasks have their own mix.
@@ -369,6 +369,21 @@ def build_preference_data(out_dir: Path | str, seed: int = 0, n_train: int = 100
     return stats
 
 
+def longest_pair(tokenizer: Any, paths: Sequence[Path | str]) -> int:
+    """Tokens of the longest pair (chosen + rejected side) in the DPO JSONL files: a packed row of
+    at least this many tokens holds every pair whole (a longer pair would be cut, and a long tool
+    prompt can leave a cut pair without any response token)."""
+    from minimind.data import MaskMarkers, dpo_pair
+    from minimind.data.dpo import tokenize_pair
+    markers = MaskMarkers(tokenizer)
+    longest = 0
+    for path in paths:
+        for row in read_preference_rows(path):
+            pt = tokenize_pair(tokenizer, *dpo_pair(row), markers=markers)
+            longest = max(longest, len(pt.chosen_ids) + len(pt.rejected_ids))
+    return longest
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -442,7 +457,9 @@ def preference_eval(model: Any, tokenizer: Any, pairs: Any, *, reference: Any = 
         if tmp is not None:
             tmp.cleanup()
     wins = pc > pr
-    res: dict[str, Any] = {"n_pairs": int(len(pc)), "logp_accuracy": _share(wins),
+    # pairs shortened to fit a row of seq_len + 1 tokens (0 when seq_len covers the longest pair)
+    res: dict[str, Any] = {"n_pairs": int(len(pc)), "n_cut_pairs": dataset.num_cut_pairs,
+                           "logp_accuracy": _share(wins),
                            "mean_logp_margin": round(float(np.mean(pc - pr)), 4)}
     if not isinstance(pairs, (str, Path)):
         rows = []

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from minimind.config import ModelConfig, TrainConfig
-from minimind.model import MiniMindForCausalLM, load_weights, read_config, read_state_dict
+from minimind.model import MiniMindForCausalLM, load_model, load_weights
 from minimind.train import checkpoint as ckpt
 from minimind.train.device import autocast, pick_device, pick_dtype
 from minimind.train.distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier,
@@ -76,27 +76,23 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> tuple[MiniMindForCausalLM,
     ``--use_moe`` that contradicts it is refused rather than silently ignored."""
     mcfg = cfg.model_config(vocab_size=cfg.vocab_size or vocab_size)
     src = resolve_from_weight(cfg, mcfg)
-    if src is not None:
-        stored = read_config(src)
-        if stored is not None:
-            asked: dict[str, Any] = {}
-            if cfg.hidden_size:
-                asked["hidden_size"] = cfg.hidden_size
-            if cfg.num_hidden_layers:
-                asked["num_hidden_layers"] = cfg.num_hidden_layers
-            if cfg.use_moe >= 0:
-                asked["use_moe"] = bool(cfg.use_moe)
-            clash = [f"--{k} {int(v)} but the weights have {int(getattr(stored, k))}"
-                     for k, v in asked.items() if getattr(stored, k) != v]
-            if clash:
-                raise ValueError(f"--from_weight {src}: " + "; ".join(clash))
-            mcfg = stored
+    if src is None:
         model = MiniMindForCausalLM(mcfg)
-        load_weights(model, read_state_dict(src))
     else:
-        model = MiniMindForCausalLM(mcfg)
-    if mcfg.vocab_size < vocab_size:
-        raise ValueError(f"model vocab_size {mcfg.vocab_size} is smaller than the tokenizer's "
+        asked: dict[str, Any] = {}
+        if cfg.hidden_size:
+            asked["hidden_size"] = cfg.hidden_size
+        if cfg.num_hidden_layers:
+            asked["num_hidden_layers"] = cfg.num_hidden_layers
+        if cfg.use_moe >= 0:
+            asked["use_moe"] = bool(cfg.use_moe)
+        model = load_model(src, preset=cfg.preset, overrides=asked)  # flags only fill in a bare .pth
+        clash = [f"--{k} {int(v)} but the weights have {int(getattr(model.config, k))}"
+                 for k, v in asked.items() if getattr(model.config, k) != v]
+        if clash:
+            raise ValueError(f"--from_weight {src}: " + "; ".join(clash))
+    if model.config.vocab_size < vocab_size:
+        raise ValueError(f"model vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
                          f"{vocab_size}")
     return model, src
 
