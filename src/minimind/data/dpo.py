@@ -38,11 +38,11 @@ import torch
 
 from .batch import IGNORE_INDEX
 from .formats import Message, dpo_pair
-from .jsonl import DataFormatError, SkipStats, parse_jsonl_line
+from .jsonl import DataFormatError, SkipStats
 from .packing import PAD_DOC, PackPlan, pack_rows
 from .sft import MaskMarkers, assistant_mask, render_sft_text
 from .shards import (ShardInfo, _Chunk, _load_tokenizer, _source_fingerprint, _tokenized_chunks,
-                     _usable_cpus, tokenizer_key)
+                     _usable_cpus, render_lines, tokenizer_key)
 from .store import SHARD_VERSION, ShardReader, ShardWriter, files_match_meta, ids_dtype, read_meta
 
 __all__ = ["PairTokens", "tokenize_pair", "prepare_dpo_shards", "load_or_prepare_dpo_shards",
@@ -142,20 +142,8 @@ class PairChunkTokenizer:
             raise ValueError(f"cannot render conversation: {type(e).__name__}: {e}") from None
 
     def __call__(self, lines: list[tuple[int, bytes]]) -> _PairChunk:
-        texts: list[str] = []
-        line_nos: list[int] = []
-        errors: list[tuple[int, str]] = []
-        for line_no, raw in lines:
-            try:
-                obj = parse_jsonl_line(raw, self.src, line_no)
-                if obj is None:
-                    continue
-                texts.extend(self._texts(obj))
-                line_nos.append(line_no)
-            except DataFormatError as e:
-                errors.append((line_no, e.problem))
-            except ValueError as e:
-                errors.append((line_no, str(e)))
+        pairs, line_nos, errors = render_lines(lines, self.src, lambda obj, _line_no: self._texts(obj))
+        texts = [text for pair in pairs for text in pair]
         encoded = self.tok.encode_batch(texts) if texts else []
         ids_parts: list[list[int]] = []
         mask_parts: list[list[int]] = []

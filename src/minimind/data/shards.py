@@ -26,7 +26,7 @@ from collections import deque
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, TypeVar
 
 import numpy as np
 
@@ -46,6 +46,8 @@ CHUNK_BYTES = 4 << 20
 #: (stdin scripts and notebooks work; children never touch torch/CUDA).  Elsewhere ``spawn``, where
 #: the tokenizer is pickled once per worker through the pool initializer.
 MP_START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -112,6 +114,29 @@ class _Chunk:
     n_bytes: int = 0
 
 
+def render_lines(lines: list[tuple[int, bytes]], src: str,
+                 render: Callable[[dict, int], T]) -> tuple[list[T], list[int], list[tuple[int, str]]]:
+    """Parse each ``(line_no, raw)`` JSONL line and ``render(obj, line_no)`` it.
+
+    Returns the rendered values and their line numbers (blank lines are skipped) and the
+    ``(line_no, problem)`` of every line that failed, so a chunk reports all its bad lines at once."""
+    out: list[T] = []
+    line_nos: list[int] = []
+    errors: list[tuple[int, str]] = []
+    for line_no, raw in lines:
+        try:
+            obj = parse_jsonl_line(raw, src, line_no)
+            if obj is None:
+                continue
+            out.append(render(obj, line_no))
+            line_nos.append(line_no)
+        except DataFormatError as e:
+            errors.append((line_no, e.problem))
+        except ValueError as e:
+            errors.append((line_no, str(e)))
+    return out, line_nos, errors
+
+
 class ChunkTokenizer:
     """Turns a list of ``(line_no, raw_line)`` into concatenated ids/masks; one per process."""
 
@@ -139,18 +164,7 @@ class ChunkTokenizer:
             raise ValueError(f"cannot render conversation: {type(e).__name__}: {e}") from None
 
     def __call__(self, lines: list[tuple[int, bytes]]) -> _Chunk:
-        texts: list[str] = []
-        errors: list[tuple[int, str]] = []
-        for line_no, raw in lines:
-            try:
-                obj = parse_jsonl_line(raw, self.src, line_no)
-                if obj is None:
-                    continue
-                texts.append(self._text(obj, line_no))
-            except DataFormatError as e:
-                errors.append((line_no, e.problem))
-            except ValueError as e:
-                errors.append((line_no, str(e)))
+        texts, _, errors = render_lines(lines, self.src, self._text)
         encoded = self.tok.encode_batch(texts) if texts else []
         if self.kind == "pretrain":
             bos, eos = self.tok.bos_id, self.tok.eos_id
