@@ -38,11 +38,11 @@ import torch
 
 from .batch import IGNORE_INDEX
 from .formats import Message, dpo_pair
-from .jsonl import DataFormatError, SkipStats
+from .jsonl import SkipStats
 from .packing import PAD_DOC, PackPlan, pack_rows
 from .sft import MaskMarkers, assistant_mask, render_sft_text
 from .shards import (ShardInfo, _Chunk, _load_tokenizer, _source_fingerprint, _tokenized_chunks,
-                     _usable_cpus, render_lines, tokenizer_key)
+                     _usable_cpus, checked_chunks, render_lines, tokenizer_key)
 from .store import SHARD_VERSION, ShardReader, ShardWriter, files_match_meta, ids_dtype, read_meta
 
 __all__ = ["PairTokens", "tokenize_pair", "prepare_dpo_shards", "load_or_prepare_dpo_shards",
@@ -198,12 +198,7 @@ def prepare_dpo_shards(data_path: str | os.PathLike, out_dir: str | os.PathLike,
     chunks = _tokenized_chunks(data_path, tok, (str(data_path), max_len), num_proc,
                                worker_cls=PairChunkTokenizer)
     with ShardWriter(out_dir, ids_dtype(tok.vocab_size)) as writer, bar, closing(chunks):
-        for chunk in chunks:
-            for line_no, problem in chunk.errors:
-                err = DataFormatError(data_path, line_no, problem)
-                if not skip_bad_lines:
-                    raise err  # the writer deletes its temporary folder
-                stats.add(err)
+        for chunk in checked_chunks(chunks, data_path, skip_bad_lines, stats):
             writer.append(chunk.ids, chunk.lengths, chunk.mask)
             n_pairs += len(chunk.lengths) // 2
             truncated += chunk.truncated

@@ -48,6 +48,7 @@ CHUNK_BYTES = 4 << 20
 MP_START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
 
 T = TypeVar("T")
+C = TypeVar("C", bound="_Chunk")
 
 
 @dataclass
@@ -219,6 +220,18 @@ def _read_chunks(path: Path) -> Iterator[tuple[list[tuple[int, bytes]], int]]:
         yield lines, n_bytes
 
 
+def checked_chunks(chunks: Iterator[C], data_path: Path, skip_bad_lines: bool, stats: SkipStats) -> Iterator[C]:
+    """The chunks, after their bad lines: raised as :class:`DataFormatError` (``file:line``; the
+    shard writer then deletes its temporary folder), or counted into ``stats`` when skipping."""
+    for chunk in chunks:
+        for line_no, problem in chunk.errors:
+            err = DataFormatError(data_path, line_no, problem)
+            if not skip_bad_lines:
+                raise err
+            stats.add(err)
+        yield chunk
+
+
 def _tokenized_chunks(path: Path, tokenizer: Any, args: tuple, num_proc: int,
                       worker_cls: type = None) -> Iterator[_Chunk]:
     """Tokenise chunks in order, with at most ``2 * num_proc`` chunks in flight.
@@ -286,12 +299,7 @@ def prepare_shards(data_path: str | os.PathLike, out_dir: str | os.PathLike, tok
                desc=f"tokenizing {data_path.name}")
     chunks = _tokenized_chunks(data_path, tok, args, num_proc)
     with ShardWriter(out_dir, dtype) as writer, bar, closing(chunks):
-        for chunk in chunks:
-            for line_no, problem in chunk.errors:
-                err = DataFormatError(data_path, line_no, problem)
-                if not skip_bad_lines:
-                    raise err  # the writer deletes its temporary folder
-                stats.add(err)
+        for chunk in checked_chunks(chunks, data_path, skip_bad_lines, stats):
             writer.append(chunk.ids, chunk.lengths, chunk.mask)
             bar.update(chunk.n_bytes)
         meta = writer.commit({
