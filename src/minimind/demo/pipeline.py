@@ -195,14 +195,20 @@ class PreferenceTuning:
                                max_steps=s.dpo_steps, warmup_steps=3, weight_decay=0.0,
                                max_seq_len=seq_len, batch_size=s.dpo_batch_size, log_interval=2)
         evalkw = dict(beta=s.dpo_beta, seq_len=seq_len, cache_dir=ctx.out / "cache" / "dpo_eval")
+        # the same figures on (the first n_dpo_eval of) the training pairs: what DPO fits, to compare
+        probe = _head_jsonl(train_path, ctx.out / "data" / "dpo_train_probe.jsonl", s.n_dpo_eval)
         t0 = time.perf_counter()
-        before = preference_eval(load_model(sft_weights), ctx.tokenizer, heldout, **evalkw)
+        sft_model = load_model(sft_weights)
+        before = preference_eval(sft_model, ctx.tokenizer, heldout, **evalkw)
+        before_train = preference_eval(sft_model, ctx.tokenizer, probe, **evalkw)
         eval_s = time.perf_counter() - t0
         res = train(DPOStage(DPOOptions(beta=s.dpo_beta, loss_type="sigmoid")), cfg, ctx.tokenizer)
         ctx.artifacts["dpo_weights"] = res.weights_path
         ctx.artifacts["dpo_metrics"] = res.metrics_path
         t0 = time.perf_counter()
-        after = preference_eval(load_model(res.weights_path), ctx.tokenizer, heldout, reference=before, **evalkw)
+        dpo_model = load_model(res.weights_path)
+        after = preference_eval(dpo_model, ctx.tokenizer, heldout, reference=before, **evalkw)
+        after_train = preference_eval(dpo_model, ctx.tokenizer, probe, reference=before_train, **evalkw)
         eval_s += time.perf_counter() - t0
         logged = [r for r in read_metrics(res.metrics_path) if "margin" in r]
 
@@ -222,6 +228,12 @@ class PreferenceTuning:
                 "reward_accuracy": after["reward_accuracy"], "mean_reward_margin": after["mean_reward_margin"],
                 "mean_reward_chosen": after["mean_reward_chosen"],
                 "mean_reward_rejected": after["mean_reward_rejected"]},
+            "train_pairs": {
+                "n_pairs": after_train["n_pairs"],
+                "logp_accuracy": [before_train["logp_accuracy"], after_train["logp_accuracy"]],
+                "mean_logp_margin": [before_train["mean_logp_margin"], after_train["mean_logp_margin"]],
+                "reward_accuracy": after_train["reward_accuracy"],
+                "mean_reward_margin": after_train["mean_reward_margin"]},
             # training-batch figures from the metrics log (first and last logged window)
             "train_margin": first_last("margin"), "train_pref_accuracy": first_last("pref_accuracy"),
         }
@@ -253,6 +265,16 @@ STEPS_BY_NAME: dict[str, DemoStep] = {step.name: step for step in DEFAULT_STEPS}
 # ---- helpers ------------------------------------------------------------------------------------
 def _before_after(before: dict, after: dict, key: str) -> dict[str, list[float]]:
     return {k: [v, after.get(key, {}).get(k)] for k, v in before.get(key, {}).items()}
+
+
+def _head_jsonl(src: Path, dst: Path, n: int) -> Path:
+    """The first ``n`` lines of ``src`` in ``dst`` (left untouched when already so: shard caches
+    are keyed on the file's size and mtime)."""
+    with open(src, encoding="utf-8") as f:
+        text = "".join(line for _, line in zip(range(n), f))
+    if not dst.exists() or dst.read_text(encoding="utf-8") != text:
+        dst.write_text(text, encoding="utf-8")
+    return dst
 
 
 def _restore(ctx: DemoContext) -> None:

@@ -61,14 +61,20 @@ def _dpo_section(ctx: Any, d: dict[str, Any]) -> list[str]:
         lines.append(f"| … rejected: {_REJECTION_TEXT.get(k, k)} | {b:.2f} | {a:.2f} |")
     for k, (b, a) in h.get("by_kind", {}).items():
         lines.append(f"| … task: {k} | {b:.2f} | {a:.2f} |")
+    tp = d.get("train_pairs")
+    if tp:
+        lines.append(f"| *{tp['n_pairs']} of the training pairs:* log π(chosen) > log π(rejected) | "
+                     f"{tp['logp_accuracy'][0]:.2f} | {tp['logp_accuracy'][1]:.2f} |")
     lines += ["",
-              f"Implicit reward β·(log π − log π_SFT) of the DPO model against the SFT model on held-out pairs: "
-              f"chosen {h['mean_reward_chosen']:+.3f}, rejected {h['mean_reward_rejected']:+.3f}, margin "
-              f"**{h['mean_reward_margin']:+.3f}**, positive on {h['reward_accuracy']:.0%} of the pairs.", ""]
+              "Implicit reward β·(log π − log π_SFT) of the DPO model against the SFT model (the reference) on "
+              f"held-out pairs: chosen {h['mean_reward_chosen']:+.3f}, rejected {h['mean_reward_rejected']:+.3f}, "
+              f"margin **{h['mean_reward_margin']:+.3f}**, positive on {h['reward_accuracy']:.0%} of the pairs"
+              + (f" (training pairs: margin {tp['mean_reward_margin']:+.3f}, positive on {tp['reward_accuracy']:.0%})"
+                 if tp else "") + ".", ""]
     if d.get("train_margin"):
         lines += [f"On training batches the reward margin went {d['train_margin'][0]:+.3f} → "
                   f"{d['train_margin'][1]:+.3f} and the preference accuracy {d['train_pref_accuracy'][0]:.2f} → "
-                  f"{d['train_pref_accuracy'][1]:.2f} (first and last logged step).", ""]
+                  f"{d['train_pref_accuracy'][1]:.2f} (first and last logged steps).", ""]
     metrics = ctx.artifacts.get("dpo_metrics")
     if metrics is not None and Path(metrics).exists():
         png = plot_metrics([metrics], ctx.out / "dpo.png",
