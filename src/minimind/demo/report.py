@@ -39,7 +39,7 @@ _REJECTION_TEXT = {
     "wrong_value": "right format, wrong value",
     "wrong_format": "wrong format (bare value, sentence, ISO date; tool task: no call)",
     "truncated": "cut off before the value",
-    "malformed_tool_call": "malformed tool call (broken JSON, unknown tool, misnamed argument)",
+    "malformed_tool_call": "malformed tool call (unknown tool, or a tool not offered)",
 }
 
 
@@ -48,33 +48,37 @@ def _dpo_section(ctx: Any, d: dict[str, Any]) -> list[str]:
     h = d["heldout"]
     train, held = d["pairs"]["train"], d["pairs"]["heldout"]
     mix = ", ".join(f"{k} {v}" for k, v in train["by_rejection"].items())
-    lines = ["## Preference tuning (DPO)", "",
-             f"{train['pairs']} training pairs from train-split tasks, {held['pairs']} held-out pairs from "
-             "eval-split tasks. Chosen = the answer SFT trains on; rejected = a worse answer to the same "
-             f"prompt ({mix}). {d['steps']} DPO steps from the SFT model (sigmoid loss, beta {d['beta']}, "
-             f"lr {d['lr']}) in {d['seconds']} s; held-out scoring {d['eval_seconds']} s.", "",
+    kinds = ", ".join(train["by_kind"])
+    intro = (f"{train['pairs']} training pairs from train-split tasks ({kinds}), {held['pairs']} held-out pairs "
+             "from eval-split tasks. Chosen = the answer SFT trains on; rejected = a worse answer to the same "
+             f"prompt ({mix}). {d['steps']} DPO steps from the SFT model (sigmoid loss, β {d['beta']}, "
+             f"lr {d['lr']}) in {d['seconds']} s; scoring the pairs before and after took {d['eval_seconds']} s.")
+    acc, margin = h["logp_accuracy"], h["mean_logp_margin"]
+    lines = ["## Preference tuning (DPO)", "", intro, "",
              "| held-out pairs | SFT model | DPO model |", "|---|---|---|",
-             f"| log π(chosen) > log π(rejected) | {h['logp_accuracy'][0]:.2f} | **{h['logp_accuracy'][1]:.2f}** |",
-             f"| mean log π(chosen) − log π(rejected) (nats) | {h['mean_logp_margin'][0]:.2f} | "
-             f"{h['mean_logp_margin'][1]:.2f} |"]
+             f"| log π(chosen) > log π(rejected) | {acc[0]:.2f} | **{acc[1]:.2f}** |",
+             f"| mean log π(chosen) − log π(rejected) (nats) | {margin[0]:.2f} | {margin[1]:.2f} |"]
     for k, (b, a) in h.get("by_rejection", {}).items():
         lines.append(f"| … rejected: {_REJECTION_TEXT.get(k, k)} | {b:.2f} | {a:.2f} |")
     for k, (b, a) in h.get("by_kind", {}).items():
         lines.append(f"| … task: {k} | {b:.2f} | {a:.2f} |")
     tp = d.get("train_pairs")
     if tp:
-        lines.append(f"| *{tp['n_pairs']} of the training pairs:* log π(chosen) > log π(rejected) | "
+        lines.append(f"| *{tp['n_pairs']} training pairs:* log π(chosen) > log π(rejected) | "
                      f"{tp['logp_accuracy'][0]:.2f} | {tp['logp_accuracy'][1]:.2f} |")
-    lines += ["",
-              "Implicit reward β·(log π − log π_SFT) of the DPO model against the SFT model (the reference) on "
-              f"held-out pairs: chosen {h['mean_reward_chosen']:+.3f}, rejected {h['mean_reward_rejected']:+.3f}, "
-              f"margin **{h['mean_reward_margin']:+.3f}**, positive on {h['reward_accuracy']:.0%} of the pairs"
-              + (f" (training pairs: margin {tp['mean_reward_margin']:+.3f}, positive on {tp['reward_accuracy']:.0%})"
-                 if tp else "") + ".", ""]
+    reward = (f"Implicit reward β·(log π − log π_SFT) of the DPO model, the SFT model as reference, on held-out "
+              f"pairs: chosen {h['mean_reward_chosen']:+.3f}, rejected {h['mean_reward_rejected']:+.3f}, margin "
+              f"**{h['mean_reward_margin']:+.3f}**, positive on {h['reward_accuracy']:.0%} of the pairs")
+    if tp:
+        reward += f" (training pairs: margin {tp['mean_reward_margin']:+.3f}, positive on {tp['reward_accuracy']:.0%})"
+    note = ("log π is summed over a reply's tokens, so of two replies the model finds equally unlikely the "
+            "shorter one wins; the implicit reward compares each reply with the SFT model's own log-prob of it.")
+    lines += ["", reward + ". " + note, ""]
     if d.get("train_margin"):
-        lines += [f"On training batches the reward margin went {d['train_margin'][0]:+.3f} → "
-                  f"{d['train_margin'][1]:+.3f} and the preference accuracy {d['train_pref_accuracy'][0]:.2f} → "
-                  f"{d['train_pref_accuracy'][1]:.2f} (first and last logged steps).", ""]
+        m, pa = d["train_margin"], d["train_pref_accuracy"]
+        batches = (f"On training batches the reward margin went {m[0]:+.3f} → {m[1]:+.3f} and the preference "
+                   f"accuracy {pa[0]:.2f} → {pa[1]:.2f} (first and last logged steps).")
+        lines += [batches, ""]
     metrics = ctx.artifacts.get("dpo_metrics")
     if metrics is not None and Path(metrics).exists():
         png = plot_metrics([metrics], ctx.out / "dpo.png",
