@@ -31,6 +31,21 @@ _HELP = {
     "wandb_project": "tracker project name",
     "skip_bad_lines": "1 = skip malformed JSONL lines with a counted warning instead of failing",
     "warmup_steps": "linear warmup optimizer steps (0 = 1%% of the run)",
+    "dropout": "dropout of a new model (0 = none, as the reference)",
+    # stage options
+    "lora_rank": "adapter rank r",
+    "lora_alpha": "adapter scale alpha/r; 0 = alpha equals r (unscaled, as the reference)",
+    "lora_dropout": "dropout on the adapter's input",
+    "lora_targets": "square (reference: Linears with in == out), all, or a list like q_proj,v_proj",
+    "beta": "DPO temperature beta of the implicit reward beta * log(pi / pi_ref)",
+    "loss_type": "sigmoid (DPO), ipo or hinge",
+    "ref_weight": "reference model (default: the --from_weight model)",
+    "ref_cache": "1 = compute each pair's reference log-probs once and keep them",
+    "from_teacher_weight": "teacher: stage name (resolved with the teacher shape) or weights path",
+    "teacher_hidden_size": "teacher hidden size for a stage-name teacher (0 = the student's)",
+    "teacher_use_moe": "teacher is MoE for a stage-name teacher (-1 = like the student)",
+    "alpha": "weight of the hard-label cross-entropy (1 - alpha goes to the KL term)",
+    "temperature": "softmax temperature T of both distributions",
 }
 
 
@@ -255,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in STAGE_HELP.items():
         sp = _add_stage_parser(sub, name, text)
+        if name == "distill":
+            sp.add_argument("--from_student_weight", dest="from_weight", default=argparse.SUPPRESS,
+                            help="reference name of --from_weight for the student")
         if name == "lora":
             sp.add_argument("--lora_name", dest="save_weight", default=argparse.SUPPRESS,
                             help="reference name of --save_weight for adapters (default 'lora_medical')")
