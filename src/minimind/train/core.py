@@ -186,8 +186,10 @@ class Trainer:
         if weights is None:
             weights = [float(self.stage.batch_weight(b)) for b in micro_batches]
         local_w = float(sum(weights))
-        total_w = float(all_reduce_sum(torch.tensor([local_w], dtype=torch.float64), self.info)) \
-            if self.info.enabled else local_w
+        total_w = local_w
+        if self.info.enabled:  # on the device: NCCL reduces CUDA tensors only
+            total_w = float(all_reduce_sum(torch.tensor([local_w], dtype=torch.float64, device=self.device),
+                                           self.info))
         denom = max(total_w, 1e-12)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
