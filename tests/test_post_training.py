@@ -237,3 +237,31 @@ def test_data_prepare_output_is_what_training_reads(ws, tmp_path, kind, monkeypa
     assert main([kind, *train_flags]) == 0
     assert [p for p in (tmp_path / "data_cache").iterdir()] == built  # no second cache folder
     assert (built[0] / "meta.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+def test_rpo_adds_the_chosen_answers_per_token_nll(ws, tmp_path):
+    """``--rpo_alpha a``: loss = DPO loss + a * (mean NLL over the chosen answers' tokens), checked
+    against a direct computation from the logits."""
+    from minimind.train.distributed import DistInfo
+    from minimind.train.stages.base import StageContext
+    pairs = _dpo_pairs(tmp_path / "dpo.jsonl", 12, seed=4)
+    cfg = _cfg(ws, tmp_path, stage="dpo", data_path=str(pairs), from_weight=str(ws["sft_w"]),
+               shard_dir=str(tmp_path / "sh"), batch_size=2)
+    ctx = StageContext(cfg=cfg, device=torch.device("cpu"), dtype=torch.float32, info=DistInfo(),
+                       tokenizer=ws["tok"])
+    plain, rpo = DPOStage(DPOOptions(beta=0.5)), DPOStage(DPOOptions(beta=0.5, rpo_alpha=0.7))
+    for s in (plain, rpo):
+        s.setup(ctx)
+    ds = plain.build_dataset(cfg, ws["tok"])
+    batch = ds.get_batch(0, [0, 1])
+    policy = load_model(ws["pre_w"]).eval()  # differs from the reference, so the DPO term is not trivial
+    with torch.no_grad():
+        a, b = plain.compute_loss(policy, batch), rpo.compute_loss(policy, batch)
+        logp = torch.log_softmax(policy(batch.input_ids, position_ids=batch.position_ids,
+                                        doc_ids=batch.doc_ids).logits.double(), -1)
+    chosen = (batch.targets != -100) & (batch.seq_index >= 0) & (batch.seq_index % 2 == 0)
+    picked = logp.gather(-1, batch.targets.clamp(min=0)[..., None])[..., 0]
+    nll = float(-picked[chosen].sum() / chosen.sum())
+    assert float(b.loss) == pytest.approx(float(a.loss) + 0.7 * nll, rel=1e-5)
+    assert float(b.metrics["nll_chosen"]) == pytest.approx(nll, rel=1e-5)
+    assert nll > 0.1

@@ -41,6 +41,7 @@ _HELP = {
     "loss_type": "sigmoid (DPO), ipo or hinge",
     "ref_weight": "reference model (default: the --from_weight model)",
     "ref_cache": "1 = compute each pair's reference log-probs once and keep them",
+    "rpo_alpha": "weight of the chosen answers' per-token NLL added to the DPO loss (RPO; 0 = off)",
     "from_teacher_weight": "teacher: stage name (resolved with the teacher shape) or weights path",
     "teacher_hidden_size": "teacher hidden size for a stage-name teacher (0 = the student's)",
     "teacher_use_moe": "teacher is MoE for a stage-name teacher (-1 = like the student)",

@@ -57,6 +57,15 @@ def sequence_logps(logits: Tensor, targets: Tensor, seq_index: Tensor, n_seq: in
     return tok.new_zeros(n_seq).index_add(0, idx, vals)
 
 
+def sequence_token_counts(targets: Tensor, seq_index: Tensor, n_seq: int) -> Tensor:
+    """Number of trained positions (target != IGNORE_INDEX) per sequence, ``[n_seq]`` fp32 --
+    the denominators that turn :func:`sequence_logps` sums into per-token means."""
+    valid = (seq_index >= 0) & (targets != IGNORE_INDEX)
+    idx = torch.where(valid, seq_index, torch.zeros_like(seq_index)).reshape(-1)
+    return torch.zeros(n_seq, dtype=torch.float32, device=targets.device).index_add(
+        0, idx, valid.reshape(-1).float())
+
+
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
              ref_rejected: Tensor, beta: float,
              loss_type: str = "sigmoid") -> tuple[Tensor, Tensor, Tensor]:

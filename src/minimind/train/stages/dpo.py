@@ -8,6 +8,10 @@ function of ``beta * h`` chosen by ``--loss_type`` (see :func:`minimind.train.lo
 
 The reference log-probs never change, so by default each pair's are computed once, the first time
 the pair is seen, and kept in memory (``--ref_cache 0`` recomputes them every time).
+
+``--rpo_alpha a > 0`` adds the chosen answers' per-token negative log-likelihood (RPO, Pang et al.
+2024): ``L = L_DPO + a * (-sum log pi(y_c|x)) / |y_c|``, which keeps the policy's probability of the
+chosen answers from falling while their margin over the rejected ones grows.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from torch import nn
 from minimind.config import TrainConfig
 from minimind.data import ShardInfo, ShardReader
 from minimind.data.dpo import DPODataset, PairBatch, load_or_prepare_dpo_shards
-from minimind.train.losses import DPO_LOSS_TYPES, dpo_loss, sequence_logps
+from minimind.train.losses import DPO_LOSS_TYPES, dpo_loss, sequence_logps, sequence_token_counts
 from minimind.train.stages.base import LossOutput, StageBase, StageContext, shard_dir_for
 
 
@@ -31,8 +35,11 @@ class DPOOptions:
     loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge
     ref_weight: str = ""  # reference model; "" = the --from_weight model
     ref_cache: int = 1  # 1 = compute each pair's reference log-probs once and keep them
+    rpo_alpha: float = 0.0  # weight of the NLL of the chosen answers (0 = plain DPO)
 
     def validate(self) -> None:
+        if self.rpo_alpha < 0:
+            raise ValueError(f"--rpo_alpha must not be negative, got {self.rpo_alpha}")
         if self.beta <= 0:
             raise ValueError(f"--beta must be positive, got {self.beta}")
         if self.loss_type not in DPO_LOSS_TYPES:
@@ -101,7 +108,14 @@ class DPOStage(StageBase):
         losses, chosen_reward, rejected_reward = dpo_loss(
             policy[0::2], policy[1::2], ref[0::2], ref[1::2], self.options.beta, self.options.loss_type)
         margin = chosen_reward - rejected_reward
-        return LossOutput(loss=losses.mean() + aux, weight=float(batch.num_pairs), metrics={
+        loss = losses.mean() + aux
+        metrics: dict[str, torch.Tensor] = {}
+        if self.options.rpo_alpha > 0:
+            n_chosen = sequence_token_counts(batch.targets, batch.seq_index, batch.num_seqs)[0::2]
+            nll = -policy[0::2].sum() / n_chosen.sum().clamp(min=1.0)
+            loss = loss + self.options.rpo_alpha * nll
+            metrics["nll_chosen"] = nll.detach()
+        return LossOutput(loss=loss, weight=float(batch.num_pairs), metrics={**metrics,
             "reward_chosen": chosen_reward.mean(), "reward_rejected": rejected_reward.mean(),
             "margin": margin.mean(), "pref_accuracy": (margin > 0).float().mean(),
             "aux_loss": aux.detach()})
