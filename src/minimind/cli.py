@@ -237,6 +237,27 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    """A transformers-loadable folder (Qwen3ForCausalLM / Qwen3MoeForCausalLM, no remote code)."""
+    from minimind.export import export_hf
+    from minimind.model.weights import resolve_weight_path
+    weight = resolve_weight_path(args.weight, args.save_dir, args.hidden_size, args.use_moe)
+    tok_dir = Path(args.tokenizer_path or Path(args.save_dir) / "tokenizer")
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {tok_dir}: pass --tokenizer_path")
+    out = export_hf(weight, args.out, tok_dir, dtype=args.dtype)
+    print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """A HF Qwen3 / MiniMind folder or a reference .pth -> our safetensors (+ its tokenizer)."""
+    from minimind.export import import_hf
+    out = import_hf(args.src, args.out, dtype=args.dtype or None)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from minimind.train.plots import plot_metrics
     out = plot_metrics([Path(p) for p in args.metrics], Path(args.out), keys=args.keys.split(","))
@@ -319,6 +340,23 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--out", required=True, help="output path ending in .pth or .safetensors")
     cv.add_argument("--preset", default="minimind-3", help="shape defaults for a .pth without config")
     cv.set_defaults(func=cmd_convert)
+
+    ex = sub.add_parser("export", help="export weights for other tools").add_subparsers(dest="format", required=True)
+    eh = ex.add_parser("hf", help="a Hugging Face transformers folder (also what vLLM serves)")
+    eh.add_argument("--weight", required=True, help="weights path or stage name (full_sft -> out/full_sft_<H>)")
+    eh.add_argument("--out", required=True, help="output folder")
+    eh.add_argument("--tokenizer_path", default="", help="tokenizer folder (default <save_dir>/tokenizer)")
+    eh.add_argument("--save_dir", default="out")
+    eh.add_argument("--hidden_size", type=int, default=0, help="shape of a stage-name --weight")
+    eh.add_argument("--use_moe", type=int, default=-1, choices=[-1, 0, 1])
+    eh.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    eh.set_defaults(func=cmd_export_hf)
+
+    im = sub.add_parser("import", help="import a HF Qwen3 / MiniMind folder or a reference .pth")
+    im.add_argument("src", help="folder with config.json + weights, or a .pth / .safetensors file")
+    im.add_argument("--out", required=True, help="output .safetensors (its tokenizer goes to <out dir>/tokenizer)")
+    im.add_argument("--dtype", default="", choices=["", "float32", "bfloat16", "float16"])
+    im.set_defaults(func=cmd_import)
 
     pl = sub.add_parser("plot", help="turn metrics JSONL files into a PNG")
     pl.add_argument("metrics", nargs="+")

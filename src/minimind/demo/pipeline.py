@@ -52,6 +52,9 @@ class DemoSettings:
     n_dpo_probe: int = 100  # training pairs scored like the held-out ones, to compare
     dpo_lr: float = 1e-4
     dpo_beta: float = 1.0
+    # The chosen answers' NLL added to the DPO loss (RPO): without it DPO lowered well-formed answers
+    # 0.88 -> 0.79 on task kinds it was not tuned on; with 0.3 they stay (0.91) at the same ranking.
+    dpo_rpo_alpha: float = 0.3
     dpo_epochs: int = 1
     dpo_steps: int = 0  # 0 = as many as dpo_epochs take
     dpo_seq_len: int = 768  # a packed row holds one tool-task pair (~2 x 320 tokens) or several short ones
@@ -205,7 +208,8 @@ class PreferenceTuning:
         before = preference_eval(sft_model, ctx.tokenizer, heldout, **evalkw)
         before_train = preference_eval(sft_model, ctx.tokenizer, probe, **evalkw)
         eval_s = time.perf_counter() - t0
-        res = train(DPOStage(DPOOptions(beta=s.dpo_beta, loss_type="sigmoid")), cfg, ctx.tokenizer)
+        res = train(DPOStage(DPOOptions(beta=s.dpo_beta, loss_type="sigmoid", rpo_alpha=s.dpo_rpo_alpha)),
+                    cfg, ctx.tokenizer)
         ctx.artifacts["dpo_weights"] = res.weights_path
         ctx.artifacts["dpo_metrics"] = res.metrics_path
         t0 = time.perf_counter()
@@ -220,7 +224,8 @@ class PreferenceTuning:
 
         ctx.results[self.name] = {
             "pairs": {k: {f: v[f] for f in ("pairs", "by_kind", "by_rejection")} for k, v in data.items()},
-            "beta": s.dpo_beta, "lr": s.dpo_lr, "seq_len": seq_len, "batch_rows": s.dpo_batch_size,
+            "beta": s.dpo_beta, "rpo_alpha": s.dpo_rpo_alpha, "lr": s.dpo_lr, "seq_len": seq_len,
+            "batch_rows": s.dpo_batch_size,
             "epochs": s.dpo_epochs, "steps": res.steps, "seconds": round(res.seconds, 1),
             "eval_seconds": round(eval_s, 1), "final_loss": res.final_loss,
             "heldout": {

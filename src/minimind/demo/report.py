@@ -52,7 +52,7 @@ def _dpo_section(ctx: Any, d: dict[str, Any]) -> list[str]:
     intro = (f"{train['pairs']} training pairs from train-split tasks ({kinds}), {held['pairs']} held-out pairs "
              "from eval-split tasks. Chosen = the answer SFT trains on; rejected = a worse answer to the same "
              f"prompt ({mix}). {d['steps']} DPO steps from the SFT model (sigmoid loss, β {d['beta']}, "
-             f"lr {d['lr']}) in {d['seconds']} s; scoring the pairs before and after took {d['eval_seconds']} s.")
+             f"{_rpo(d)}lr {d['lr']}) in {d['seconds']} s; scoring the pairs before and after took {d['eval_seconds']} s.")
     acc, margin = h["logp_accuracy"], h["mean_logp_margin"]
     lines = ["## Preference tuning (DPO)", "", intro, "",
              "| held-out pairs | SFT model | DPO model |", "|---|---|---|",
@@ -158,3 +158,8 @@ def write_report(ctx: Any) -> Path:
     (out / "results.json").write_text(json.dumps({"results": r, "timings": ctx.timings}, ensure_ascii=False,
                                                  indent=1, default=str), encoding="utf-8")
     return report
+
+
+def _rpo(d: dict) -> str:
+    """``RPO α 0.3, `` when the chosen answers' NLL was added to the DPO loss."""
+    return f"RPO α {d['rpo_alpha']} (the chosen answers' NLL added), " if d.get("rpo_alpha") else ""
