@@ -13,6 +13,7 @@ from minimind.config import ModelConfig
 from minimind.export import config_from_hf, export_hf, hf_config, import_hf
 from minimind.model import MiniMindForCausalLM, export_reference_pth, load_model, read_state_dict
 from minimind.tokenizer import MiniMindTokenizer, train_tokenizer
+from tests.test_model_numerics import random_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,18 +49,7 @@ def _cfg_without_yarn(cfg: ModelConfig) -> ModelConfig:
 
 
 def _random_model(cfg: ModelConfig, seed: int = 0) -> MiniMindForCausalLM:
-    """Non-trivial weights: norms away from 1, routers far from uniform."""
-    torch.manual_seed(seed)
-    model = MiniMindForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            elif name.endswith("mlp.gate.weight"):
-                p.normal_(0.0, 0.6)
-            else:
-                p.normal_(0.0, 0.25)
-    return model.eval()
+    return random_model(cfg, seed)  # non-trivial weights: norms away from 1, routers far from uniform
 
 
 def _max_logit_diff(ours: MiniMindForCausalLM, hf, ids: torch.Tensor) -> tuple[float, float]:
