@@ -20,7 +20,7 @@ def default_intermediate_size(hidden_size: int) -> int:
     return int(math.ceil(hidden_size * math.pi / 64) * 64)
 
 
-# YaRN settings of the reference ``inference_rope_scaling=True`` switch (spec 1.1 / 1.5).
+# YaRN settings of the reference ``inference_rope_scaling=True`` switch (factor 16 over 2048 positions).
 REFERENCE_YARN = {
     "type": "yarn",
     "factor": 16.0,
@@ -130,7 +130,7 @@ class ModelConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Reference models (UPSTREAM_SPEC 1.3): 63,912,192 and 198,416,640 (A63,936,768) parameters.
+    # Reference models: 63,912,192 and 198,416,640 (A63,936,768) parameters.
     "minimind-3": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4),
     "minimind-3-moe": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8,
                            num_key_value_heads=4, use_moe=True, num_experts=4, num_experts_per_tok=1),

@@ -1,7 +1,7 @@
 """BOS-aligned best-fit packing of documents into fixed rows, and the packed dataset.
 
 The reference pads every sample to ``max_length`` and, for pretraining, throws away everything past
-it (spec 6.3.2).  Here each epoch's documents are packed into rows of exactly ``row_len = T + 1``
+it.  Here each epoch's documents are packed into rows of exactly ``row_len = T + 1``
 tokens (``T`` inputs plus one more for the shifted targets):
 
 1. Shuffle the documents with ``np.random.default_rng((seed, epoch))``.

@@ -1,6 +1,6 @@
 """Small building blocks of the decoder: RMSNorm, rotary embeddings (with YaRN) and SwiGLU.
 
-Everything here follows the Qwen3 / reference MiniMind math exactly (UPSTREAM_SPEC 1.4, 1.5, 1.7),
+Everything here follows the Qwen3 / reference MiniMind math exactly (RMSNorm in fp32, half-split RoPE with YaRN, SwiGLU),
 because reference checkpoints must give the reference logits.
 """
 

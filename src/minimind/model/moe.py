@@ -4,7 +4,7 @@ Routing: ``p = softmax(W_g x)``; keep the top-k experts; if ``norm_topk_prob`` r
 weights to sum to 1.  Dispatch sorts the (token, slot) pairs by expert once and runs each expert on
 one contiguous slice, instead of a boolean-mask pass over all tokens per expert.
 
-Load-balancing loss (reference, spec 1.8), per layer and summed over layers by the model:
+Load-balancing loss (as the reference computes it), per layer and summed over layers by the model:
 ``aux = coef * E * sum_{slot, e} f_{slot,e} * P_e`` with ``f_{slot,e}`` the fraction of tokens whose
 ``slot``-th choice is expert e and ``P_e`` the mean router probability of e.
 """
