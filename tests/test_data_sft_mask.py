@@ -1,4 +1,4 @@
-"""SFT loss-mask spans (spec 3.3) and augmentation (spec 3.1) against hand-written expectations."""
+"""SFT loss-mask spans and augmentation against hand-written expectations."""
 
 from __future__ import annotations
 

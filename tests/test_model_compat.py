@@ -139,7 +139,7 @@ def test_moe_weights_into_dense_config_fail_loudly(compat_dir):
 
 
 # ------------------------------------------------------------------------------------------------
-# HF transformers Qwen3 equivalence (spec 1.13)
+# HF transformers Qwen3 equivalence (same parameter names, same math)
 # ------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Model math against a naive float64 re-implementation of UPSTREAM_SPEC §1.
+"""Model math against a naive float64 re-implementation of the reference model math.
 
 The reference below is deliberately written the slow, obvious way (explicit softmax with -inf masking,
 explicit repetition of KV heads, rotate_half RoPE from the formula, per-token MoE loops) and shares no
@@ -64,7 +64,7 @@ def naive_swiglu(x, wg, wu, wd):
 
 def naive_moe(x, sd, p, cfg):
     """Per-token loop: softmax router, top-k (descending), renormalised weights.  Returns y and the
-    per-layer aux loss of spec 1.8 (fraction of tokens per expert times mean probability)."""
+    per-layer aux loss (fraction of tokens per expert times mean probability)."""
     n_tok = x.shape[0]
     E, k = cfg.num_experts, cfg.num_experts_per_tok
     logits = x @ sd[p + "gate.weight"].T
@@ -320,7 +320,7 @@ def test_yarn_tables_match_formula():
     inv_plain, _ = naive_inv_freq(hd, theta, n, None)
     inv_yarn, fac = naive_inv_freq(hd, theta, n, YARN)
     ratio = inv_yarn / inv_plain
-    # spec 1.5: low = 8, high = 21 for these settings
+    # YaRN ramp bounds: low = 8, high = 21 for these settings
     assert np.allclose(ratio[:9], 1.0, rtol=0, atol=1e-15)
     assert np.allclose(ratio[21:], 1 / 16, rtol=1e-13)
     assert np.all((ratio[9:21] < 1) & (ratio[9:21] > 1 / 16))

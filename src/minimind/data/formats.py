@@ -1,4 +1,4 @@
-"""Validation and normalisation of the reference MiniMind JSONL record formats (spec 3).
+"""Validation and normalisation of the reference MiniMind JSONL record formats.
 
 The reference loaders accept whatever the JSON holds and fail (or silently train on garbage) deep
 inside a DataLoader worker.  Here every record is checked up front and converted to one canonical

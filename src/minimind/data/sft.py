@@ -1,4 +1,4 @@
-"""SFT conversation -> (token ids, loss mask), exactly as the reference labels it (spec 3.1, 3.3).
+"""SFT conversation -> (token ids, loss mask), exactly as the reference labels it.
 
 Loss mask rule (reference ``generate_labels``): scan the ids; wherever the token sequence of
 ``"<|im_start|>assistant\\n"`` starts at ``i``, mark every token from ``i + len(start)`` up to and
@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 from typing import Any, Protocol, Sequence
 
-#: Reference system prompts used for random system-message injection (spec 3.1).
+#: Reference system prompts used for random system-message injection.
 SYSTEM_PROMPTS: tuple[str, ...] = (
     "你是一个知识丰富的AI，尽力为用户提供准确的信息。",
     "你是minimind，一个小巧但有用的语言模型。",

@@ -3,7 +3,7 @@
 The reference re-renders and re-tokenises every sample in ``__getitem__`` on every epoch (spec
 6.3.1).  Here a JSONL file is converted once into the shard folder described in
 :mod:`minimind.data.store` (``ids.bin``, ``mask.bin``, ``offsets.npy``, ``meta.json``); pretrain
-masks are all 1, SFT masks are the spec 3.3 assistant spans.
+masks are all 1, SFT masks are the assistant spans (body through ``<|im_end|>\n``).
 
 Memory stays bounded for files larger than RAM: the input is streamed in chunks of lines, chunks are
 tokenised in a process pool with at most ``2 * num_proc`` chunks in flight (``Pool.imap`` would read

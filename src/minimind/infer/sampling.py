@@ -4,7 +4,7 @@ The steps run in the order HF ``transformers`` uses, on purpose:
 
 1. **Repetition penalty on the raw logits** (CTRL rule: a seen token's positive logit is divided by
    ``p``, a negative one multiplied by ``p``, so both move towards "less likely").  The reference
-   applied it *after* dividing by the temperature (UPSTREAM_SPEC 6.2.5).  For a positive
+   applied it *after* dividing by the temperature.  For a positive
    temperature both orders give the same numbers (dividing by T > 0 keeps the sign), but only
    penalty-first also works when there is no temperature to divide by: greedy decoding sees the
    penalised logits, and temperature 0 never enters the arithmetic.
