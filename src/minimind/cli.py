@@ -250,6 +250,22 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    """A GGUF file for llama.cpp (architecture qwen3 / qwen3moe) and an ollama Modelfile beside it."""
+    from minimind.export.gguf import export_gguf
+    from minimind.model.weights import resolve_weight_path
+    weight = resolve_weight_path(args.weight, args.save_dir, args.hidden_size, args.use_moe)
+    tok_dir = Path(args.tokenizer_path or Path(args.save_dir) / "tokenizer")
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {tok_dir}: pass --tokenizer_path")
+    try:
+        out = export_gguf(weight, args.out, tok_dir, dtype=args.dtype)
+    except ImportError as e:
+        raise ValueError(str(e)) from None
+    print(f"wrote {out} and {out.parent / 'Modelfile'} (llama-cli -m {out}; ollama create NAME -f Modelfile)")
+    return 0
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     """A HF Qwen3 / MiniMind folder or a reference .pth -> our safetensors (+ its tokenizer)."""
     from minimind.export import import_hf
@@ -351,6 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
     eh.add_argument("--use_moe", type=int, default=-1, choices=[-1, 0, 1])
     eh.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     eh.set_defaults(func=cmd_export_hf)
+    eg = ex.add_parser("gguf", help="a GGUF file for llama.cpp, plus an ollama Modelfile")
+    eg.add_argument("--weight", required=True, help="weights path or stage name (full_sft -> out/full_sft_<H>)")
+    eg.add_argument("--out", required=True, help="output .gguf path")
+    eg.add_argument("--tokenizer_path", default="", help="tokenizer folder (default <save_dir>/tokenizer)")
+    eg.add_argument("--save_dir", default="out")
+    eg.add_argument("--hidden_size", type=int, default=0, help="shape of a stage-name --weight")
+    eg.add_argument("--use_moe", type=int, default=-1, choices=[-1, 0, 1])
+    eg.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
+    eg.set_defaults(func=cmd_export_gguf)
 
     im = sub.add_parser("import", help="import a HF Qwen3 / MiniMind folder or a reference .pth")
     im.add_argument("src", help="folder with config.json + weights, or a .pth / .safetensors file")
