@@ -237,14 +237,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export_hf(args: argparse.Namespace) -> int:
-    """A transformers-loadable folder (Qwen3ForCausalLM / Qwen3MoeForCausalLM, no remote code)."""
-    from minimind.export import export_hf
+def _export_source(args: argparse.Namespace) -> tuple[Path, Path]:
+    """The weights file (a path or a stage name) and tokenizer folder an export reads."""
     from minimind.model.weights import resolve_weight_path
     weight = resolve_weight_path(args.weight, args.save_dir, args.hidden_size, args.use_moe)
     tok_dir = Path(args.tokenizer_path or Path(args.save_dir) / "tokenizer")
     if not (tok_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {tok_dir}: pass --tokenizer_path")
+    return weight, tok_dir
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    """A transformers-loadable folder (Qwen3ForCausalLM / Qwen3MoeForCausalLM, no remote code)."""
+    from minimind.export import export_hf
+    weight, tok_dir = _export_source(args)
     out = export_hf(weight, args.out, tok_dir, dtype=args.dtype)
     print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0
@@ -253,11 +259,7 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 def cmd_export_gguf(args: argparse.Namespace) -> int:
     """A GGUF file for llama.cpp (architecture qwen3 / qwen3moe) and an ollama Modelfile beside it."""
     from minimind.export.gguf import export_gguf
-    from minimind.model.weights import resolve_weight_path
-    weight = resolve_weight_path(args.weight, args.save_dir, args.hidden_size, args.use_moe)
-    tok_dir = Path(args.tokenizer_path or Path(args.save_dir) / "tokenizer")
-    if not (tok_dir / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"no tokenizer.json in {tok_dir}: pass --tokenizer_path")
+    weight, tok_dir = _export_source(args)
     try:
         out = export_gguf(weight, args.out, tok_dir, dtype=args.dtype)
     except ImportError as e:
@@ -290,6 +292,15 @@ def _add_stage_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentP
     if cls.Options is not None:
         add_dataclass_flags(sp.add_argument_group(f"{name} options"), cls.Options)
     return sp
+
+
+def _add_export_source_args(parser: argparse.ArgumentParser, out_help: str) -> None:
+    parser.add_argument("--weight", required=True, help="weights path or stage name (full_sft -> out/full_sft_<H>)")
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--tokenizer_path", default="", help="tokenizer folder (default <save_dir>/tokenizer)")
+    parser.add_argument("--save_dir", default="out")
+    parser.add_argument("--hidden_size", type=int, default=0, help="shape of a stage-name --weight")
+    parser.add_argument("--use_moe", type=int, default=-1, choices=[-1, 0, 1])
 
 
 STAGE_HELP = {
@@ -359,21 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="export weights for other tools").add_subparsers(dest="format", required=True)
     eh = ex.add_parser("hf", help="a Hugging Face transformers folder (also what vLLM serves)")
-    eh.add_argument("--weight", required=True, help="weights path or stage name (full_sft -> out/full_sft_<H>)")
-    eh.add_argument("--out", required=True, help="output folder")
-    eh.add_argument("--tokenizer_path", default="", help="tokenizer folder (default <save_dir>/tokenizer)")
-    eh.add_argument("--save_dir", default="out")
-    eh.add_argument("--hidden_size", type=int, default=0, help="shape of a stage-name --weight")
-    eh.add_argument("--use_moe", type=int, default=-1, choices=[-1, 0, 1])
+    _add_export_source_args(eh, "output folder")
     eh.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     eh.set_defaults(func=cmd_export_hf)
     eg = ex.add_parser("gguf", help="a GGUF file for llama.cpp, plus an ollama Modelfile")
-    eg.add_argument("--weight", required=True, help="weights path or stage name (full_sft -> out/full_sft_<H>)")
-    eg.add_argument("--out", required=True, help="output .gguf path")
-    eg.add_argument("--tokenizer_path", default="", help="tokenizer folder (default <save_dir>/tokenizer)")
-    eg.add_argument("--save_dir", default="out")
-    eg.add_argument("--hidden_size", type=int, default=0, help="shape of a stage-name --weight")
-    eg.add_argument("--use_moe", type=int, default=-1, choices=[-1, 0, 1])
+    _add_export_source_args(eg, "output .gguf path")
     eg.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
     eg.set_defaults(func=cmd_export_gguf)
 
