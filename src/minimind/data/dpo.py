@@ -36,10 +36,9 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from .batch import IGNORE_INDEX
 from .formats import Message, dpo_pair
 from .jsonl import SkipStats
-from .packing import PAD_DOC, PackPlan, pack_rows
+from .packing import PAD_DOC, PackPlan, pack_rows, shifted_targets
 from .sft import MaskMarkers, assistant_mask, render_sft_text
 from .shards import (ShardInfo, _Chunk, _load_tokenizer, _source_fingerprint, _tokenized_chunks,
                      _usable_cpus, checked_chunks, render_lines, tokenizer_key)
@@ -375,8 +374,7 @@ class DPODataset:
                     seg[b, sl], pos[b, sl], seq[b, sl] = j, np.arange(n), 2 * len(pair_ids) + side
                     o, j = o + n, j + 1
                 pair_ids.append(p)
-        trained = (seg[:, 1:] == seg[:, :-1]) & (msk[:, 1:] == 1)
-        targets = np.where(trained, tok[:, 1:], IGNORE_INDEX)
+        targets, trained = shifted_targets(tok, msk, seg)
         as_t = (lambda a: torch.from_numpy(np.ascontiguousarray(a)))
         return PairBatch(
             input_ids=as_t(tok[:, :-1]), targets=as_t(targets), position_ids=as_t(pos[:, :-1]),

@@ -141,6 +141,13 @@ class Rows(NamedTuple):
     real: np.ndarray
 
 
+def shifted_targets(tok: np.ndarray, msk: np.ndarray, seg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Next-token targets of unshifted ``[B, T+1]`` rows: ``target[i] = tok[i+1]`` where ``i`` and
+    ``i+1`` are in the same segment and ``msk[i+1] == 1``, else ``IGNORE_INDEX``; and that mask."""
+    trained = (seg[:, 1:] == seg[:, :-1]) & (msk[:, 1:] == 1)
+    return np.where(trained, tok[:, 1:], IGNORE_INDEX), trained
+
+
 class PackedDataset:
     """Fixed-shape batches ``[B, T]`` of packed documents from a :class:`ShardReader`.
 
@@ -219,8 +226,7 @@ class PackedDataset:
         ``mask[i+1] == 1``, else ``IGNORE_INDEX``.
         """
         tok, msk, seg, pos, real = self.get_rows(epoch, row_indices)
-        trained = (seg[:, 1:] == seg[:, :-1]) & (msk[:, 1:] == 1)
-        targets = np.where(trained, tok[:, 1:], IGNORE_INDEX)
+        targets, trained = shifted_targets(tok, msk, seg)
         return Batch(
             input_ids=torch.from_numpy(np.ascontiguousarray(tok[:, :-1])),
             targets=torch.from_numpy(np.ascontiguousarray(targets)),

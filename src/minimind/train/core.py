@@ -186,11 +186,11 @@ class Trainer:
         if weights is None:
             weights = [float(self.stage.batch_weight(b)) for b in micro_batches]
         local_w = float(sum(weights))
-        total_w = local_w
-        if self.info.enabled:  # on the device: NCCL reduces CUDA tensors only
-            total_w = float(all_reduce_sum(torch.tensor([local_w], dtype=torch.float64, device=self.device),
-                                           self.info))
-        denom = max(total_w, 1e-12)
+        # W stays on the device: the all-reduce needs no host round trip in the middle of the step
+        total_w = torch.tensor(local_w, dtype=torch.float32, device=self.device)
+        if self.info.enabled:  # NCCL reduces device tensors only
+            total_w = all_reduce_sum(total_w, self.info)
+        denom = total_w.clamp(min=1e-12)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         loss_sum = torch.zeros((), device=self.device)
