@@ -1,59 +1,53 @@
 """The inference engine shared by chat, the API server, evaluation and RL rollouts.
 
-One ``generate`` call serves a batch of prompts of different lengths:
+The core is a **slot-addressed KV cache** (:class:`~minimind.model.KVCache`): ``S`` slots, each
+holding one sequence at its true positions ``0..len-1`` (no left padding, so RoPE positions are
+exact).  Three primitives act on slots, all through the model's own ``forward`` (so a compiled or
+wrapped model works unchanged):
 
-* **Prefill** runs all prompts at once, right-padded to the longest, into a pre-allocated
-  :class:`~minimind.model.KVCache` of ``max_prompt + max_new_tokens`` slots.  Every row's tokens
-  sit at their true positions ``0..len-1`` (no left padding, so RoPE positions are exact), and
-  plain causal attention is already correct for the real tokens of a right-padded row: they only
-  look left.  Padding slots hold junk that no real query sees; row ``b``'s first generated token
-  is later written over slot ``len_b``.
-* Only one hidden state per row is turned into logits (the row's last prompt position, gathered
-  per row) instead of ``[B, P, vocab]`` logits for every prompt position.
-* **Decode** feeds one token per unfinished row at position ``cur_len - 1`` with a mask that lets a
-  query at position ``p`` see slots ``<= p``.  The attended length ``kv_len = max(cur_len)`` is
-  computed on the host from Python ints, so no GPU->CPU sync is spent on it; the one sync per step
-  is reading the sampled ids, which streaming and stop checks need anyway.
-* **Finished rows are compacted away**: when rows finish, the surviving rows' cache slices are
-  moved to the front (one gather of ``kv_len`` slots, roughly the memory traffic of a single
-  decode step) and the batch shrinks, so long stragglers do not pay for finished rows, and
-  ``kv_len`` drops when the longest row is done.
+* :meth:`GenerationEngine.prefill` ``(slots, prompts)`` runs right-padded prompts in one pass, writes
+  their keys/values into the given slots and returns the logits of each prompt's last token only
+  (not ``[B, P, vocab]``).  Plain causal attention is exact for the real tokens of a right-padded
+  row: they only look left; padding writes junk that no real query ever sees.
+* :meth:`GenerationEngine.decode_step` ``(count, tokens, positions)`` feeds one token to each of the
+  slots ``0..count-1``, each at its own position, with a mask letting a query at position ``p`` see
+  slots ``<= p`` of its own row.  The attended length comes from host ints (no device sync).
+* :meth:`GenerationEngine.copy_slot` / :meth:`GenerationEngine.move_slot` copy a prompt's keys into
+  the slots of its other samples and keep the busy slots contiguous.
 
-The engine prints nothing; callers observe tokens through ``on_token`` or :meth:`stream`.
+:class:`~minimind.infer.scheduler.Scheduler` runs continuous batching on top (requests join and
+leave at any step, per-row sampling settings).  ``generate``, ``stream`` and ``chat`` below, the
+server's :class:`~minimind.infer.service.EngineService`, evaluation and RL rollouts are thin drivers
+over it.
+
+**Weights in the compute dtype.**  With ``dtype=torch.bfloat16`` the engine keeps its own bf16 copy
+of the model instead of autocasting, which would re-cast every weight at every decode step; the
+copy is refreshed from the training model with :meth:`GenerationEngine.refresh_weights` (RL does this
+after each optimizer step).  In the model's own dtype the engine uses the model itself.
+
+The engine prints nothing; callers observe tokens through callbacks or :meth:`stream`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+import copy
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
+from torch import nn
 
-from minimind.infer.sampling import SamplingParams, sample_next, seen_token_mask
+from minimind.infer.sampling import SamplingParams, seen_token_mask
+from minimind.infer.scheduler import (FinishReason, GenerationResult, Request, Row, Scheduler, TokenEvent,
+                                      expand_requests)
 from minimind.model.kv_cache import KVCache
 from minimind.model.masks import cache_attention_mask
 from minimind.model.modeling import MiniMindForCausalLM
 
-FinishReason = Literal["stop", "length", "interrupted"]  # interrupted: Ctrl-C in chat
+__all__ = ["GenerationEngine", "GenerationResult", "TextStream", "TokenEvent", "FinishReason"]
+
 OnToken = Callable[[int, int], None]
-
-
-@dataclass
-class GenerationResult:
-    """One row's outcome.
-
-    ``token_ids`` are all sampled ids, including a terminating stop token (RL needs to score the
-    decision to stop); ``text`` excludes that token and is cut before a matched stop string
-    (``None`` without a tokenizer).  ``stop`` is the stop token id or stop string that ended the row.
-    """
-
-    token_ids: list[int]
-    text: str | None
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    stop: int | str | None = None
+_MIN_CACHE_LEN = 256
 
 
 class TextStream(Iterator[str]):
@@ -74,147 +68,203 @@ class TextStream(Iterator[str]):
             raise StopIteration from None
 
     def close(self) -> None:
-        """Stop generating early (e.g. the client disconnected)."""
+        """Stop generating early (e.g. the client disconnected); the slot is freed."""
         self._pieces.close()  # type: ignore[attr-defined]
 
 
-class _Row:
-    """Host-side state of one request: its tokens, incremental text and stop checks."""
-
-    def __init__(self, prompt_len: int, budget: int, params: SamplingParams,
-                 decoder: Any | None) -> None:
-        self.prompt_len = prompt_len
-        self.budget = budget
-        self.ids: list[int] = []
-        self.finish_reason: FinishReason | None = None
-        self.stop: int | str | None = None
-        self.decoder = decoder  # a StreamDecoder when text is tracked token by token
-        self.text = ""
-        self.safe_len = 0  # text[:safe_len] is final: it can no longer become part of a stop string
-        self._stop_ids = frozenset(params.stop_token_ids)
-        self._stop_strings = params.stop_strings
-        self._hold = max((len(s) for s in self._stop_strings), default=1) - 1
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def cur_len(self) -> int:
-        return self.prompt_len + len(self.ids)
-
-    def push(self, token: int) -> None:
-        self.ids.append(token)
-        if token in self._stop_ids:
-            self._finish("stop", token)
-            return
-        if self.decoder is not None:
-            start = max(0, len(self.text) - self._hold)  # a new match must end in the new text
-            self.text += self.decoder.put(token)
-            if self._match_stop_string(start):
-                return
-            self.safe_len = len(self.text) - self._stop_prefix_len()
-        if len(self.ids) >= self.budget:
-            self._finish("length", None)
-
-    def _finish(self, reason: FinishReason, stop: int | str | None) -> None:
-        self.finish_reason, self.stop = reason, stop
-        if self.decoder is not None:
-            start = max(0, len(self.text) - self._hold)
-            self.text += self.decoder.flush()
-            self._match_stop_string(start)
-            self.safe_len = len(self.text)
-
-    def _match_stop_string(self, start: int) -> bool:
-        hits = [(i, s) for s in self._stop_strings if (i := self.text.find(s, start)) >= 0]
-        if not hits:
-            return False
-        i, s = min(hits)
-        self.text = self.text[:i]
-        self.safe_len = len(self.text)
-        self.decoder.reset()
-        self.finish_reason, self.stop = "stop", s
-        return True
-
-    def _stop_prefix_len(self) -> int:
-        """Length of the longest text suffix that is a proper prefix of some stop string."""
-        for k in range(min(self._hold, len(self.text)), 0, -1):
-            tail = self.text[-k:]
-            if any(s.startswith(tail) for s in self._stop_strings):
-                return k
-        return 0
-
-
-def _compact_cache(cache: KVCache, keep: torch.Tensor, upto: int) -> None:
-    """Move the cache rows ``keep`` (slots ``:upto``) to the front, in order."""
-    n = keep.numel()
-    cache.k[:, :n, :, :upto] = cache.k[:, keep, :, :upto]
-    cache.v[:, :n, :, :upto] = cache.v[:, keep, :, :upto]
-
-
 class GenerationEngine:
-    """Batched, streaming generation with a static KV cache.
+    """Slots, prefill/decode primitives and the synchronous drivers.
 
-    ``dtype`` is an autocast dtype (e.g. ``torch.bfloat16`` on CUDA); ``None`` or float32 runs in
-    the model's own dtype.  ``max_batch_len`` caps the positions per row (prompt + completion)
-    below ``config.max_position_embeddings`` to bound cache memory.  The model must expose
-    ``model.model`` (the decoder) and ``model.lm_head``, as :class:`MiniMindForCausalLM` does.
+    ``dtype`` is the compute dtype (``None`` = the model's own); ``max_batch_len`` caps the positions
+    per row (prompt + completion) below ``config.max_position_embeddings``; ``num_slots`` is how many
+    rows decode together (``generate`` raises it for a larger batch).  The cache grows on demand
+    (more slots, longer rows) and keeps its contents when it does.
     """
 
     def __init__(self, model: MiniMindForCausalLM, tokenizer: Any | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 max_batch_len: int | None = None) -> None:
+                 max_batch_len: int | None = None, num_slots: int = 8) -> None:
         if device is not None:
             model = model.to(device)
-        self.model = model
-        self.tokenizer = tokenizer
-        self.device = next(model.parameters()).device
-        self.dtype = None if dtype in (None, torch.float32) else dtype
         if max_batch_len is not None and max_batch_len < 2:
             raise ValueError(f"max_batch_len must be >= 2, got {max_batch_len}")
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        self.source = model
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        own = next(model.parameters()).dtype
+        self.dtype = dtype or own
+        self.model = model if self.dtype == own else _inference_copy(model, self.dtype)
         self.max_batch_len = max_batch_len
+        self.num_slots = num_slots
+        self.cache: KVCache | None = None
+        self.seen: torch.Tensor = torch.zeros(0, model.config.vocab_size, dtype=torch.bool, device=self.device)
+        self.scheduler = Scheduler(self)
 
-    # ---- public API ----------------------------------------------------------------------------
+    # ---- weights -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def refresh_weights(self, source: nn.Module | Mapping[str, torch.Tensor] | None = None) -> None:
+        """Copy the training weights (``source``, default the model given at construction) into the
+        inference weights, casting to the compute dtype.  A no-op when they are the same tensors."""
+        src = self.source if source is None else source
+        if src is self.model:
+            return
+        state = src.state_dict() if isinstance(src, nn.Module) else src
+        self.model.load_state_dict(state)
+
+    # ---- limits and validation -----------------------------------------------------------------
     @property
     def max_context(self) -> int:
         """Positions a row may use (read live, so :func:`enable_yarn` after construction counts)."""
         limit = self.model.config.max_position_embeddings
         return min(limit, self.max_batch_len) if self.max_batch_len else limit
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None,
-                 on_token: OnToken | None = None) -> list[GenerationResult]:
-        """Complete every prompt (token ids); ``on_token(row, token_id)`` sees each sampled id.
+    def check_prompt(self, ids: Sequence[int], n: int = 1) -> None:
+        """Raise ``ValueError`` naming the limit for a prompt the engine cannot complete."""
+        limit, vocab = self.max_context, self.model.config.vocab_size
+        if len(ids) == 0:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= limit:
+            raise ValueError(f"the prompt has {len(ids)} tokens but this model holds at most {limit} "
+                             f"positions (prompt + completion; max_position_embeddings / max_batch_len); "
+                             f"shorten it or enable YaRN for a longer "
+                             f"context")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"the prompt has token ids outside [0, {vocab})")
+        if not 1 <= n <= self.num_slots:
+            raise ValueError(f"n must be between 1 and {self.num_slots} (the engine's slots), got {n}")
 
-        Rows finish independently on a stop token, a stop string or their token budget.
+    # ---- slot primitives -----------------------------------------------------------------------
+    def reserve(self, slots: int, length: int) -> None:
+        """Make the cache hold ``slots`` slots of ``length`` positions, keeping what it holds."""
+        cur = self.cache
+        if cur is not None and cur.batch_size >= slots and cur.max_len >= length:
+            return
+        n = max(slots, cur.batch_size if cur else 0, self.num_slots)
+        want = max(length, 2 * cur.max_len if cur else _MIN_CACHE_LEN)
+        new = KVCache(self.model.config, n, min(want, self.max_context), self.device, self.dtype)
+        seen = torch.zeros(n, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+        if cur is not None:
+            new.k[:, :cur.batch_size, :, :cur.max_len] = cur.k
+            new.v[:, :cur.batch_size, :, :cur.max_len] = cur.v
+            seen[:cur.batch_size] = self.seen
+        self.cache, self.seen = new, seen
+
+    @torch.inference_mode()
+    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Write the prompts' keys/values into ``slots``; float32 logits ``[len(prompts), V]`` of each
+        prompt's last token."""
+        lens = [len(p) for p in prompts]
+        self.reserve(max(slots) + 1, max(lens))
+        width, pad = max(lens), self.model.config.pad_token_id
+        ids = torch.tensor([list(p) + [pad] * (width - len(p)) for p in prompts], dtype=torch.long)
+        ids = ids.to(self.device)
+        pos = torch.arange(width, device=self.device).expand(len(prompts), width)
+        last = torch.tensor(lens, dtype=torch.long).to(self.device) - 1
+        out = self._forward(ids, pos, None, self.cache.slots(list(slots)), last)
+        return out[:, -1].float()
+
+    @torch.inference_mode()
+    def decode_step(self, count: int, tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        """Feed ``tokens[i]`` at ``positions[i]`` into slot ``i`` for ``i < count``; float32 logits
+        ``[count, V]``."""
+        tok = torch.tensor(tokens, dtype=torch.long).view(count, 1).to(self.device)
+        pos = torch.tensor(positions, dtype=torch.long).view(count, 1).to(self.device)
+        mask = cache_attention_mask(pos, max(positions) + 1)
+        out = self._forward(tok, pos, mask, self.cache.slots(slice(0, count)), 1)
+        return out[:, -1].float()
+
+    def copy_slot(self, src: int, dst: Sequence[int], length: int) -> None:
+        """Copy positions ``:length`` of slot ``src`` into ``dst`` (n samples share one prefill)."""
+        self.cache.copy_slot(src, list(dst), length)
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Move a row's keys/values and seen-token mask from slot ``src`` to slot ``dst``."""
+        self.cache.copy_slot(src, [dst], length)
+        self.seen[dst] = self.seen[src]
+
+    def mark_seen(self, first: int, prompts: Sequence[Sequence[int]]) -> None:
+        """Set the seen-token masks of slots ``first...`` from their prompts (repetition penalty)."""
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([list(p) + [0] * (width - len(p)) for p in prompts], dtype=torch.long)
+        valid = torch.arange(width).unsqueeze(0) < torch.tensor([len(p) for p in prompts]).unsqueeze(1)
+        mask = seen_token_mask(ids, self.model.config.vocab_size, valid)
+        self.seen[first:first + len(prompts)] = mask.to(self.device)
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, cache: Any,
+                 keep: int | torch.Tensor) -> torch.Tensor:
+        with _eval_mode(self.model):
+            return self.model(ids, pos, mask, kv_cache=cache, logits_to_keep=keep).logits
+
+    # ---- rows -> results -----------------------------------------------------------------------
+    def new_decoder(self) -> Any | None:
+        if self.tokenizer is None:
+            return None
+        from minimind.tokenizer import StreamDecoder
+        return StreamDecoder(self.tokenizer)
+
+    def make_result(self, row: Row) -> GenerationResult:
+        text = None
+        if self.tokenizer is not None:
+            if row.decoder is not None:
+                text = row.text
+            else:
+                content = row.ids[:-1] if isinstance(row.stop, int) else row.ids
+                text = self.tokenizer.decode(content)
+        return GenerationResult(token_ids=list(row.ids), text=text,
+                                finish_reason=row.finish_reason or "length",
+                                prompt_tokens=row.prompt_len, completion_tokens=len(row.ids),
+                                stop=row.stop, logprobs=list(row.logprobs) if row.logprobs is not None else None)
+
+    # ---- synchronous drivers -------------------------------------------------------------------
+    def run(self, requests: Sequence[Request]) -> None:
+        """Step the scheduler until ``requests`` are finished (other queued requests advance too)."""
+        while not all(r.done for r in requests):
+            self.scheduler.step()
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None,
+                 on_token: OnToken | None = None, n: int = 1, logprobs: bool = False
+                 ) -> list[GenerationResult]:
+        """Complete every prompt (token ids) ``n`` times; results are prompt-major
+        (``results[i * n + j]`` is sample ``j`` of prompt ``i``).  ``on_token(row, token_id)`` sees
+        each sampled id.  Rows finish independently on a stop token, a stop string or their budget.
         """
         params = params or SamplingParams()
-        rows = self._prepare(prompts, params, track_text=bool(params.stop_strings))
-        for emitted in self._run(prompts, params, rows):
-            if on_token is not None:
-                for r in emitted:
-                    on_token(r, rows[r].ids[-1])
-        return [self._result(row) for row in rows]
+        requests = expand_requests(prompts, params, n, logprobs, track_text=bool(params.stop_strings))
+        with self.scheduler.lock:
+            if not self.scheduler.has_work:  # a batch call decodes all its rows together
+                self.num_slots = max(self.num_slots, len(requests) * n)
+            for i, req in enumerate(requests):
+                if on_token is not None:
+                    req.on_event = lambda ev, base=i * n: on_token(base + ev.index, ev.token_id)
+                self.scheduler.add(req)
+            self.run(requests)
+        return [res for req in requests for res in req.results]  # type: ignore[misc]
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> TextStream:
         """Text pieces of one completion as they become final (complete UTF-8, not part of a
         possible stop string); ``.result`` of the returned stream holds the full result."""
         if self.tokenizer is None:
             raise ValueError("stream() needs a tokenizer")
-        params = params or SamplingParams()
-        rows = self._prepare([prompt_ids], params, track_text=True)
+        pieces: list[str] = []
+        req = Request(list(prompt_ids), params or SamplingParams(),
+                      on_event=lambda ev: pieces.append(ev.text) if ev.text else None)
+        self.scheduler.add(req)
 
-        def pieces() -> Iterator[str]:
-            row, sent = rows[0], 0
-            for _ in self._run([prompt_ids], params, rows):
-                if row.safe_len > sent:
-                    yield row.text[sent:row.safe_len]
-                    sent = row.safe_len
-            result = self._result(row)
-            if result.text and len(result.text) > sent:
-                yield result.text[sent:]
-            return result
+        def run() -> Iterator[str]:
+            try:
+                while not req.done:
+                    self.scheduler.step()
+                    yield from pieces
+                    pieces.clear()
+                return req.results[0]
+            finally:
+                if not req.done:  # closed early: free the slot now so the engine is reusable
+                    self.scheduler.cancel(req)
+                    self.scheduler.step()
 
-        return TextStream(pieces())
+        return TextStream(run())
 
     def chat_prompt_ids(self, messages: Sequence[Mapping[str, Any]],
                         tools: Sequence[Mapping[str, Any]] | None = None,
@@ -232,115 +282,28 @@ class GenerationEngine:
         """One assistant reply to ``messages`` (OpenAI-style dicts)."""
         return self.generate([self.chat_prompt_ids(messages, tools, open_thinking)], params)[0]
 
-    # ---- internals -----------------------------------------------------------------------------
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
-    def _prepare(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 track_text: bool) -> list[_Row]:
-        """Validate prompts and create the per-row state (budgets follow the cache length)."""
-        if not prompts:
-            raise ValueError("no prompts given")
-        if isinstance(prompts[0], int):
-            raise TypeError("prompts must be a list of token-id lists, e.g. [[1, 2, 3]]")
-        if params.stop_strings and self.tokenizer is None:
-            raise ValueError("stop_strings need a tokenizer to decode text")
-        limit, vocab = self.max_context, self.model.config.vocab_size
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ValueError(f"prompt {i} is empty")
-            if len(p) >= limit:
-                raise ValueError(f"prompt {i} has {len(p)} tokens but the model holds at most {limit} "
-                                 f"positions (max_position_embeddings / max_batch_len); shorten it "
-                                 f"or enable YaRN for a longer context")
-            if min(p) < 0 or max(p) >= vocab:
-                raise ValueError(f"prompt {i} has token ids outside [0, {vocab})")
-        cache_len = min(max(len(p) for p in prompts) + params.max_new_tokens, limit)
-        rows = []
-        for p in prompts:
-            decoder = None
-            if track_text and self.tokenizer is not None:
-                from minimind.tokenizer import StreamDecoder
-                decoder = StreamDecoder(self.tokenizer)
-            rows.append(_Row(len(p), min(params.max_new_tokens, cache_len - len(p)), params, decoder))
-        return rows
+def _inference_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A frozen eval-mode copy of ``model`` with its parameters in ``dtype``.
 
-    def _result(self, row: _Row) -> GenerationResult:
-        text = None
-        if self.tokenizer is not None:
-            if row.decoder is not None:
-                text = row.text
-            else:
-                content = row.ids[:-1] if isinstance(row.stop, int) else row.ids
-                text = self.tokenizer.decode(content)
-        return GenerationResult(token_ids=list(row.ids), text=text,
-                                finish_reason=row.finish_reason or "length",
-                                prompt_tokens=row.prompt_len, completion_tokens=len(row.ids),
-                                stop=row.stop)
+    Buffers (the RoPE tables) stay float32: the model casts them per step, and bf16 tables would
+    lose the low bits of large positions' angles."""
+    clone = copy.deepcopy(model).eval()
+    for p in clone.parameters():
+        p.requires_grad_(False)
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return clone
 
-    def _hidden(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache) -> torch.Tensor:
-        with self._autocast():
-            hidden, _ = self.model.model(ids, pos, mask, cache)
-        return hidden
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
-            return self.model.lm_head(hidden).float()
-
-    @torch.inference_mode()
-    def _run(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-             rows: list[_Row]) -> Iterator[list[int]]:
-        """Drive prefill and decode; after each step yield the row indices that got a token."""
-        model, dev = self.model, self.device
-        was_training = model.training
-        model.eval()
-        try:
-            lens = [r.prompt_len for r in rows]
-            width = max(lens)
-            cache_len = max(r.prompt_len + r.budget for r in rows)
-            kv_dtype = self.dtype or next(model.parameters()).dtype
-            cache = KVCache(model.config, len(rows), cache_len, dev, kv_dtype)
-            pad = model.config.pad_token_id
-            ids = torch.tensor([list(p) + [pad] * (width - len(p)) for p in prompts],
-                               dtype=torch.long).to(dev)
-            lens_t = torch.tensor(lens, dtype=torch.long).to(dev)
-            positions = torch.arange(width, device=dev)
-            hidden = self._hidden(ids, positions.expand(len(rows), width), None, cache)
-            logits = self._logits(hidden[torch.arange(len(rows), device=dev), lens_t - 1])
-            seen = None
-            if params.repetition_penalty != 1.0:
-                valid = positions.unsqueeze(0) < lens_t.unsqueeze(1)
-                seen = seen_token_mask(ids, model.config.vocab_size, valid)
-            generator = None
-            if params.seed is not None:
-                generator = torch.Generator(device=dev).manual_seed(params.seed)
-
-            active = list(range(len(rows)))  # batch slot -> row index
-            pos = lens_t  # position at which each slot's next fed token is written
-            while True:
-                tok = sample_next(logits, params, seen, generator)
-                for slot, t in enumerate(tok.tolist()):
-                    rows[active[slot]].push(t)
-                yield list(active)
-                keep = [s for s, r in enumerate(active) if not rows[r].done]
-                if not keep:
-                    return
-                if seen is not None:
-                    seen[torch.arange(len(active), device=dev), tok] = True
-                kv_len = max(rows[active[s]].cur_len for s in keep)
-                if len(keep) < len(active):
-                    idx = torch.tensor(keep, dtype=torch.long).to(dev)
-                    _compact_cache(cache, idx, kv_len)
-                    tok, pos = tok[idx], pos[idx]
-                    seen = seen[idx] if seen is not None else None
-                    active = [active[s] for s in keep]
-                step_pos = pos.unsqueeze(1)
-                mask = cache_attention_mask(step_pos, kv_len)
-                hidden = self._hidden(tok.unsqueeze(1), step_pos, mask, cache)
-                logits = self._logits(hidden[:, -1])
-                pos = pos + 1
-        finally:
-            model.train(was_training)
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run in eval mode (no dropout) and restore a training model afterwards."""
+    if not model.training:
+        yield
+        return
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train()

@@ -18,12 +18,16 @@ The steps run in the order HF ``transformers`` uses, on purpose:
 6. **Multinomial** draw from the renormalised distribution, with an optional ``torch.Generator`` so
    that a seed reproduces the samples.
 
-Everything is batched over rows; no Python loop over the batch.
+Everything is batched over rows, and every row may have its own settings (:class:`RowKnobs`): the
+continuous-batching engine decodes requests with different temperatures, filters and penalties in one
+step.  Top-k and top-p work on the ``k_max`` best logits only (``torch.topk`` instead of a full sort of
+the vocabulary) unless some row disables top-k.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -78,6 +82,39 @@ class SamplingParams:
         return self.greedy or self.temperature == 0
 
 
+@dataclass
+class RowKnobs:
+    """Per-row sampling settings as tensors ``[B]``, plus host-side flags that let a step skip work.
+
+    ``top_k`` holds ``V`` for rows without a top-k filter; ``k_max`` is the largest of them.
+    """
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    penalty: torch.Tensor
+    greedy: torch.Tensor
+    k_max: int
+    any_penalty: bool
+    all_greedy: bool
+
+    @classmethod
+    def build(cls, params: Sequence[SamplingParams], vocab_size: int,
+              device: torch.device | str = "cpu") -> "RowKnobs":
+        ks = [int(p.top_k) if 0 < int(p.top_k) < vocab_size else vocab_size for p in params]
+        greedy = [p.is_greedy for p in params]
+        return cls(
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32).to(device),
+            top_k=torch.tensor(ks, dtype=torch.long).to(device),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device),
+            penalty=torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32).to(device),
+            greedy=torch.tensor(greedy, dtype=torch.bool).to(device),
+            k_max=max((k for k, g in zip(ks, greedy) if not g), default=1),
+            any_penalty=any(p.repetition_penalty != 1.0 for p in params),
+            all_greedy=all(greedy),
+        )
+
+
 def seen_token_mask(token_ids: torch.Tensor, vocab_size: int,
                     valid: torch.Tensor | None = None) -> torch.Tensor:
     """Bool ``[B, V]``: which tokens occur in each row of ``token_ids [B, S]``.
@@ -91,9 +128,15 @@ def seen_token_mask(token_ids: torch.Tensor, vocab_size: int,
     return counts.scatter_add_(1, token_ids, src) > 0
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL penalty on seen tokens: positive logits ``/= p``, negative ``*= p`` (new tensor)."""
-    if penalty == 1.0:
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor,
+                             penalty: float | torch.Tensor) -> torch.Tensor:
+    """CTRL penalty on seen tokens: positive logits ``/= p``, negative ``*= p`` (new tensor).
+
+    ``penalty`` is one float or a ``[B]`` tensor (one per row; 1 leaves a row unchanged).
+    """
+    if isinstance(penalty, torch.Tensor):
+        penalty = penalty.to(logits.dtype).unsqueeze(-1)
+    elif penalty == 1.0:
         return logits
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
@@ -108,39 +151,82 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits.masked_fill(~keep, float("-inf"))
 
 
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+def top_p_filter(logits: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
     """Keep the smallest set of most likely tokens with total probability ``>= top_p``.
 
     A token is dropped when the probability mass strictly before it (in descending order) already
     reaches ``top_p``; the first token has zero mass before it, so at least one token survives.
     """
-    if top_p >= 1.0:
+    if not isinstance(top_p, torch.Tensor) and top_p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    drop_sorted = mass_before >= top_p
+    drop_sorted = _nucleus_drop(sorted_logits, top_p)
     drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
 
+def _nucleus_drop(sorted_logits: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
+    """Which of the descending-sorted logits fall outside the nucleus (rows with top_p = 1 keep all)."""
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    if isinstance(top_p, torch.Tensor):
+        top_p = top_p.unsqueeze(-1)
+        return (mass_before >= top_p) & (top_p < 1.0)  # cumsum rounding must not cut a top_p=1 row
+    return mass_before >= top_p
+
+
+def sample_rows(logits: torch.Tensor, knobs: RowKnobs, seen: torch.Tensor | None = None,
+                generators: Sequence[torch.Generator | None] | torch.Generator | None = None
+                ) -> torch.Tensor:
+    """One token per row of ``logits [B, V]``, each row with its own settings; ``LongTensor [B]``.
+
+    ``generators`` is one generator for the whole batch, or one per row (``None`` = the global RNG),
+    so a seeded request draws the same tokens whatever else shares its batch.
+    """
+    logits = logits.float()
+    if knobs.any_penalty:
+        if seen is None:
+            raise ValueError("repetition_penalty != 1 needs the seen-token mask")
+        logits = apply_repetition_penalty(logits, seen, knobs.penalty)
+    best = logits.argmax(dim=-1)
+    if knobs.all_greedy:
+        return best
+    scaled = logits / torch.where(knobs.greedy, 1.0, knobs.temperature).unsqueeze(-1)
+    if knobs.k_max < logits.shape[-1]:
+        vals, idx = torch.topk(scaled, knobs.k_max, dim=-1)
+    else:
+        vals, idx = torch.sort(scaled, dim=-1, descending=True)
+    rank = torch.arange(vals.shape[-1], device=vals.device)
+    vals = vals.masked_fill(rank >= knobs.top_k.unsqueeze(-1), float("-inf"))
+    vals = vals.masked_fill(_nucleus_drop(vals, knobs.top_p), float("-inf"))
+    probs = torch.softmax(vals, dim=-1)
+    choice = _multinomial(probs, generators)
+    picked = idx.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+    return torch.where(knobs.greedy, best, picked)
+
+
+def _multinomial(probs: torch.Tensor, generators: Sequence[torch.Generator | None] | torch.Generator | None
+                 ) -> torch.Tensor:
+    if generators is None or isinstance(generators, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generators).squeeze(-1)
+    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    shared = [i for i, g in enumerate(generators) if g is None]
+    if shared:
+        rows = torch.tensor(shared, device=probs.device)
+        out[rows] = torch.multinomial(probs[rows], 1).squeeze(-1)
+    for i, g in enumerate(generators):
+        if g is not None:
+            out[i] = torch.multinomial(probs[i], 1, generator=g)[0]
+    return out
+
+
 def sample_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick one token per row from ``logits [B, V]``; returns ``LongTensor [B]``.
+    """Pick one token per row from ``logits [B, V]`` with one setting for all rows.
 
     ``seen [B, V]`` (see :func:`seen_token_mask`) lists the tokens of prompt and generation so far;
     it is only needed when ``params.repetition_penalty != 1``.  The steps and their order are
     described in the module docstring.
     """
-    logits = logits.float()
-    if params.repetition_penalty != 1.0:
-        if seen is None:
-            raise ValueError("repetition_penalty != 1 needs the seen-token mask")
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.is_greedy:
-        return logits.argmax(dim=-1)
-    logits = logits / params.temperature
-    logits = top_k_filter(logits, int(params.top_k))
-    logits = top_p_filter(logits, float(params.top_p))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    knobs = RowKnobs.build([params] * logits.shape[0], logits.shape[-1], logits.device)
+    return sample_rows(logits, knobs, seen, generator)

@@ -17,7 +17,7 @@ from minimind.config import ModelConfig
 from minimind.model.layers import RMSNorm, apply_rope
 
 if TYPE_CHECKING:
-    from minimind.model.kv_cache import KVCache
+    from minimind.model.kv_cache import KVCache, SlotView
 
 
 class Attention(nn.Module):
@@ -39,7 +39,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None, position_ids: torch.Tensor,
-                kv_cache: "KVCache | None" = None) -> torch.Tensor:
+                kv_cache: "KVCache | SlotView | None" = None) -> torch.Tensor:
         """x ``[B, T, H]``; cos/sin ``[B, T, 1, d]``; attn_mask bool ``[B, 1, T, S]`` (True = attend)
         or None for plain causal attention over this call's own tokens."""
         b, t, _ = x.shape

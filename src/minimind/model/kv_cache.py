@@ -1,11 +1,20 @@
-"""A pre-allocated KV cache written in place.
+"""A pre-allocated KV cache of addressable slots, written in place.
 
-Layout per layer: ``[B, n_kv_heads, max_len, head_dim]`` for keys (post-RoPE) and values.  Row ``b``
-writes its token at position ``p`` into slot ``p``: rows of different lengths need no left padding,
-so positions (and RoPE) are exact for every row, and decode is one ``index_put_`` per layer.
+Layout per layer: ``[S, n_kv_heads, max_len, head_dim]`` for keys (post-RoPE) and values, ``S`` slots.
+A slot holds one sequence; its token at position ``p`` lives at index ``p``.  Sequences of different
+lengths therefore need no left padding, RoPE positions are exact for every row, and decoding one
+token is one ``index_put_`` per layer.
+
+The model's forward only sees an object with :meth:`KVCache.update`.  Used directly, a cache maps
+batch row ``b`` to slot ``b``; :meth:`KVCache.slots` returns a :class:`SlotView` that maps batch row
+``b`` to any chosen slot, which is how the continuous-batching engine runs a step over the slots that
+are busy.  A contiguous run of slots is addressed by a slice (a view, no copy); arbitrary slots by an
+index tensor (keys are gathered), which the engine avoids by keeping its busy slots contiguous.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
@@ -26,23 +35,67 @@ class KVCache:
         self.max_len = max_len
         self._rows = torch.arange(batch_size, device=device).unsqueeze(1)
 
+    @property
+    def num_slots(self) -> int:
+        return self.batch_size
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor,
                kv_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``k, v [B, kv_heads, T, d]`` at ``position_ids [B, T]``; return slots ``:kv_len``.
 
         ``kv_len=None`` means a causal prefill starting at position 0: the call's own T slots.
+        Batch row ``b`` is slot ``b``.
         """
-        rows = self._rows[: k.shape[0]].expand_as(position_ids)
-        self._write(self.k[layer], rows, position_ids, k)
-        self._write(self.v[layer], rows, position_ids, v)
-        n = kv_len if kv_len is not None else k.shape[2]
-        return self.k[layer][: k.shape[0], :, :n], self.v[layer][: k.shape[0], :, :n]
+        return self.slots(slice(0, k.shape[0])).update(layer, k, v, position_ids, kv_len)
 
-    @staticmethod
-    def _write(buf: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, x: torch.Tensor) -> None:
-        # Advanced indices around a slice put the indexed dims first: target is [B, T, heads, d].
-        buf[rows, :, pos] = x.transpose(1, 2).to(buf.dtype)
+    def slots(self, slots: slice | Sequence[int] | torch.Tensor) -> "SlotView":
+        """A cache view whose batch row ``b`` is slot ``slots[b]``."""
+        return SlotView(self, slots)
+
+    def copy_slot(self, src: int, dst: Sequence[int] | slice, length: int) -> None:
+        """Copy positions ``:length`` of slot ``src`` into the slots ``dst`` (e.g. a shared prompt)."""
+        self.k[:, dst, :, :length] = self.k[:, src:src + 1, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src:src + 1, :, :length]
 
     def reset(self) -> None:
         self.k.zero_()
         self.v.zero_()
+
+
+class SlotView:
+    """Batch row ``b`` of a forward pass reads and writes slot ``slots[b]`` of ``cache``."""
+
+    def __init__(self, cache: KVCache, slots: slice | Sequence[int] | torch.Tensor) -> None:
+        self.cache = cache
+        if isinstance(slots, slice):
+            self._index: slice | torch.Tensor = slots
+            n = len(range(*slots.indices(cache.batch_size)))
+        else:
+            idx = torch.as_tensor(slots, dtype=torch.long, device=cache.k.device).view(-1)
+            n = idx.numel()
+            # A run of consecutive slots is a plain slice: reads are views instead of gathers.
+            first = int(idx[0]) if n else 0
+            if n and torch.equal(idx, torch.arange(first, first + n, device=idx.device)):
+                self._index = slice(first, first + n)
+            else:
+                self._index = idx
+        self.n = n
+        self._rows = (cache._rows[:n] if isinstance(self._index, slice)
+                      else self._index.unsqueeze(1))  # type: ignore[union-attr]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor,
+               kv_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`KVCache.update`, for the view's slots."""
+        if k.shape[0] != self.n:
+            raise ValueError(f"batch of {k.shape[0]} rows for a view of {self.n} slots")
+        kb, vb = self.cache.k[layer], self.cache.v[layer]
+        if isinstance(self._index, slice):
+            kb, vb = kb[self._index], vb[self._index]
+        rows = self._rows.expand_as(position_ids)
+        # Advanced indices around a slice put the indexed dims first: target is [B, T, heads, d].
+        kb[rows, :, position_ids] = k.transpose(1, 2).to(kb.dtype)
+        vb[rows, :, position_ids] = v.transpose(1, 2).to(vb.dtype)
+        n = kv_len if kv_len is not None else k.shape[2]
+        if isinstance(self._index, slice):
+            return kb[:, :, :n], vb[:, :, :n]
+        return kb[:, :, :n].index_select(0, self._index), vb[:, :, :n].index_select(0, self._index)
