@@ -200,13 +200,19 @@ def sample_rows(logits: torch.Tensor, knobs: RowKnobs, seen: torch.Tensor | None
     vals = vals.masked_fill(rank >= knobs.top_k.unsqueeze(-1), float("-inf"))
     vals = vals.masked_fill(_nucleus_drop(vals, knobs.top_p), float("-inf"))
     probs = torch.softmax(vals, dim=-1)
-    choice = _multinomial(probs, generators)
+    choice = _multinomial(probs, generators, knobs.top_k)
     picked = idx.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
     return torch.where(knobs.greedy, best, picked)
 
 
-def _multinomial(probs: torch.Tensor, generators: Sequence[torch.Generator | None] | torch.Generator | None
-                 ) -> torch.Tensor:
+def _multinomial(probs: torch.Tensor, generators: Sequence[torch.Generator | None] | torch.Generator | None,
+                 top_k: torch.Tensor) -> torch.Tensor:
+    """Draw one index per row of the descending ``probs``.
+
+    A row with its own generator draws from its own ``top_k`` entries only, so the draw does not
+    depend on how many candidates the batch's other rows needed (``torch.multinomial`` consumes
+    random numbers differently for vectors of different lengths).
+    """
     if generators is None or isinstance(generators, torch.Generator):
         return torch.multinomial(probs, 1, generator=generators).squeeze(-1)
     out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
@@ -216,7 +222,7 @@ def _multinomial(probs: torch.Tensor, generators: Sequence[torch.Generator | Non
         out[rows] = torch.multinomial(probs[rows], 1).squeeze(-1)
     for i, g in enumerate(generators):
         if g is not None:
-            out[i] = torch.multinomial(probs[i], 1, generator=g)[0]
+            out[i] = torch.multinomial(probs[i, : int(top_k[i])], 1, generator=g)[0]
     return out
 
 
