@@ -77,13 +77,14 @@ class GenerationEngine:
 
     ``dtype`` is the compute dtype (``None`` = the model's own); ``max_batch_len`` caps the positions
     per row (prompt + completion) below ``config.max_position_embeddings``; ``num_slots`` is how many
-    rows decode together (``generate`` raises it for a larger batch).  The cache grows on demand
+    rows decode together (``generate`` raises it for a larger batch); ``compile`` runs the forward
+    through ``torch.compile``.  The cache grows on demand
     (more slots, longer rows) and keeps its contents when it does.
     """
 
     def __init__(self, model: MiniMindForCausalLM, tokenizer: Any | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 max_batch_len: int | None = None, num_slots: int = 8) -> None:
+                 max_batch_len: int | None = None, num_slots: int = 8, compile: bool = False) -> None:
         if device is not None:
             model = model.to(device)
         if max_batch_len is not None and max_batch_len < 2:
@@ -96,6 +97,9 @@ class GenerationEngine:
         own = next(model.parameters()).dtype
         self.dtype = dtype or own
         self.model = model if self.dtype == own else _inference_copy(model, self.dtype)
+        # torch.compile fuses the many small per-token kernels (norms, RoPE, cache writes) that bound a
+        # small model's decode step; shapes vary (rows, attended length), so it compiles dynamically.
+        self._call = torch.compile(self.model, dynamic=True) if compile else self.model
         self.max_batch_len = max_batch_len
         self.num_slots = num_slots
         self.cache: KVCache | None = None
@@ -195,7 +199,7 @@ class GenerationEngine:
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, cache: Any,
                  keep: int | torch.Tensor) -> torch.Tensor:
         with _eval_mode(self.model):
-            return self.model(ids, pos, mask, kv_cache=cache, logits_to_keep=keep).logits
+            return self._call(ids, pos, mask, kv_cache=cache, logits_to_keep=keep).logits
 
     # ---- rows -> results -----------------------------------------------------------------------
     def new_decoder(self) -> Any | None:

@@ -1,8 +1,13 @@
 """Grouped-query attention with per-head q/k RMSNorm, RoPE and one SDPA call for every path.
 
-Training on packed rows, padded batches, prefill and single-token decode all go through
+Training on packed rows, padded batches, prefill and decode all go through
 ``F.scaled_dot_product_attention``; they differ only in the boolean mask they pass (see
 :mod:`minimind.model.masks`) and in whether a KV cache supplies the keys.
+
+One exception, for speed: a single query per row on the CPU (the decode step) is computed as
+``softmax(q kᵀ / sqrt(d) + mask) v`` with two small batched matmuls, the query heads grouped by their
+KV head.  PyTorch's CPU SDPA kernel is built for long queries; for one query in bf16 it costs several
+times these two matmuls, and the decode step runs once per generated token.
 """
 
 from __future__ import annotations
@@ -51,6 +56,9 @@ class Attention(nn.Module):
         if kv_cache is not None:
             kv_len = attn_mask.shape[-1] if attn_mask is not None else None
             k, v = kv_cache.update(self.layer_idx, k, v, position_ids, kv_len)
+        if t == 1 and attn_mask is not None and q.device.type == "cpu" and not self.training:
+            out = _single_query_attention(q, k, v, attn_mask)
+            return self.resid_dropout(self.o_proj(out.reshape(b, 1, self.n_heads * self.head_dim)))
         # enable_gqa avoids materialising repeated KV heads; CUDA's masked (mem-efficient) kernel
         # does not take it, so there the heads are expanded instead.
         use_gqa = self.n_kv != self.n_heads
@@ -63,3 +71,16 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=use_gqa)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.resid_dropout(self.o_proj(out))
+
+
+def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            mask: torch.Tensor) -> torch.Tensor:
+    """``softmax(q kᵀ / sqrt(d) + mask) v`` for ``q [B, H, 1, d]``, ``k, v [B, KV, S, d]``,
+    ``mask [B, 1, 1, S]`` (True = attend); the ``H / KV`` query heads of a group share their K/V
+    without copies.  Scores and softmax in float32.  Returns ``[B, H, 1, d]``."""
+    b, h, _, d = q.shape
+    kv = k.shape[1]
+    scores = torch.matmul(q.view(b, kv, h // kv, d), k.transpose(-1, -2)).float() * d ** -0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)  # [B, KV, H/KV, d]
+    return out.view(b, h, 1, d)
