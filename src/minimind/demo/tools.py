@@ -1,62 +1,56 @@
-"""Mock tools for the demo's tool-calling tasks: schemas, a deterministic environment, parsing.
+"""The demo's view of the shared tools: its three tools, its schemas and its lenient call semantics.
 
-Why: tool-use SFT data, tool-call evaluation and (later) tool-use RL all need the *same* tool
-definitions and the *same* results, or the model would be trained on one world and scored in
-another. The names and argument shapes follow the reference MiniMind agent tools
-(``calculate_math(expression)``, ``unit_converter(value, from_unit, to_unit)``,
-``get_current_weather(location)``) and its mock weather table, so rows are interchangeable with
-reference agent-RL data. Unlike the reference, the calculator never calls ``eval``: it walks a
-Python AST that admits only numbers and arithmetic operators.
+Why a thin layer: tool-use SFT data, tool-call evaluation and tool-use RL must run the *same*
+tools, so the calculator, the unit converter, the weather table and the call parser live once, in
+:mod:`minimind.tasks`. What stays here is what the demo's data and trained figures are pinned
+to: the three offered tools (``calculate_math``, ``unit_converter``, ``get_current_weather``, as
+in the reference MiniMind agent tools) with schemas that render byte-identically into its
+prompts, the unit pairs its generator draws from, and :func:`execute_tool`'s contract of
+``None`` for an unusable call (the reference's), which its graders rely on.
 """
 
 from __future__ import annotations
 
-import ast
 import json
-import math
-import operator
-import re
 from typing import Any
+
+from minimind.tasks.toolcalls import parse_tool_calls as _parse_calls
+from minimind.tasks.tools import (
+    DIRECT_UNIT_FACTORS,
+    WEATHER,
+    ToolError,
+    calculate_math,
+    format_number,
+    get_current_weather,
+    safe_calculate,
+    tool_schemas,
+    unit_converter,
+)
 
 __all__ = [
     "TOOLS",
     "TOOL_NAMES",
-    "WEATHER",
     "UNIT_FACTORS",
     "UNIT_PAIRS",
-    "safe_calculate",
+    "WEATHER",
     "execute_tool",
-    "parse_tool_calls",
     "format_number",
+    "parse_tool_calls",
+    "safe_calculate",
     "tool_result_value",
     "tool_schema",
 ]
 
+TOOL_NAMES: tuple[str, ...] = ("calculate_math", "unit_converter", "get_current_weather")
+# Rendered into every demo tool prompt; the shared registry keeps these three schemas unchanged
+# (short descriptions, because the tiny demo model trains on short sequences).
+TOOLS: list[dict[str, Any]] = tool_schemas(TOOL_NAMES)
 
-def _fn(name: str, description: str, properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
-    return {
-        "type": "function",
-        "function": {
-            "name": name,
-            "description": description,
-            "parameters": {"type": "object", "properties": properties, "required": required},
-        },
-    }
-
-
-# Descriptions are kept short on purpose: the schemas are rendered into every tool prompt and
-# the tiny demo model trains on short sequences.
-TOOLS: list[dict[str, Any]] = [
-    _fn("calculate_math", "Evaluate an arithmetic expression", {"expression": {"type": "string"}}, ["expression"]),
-    _fn(
-        "unit_converter",
-        "Convert a value between units (km, miles, kg, pounds, meters, feet, celsius, fahrenheit)",
-        {"value": {"type": "number"}, "from_unit": {"type": "string"}, "to_unit": {"type": "string"}},
-        ["value", "from_unit", "to_unit"],
-    ),
-    _fn("get_current_weather", "Get the current weather of a city", {"location": {"type": "string"}}, ["location"]),
-]
-TOOL_NAMES: tuple[str, ...] = tuple(t["function"]["name"] for t in TOOLS)
+# The unit pairs the demo's tasks are drawn from, in the order its seeded generator expects:
+# the reference mock's multiplicative pairs, then the two temperature directions (converted as
+# affine maps; the reference multiplies Celsius by 1.8 and forgets the +32).
+UNIT_FACTORS: dict[tuple[str, str], float] = dict(DIRECT_UNIT_FACTORS)
+UNIT_PAIRS: tuple[tuple[str, str], ...] = tuple(UNIT_FACTORS) + (("celsius", "fahrenheit"), ("fahrenheit", "celsius"))
 
 
 def tool_schema(name: str) -> dict[str, Any]:
@@ -67,110 +61,14 @@ def tool_schema(name: str) -> dict[str, Any]:
     raise KeyError(name)
 
 
-# Multiplicative factors as in the reference mock; temperatures are handled as affine maps
-# (the reference multiplies Celsius by 1.8 and forgets the +32, which would teach wrong facts).
-UNIT_FACTORS: dict[tuple[str, str], float] = {
-    ("km", "miles"): 0.621371,
-    ("miles", "km"): 1.60934,
-    ("kg", "pounds"): 2.20462,
-    ("pounds", "kg"): 0.453592,
-    ("meters", "feet"): 3.28084,
-    ("feet", "meters"): 0.3048,
-}
-_TEMPERATURE = {
-    ("celsius", "fahrenheit"): lambda v: v * 9 / 5 + 32,
-    ("fahrenheit", "celsius"): lambda v: (v - 32) * 5 / 9,
-}
-UNIT_PAIRS: tuple[tuple[str, str], ...] = tuple(UNIT_FACTORS) + tuple(_TEMPERATURE)
-
-# The reference mock weather table (same cities, temperatures and conditions), with English
-# names and conditions added so English prompts get English results.
-# Columns: zh name, en name, temperature, zh condition, en condition.
-WEATHER: tuple[tuple[str, str, str, str, str], ...] = (
-    ("北京", "Beijing", "28°C", "晴", "sunny"),
-    ("上海", "Shanghai", "15°C", "多云", "cloudy"),
-    ("广州", "Guangzhou", "32°C", "闷热", "hot and humid"),
-    ("深圳", "Shenzhen", "30°C", "晴", "sunny"),
-    ("杭州", "Hangzhou", "22°C", "阴", "overcast"),
-    ("成都", "Chengdu", "18°C", "小雨", "light rain"),
-    ("武汉", "Wuhan", "25°C", "多云", "cloudy"),
-    ("南京", "Nanjing", "20°C", "晴", "sunny"),
-    ("西安", "Xi'an", "16°C", "大风", "windy"),
-    ("重庆", "Chongqing", "26°C", "阴", "overcast"),
-    ("东京", "Tokyo", "12°C", "晴", "sunny"),
-    ("纽约", "New York", "8°C", "多云", "cloudy"),
-    ("伦敦", "London", "5°C", "小雨", "light rain"),
-    ("巴黎", "Paris", "10°C", "阴", "overcast"),
-    ("悉尼", "Sydney", "25°C", "晴朗", "clear"),
-)
-_WEATHER_BY_NAME = {row[0]: (row, "zh") for row in WEATHER} | {row[1].casefold(): (row, "en") for row in WEATHER}
-
-
-def format_number(value: float) -> str:
-    """Render a number the way the tasks write answers: integers without ``.0``, else ≤4 decimals."""
-    if isinstance(value, int):
-        return str(value)
-    if not math.isfinite(value):
-        return str(value)
-    rounded = round(float(value), 4)
-    if rounded == int(rounded):
-        return str(int(rounded))
-    return f"{rounded:.4f}".rstrip("0").rstrip(".")
-
-
-_BINOPS = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv,
-    ast.Mod: operator.mod,
-    ast.Pow: operator.pow,
-}
-_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
-
-
-def safe_calculate(expression: str) -> float | int:
-    """Evaluate ``+ - * / // % **`` and parentheses over numbers; anything else raises ValueError.
-
-    Why not ``eval``: the expression comes from model output; a whitelist AST walk cannot run
-    code, and exponents/sizes are bounded so a rollout cannot hang the trainer.
-    """
-    text = (
-        expression.replace("×", "*").replace("÷", "/").replace("−", "-").replace("^", "**")
-        .replace("（", "(").replace("）", ")")
-    )  # fmt: skip
-    if len(text) > 200:
-        raise ValueError("expression too long")
-    try:
-        tree = ast.parse(text, mode="eval")
-    except SyntaxError as exc:
-        raise ValueError(f"not an arithmetic expression: {expression!r}") from exc
-
-    def ev(node: ast.AST) -> float | int:
-        if isinstance(node, ast.Expression):
-            return ev(node.body)
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return node.value
-        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-            left, right = ev(node.left), ev(node.right)
-            if isinstance(node.op, ast.Pow) and (abs(right) > 64 or abs(left) > 1e6):
-                raise ValueError("exponent too large")
-            return _BINOPS[type(node.op)](left, right)
-        if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
-            return _UNARY[type(node.op)](ev(node.operand))
-        raise ValueError(f"unsupported syntax in {expression!r}")
-
-    try:
-        return ev(tree)
-    except (ZeroDivisionError, OverflowError) as exc:
-        raise ValueError(str(exc)) from exc
-
-
 def execute_tool(name: str, arguments: dict[str, Any] | str) -> dict[str, Any] | None:
-    """Run a mock tool; ``None`` for an unknown tool or invalid arguments (like the reference).
+    """Run one of the demo's tools; ``None`` for an unknown tool or unusable arguments.
 
-    Results are pure functions of the arguments, so rollouts and SFT data agree exactly.
+    Results come from :mod:`minimind.tasks.tools`, so rollouts, SFT data and the server agree.
+    Argument checking is the demo's own, more lenient than
+    :func:`minimind.tasks.tools.call_tool` (its graders were calibrated on it): extra arguments
+    are ignored, ``expression`` is stringified and ``city`` is accepted for ``location``. An
+    unknown city is a result (``{"error": ...}``), not ``None``.
     """
     if isinstance(arguments, str):
         try:
@@ -181,35 +79,16 @@ def execute_tool(name: str, arguments: dict[str, Any] | str) -> dict[str, Any] |
         return None
     try:
         if name == "calculate_math":
-            return {"result": format_number(safe_calculate(str(arguments["expression"])))}
+            return calculate_math(str(arguments["expression"]))
         if name == "unit_converter":
-            value = float(arguments["value"])
-            pair = (str(arguments["from_unit"]).strip().lower(), str(arguments["to_unit"]).strip().lower())
-            if pair in _TEMPERATURE:
-                result = _TEMPERATURE[pair](value)
-            else:
-                result = value * UNIT_FACTORS.get(pair, 1.0)
-            shown = format_number(result)  # rounded to 4 decimals, as in the reference
-            return {
-                "value": arguments["value"],
-                "from_unit": pair[0],
-                "to_unit": pair[1],
-                "result": int(shown) if shown.lstrip("-").isdigit() else float(shown),
-            }
+            return unit_converter(arguments["value"], str(arguments["from_unit"]), str(arguments["to_unit"]))
         if name == "get_current_weather":
-            city = str(arguments.get("location") or arguments.get("city") or "").strip()
-            row, lang = _WEATHER_BY_NAME.get(city, _WEATHER_BY_NAME.get(city.casefold(), (None, "zh")))
-            if row is None:
-                # The reference answers 22°C/晴 for any unknown city; an explicit error instead
-                # keeps a made-up location from ever looking like a correct call.
-                return {"error": f"unknown city: {city}"}
-            return {
-                "city": city,
-                "temperature": row[2],
-                "humidity": "65%",
-                "condition": row[3] if lang == "zh" else row[4],
-            }
-    except (KeyError, TypeError, ValueError):
+            city = str(arguments.get("location") or arguments.get("city") or "")
+            try:
+                return get_current_weather(city)
+            except ToolError as exc:
+                return {"error": str(exc)}
+    except (KeyError, TypeError, ValueError):  # ToolError is a ValueError
         return None
     return None
 
@@ -231,32 +110,11 @@ def tool_result_value(name: str, result: dict[str, Any] | None) -> str | None:
     return None
 
 
-_TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
-
-
 def parse_tool_calls(text: str) -> list[dict[str, Any]]:
     """Every well-formed ``<tool_call>{json}</tool_call>`` in ``text`` as ``{"name", "arguments"}``.
 
-    Accepts the flat shape and the OpenAI ``{"function": {...}}`` shape, and ``arguments`` given
-    as a JSON string; malformed blocks are skipped (they simply do not count as calls).
+    The shared parser (:func:`minimind.tasks.toolcalls.parse_tool_calls`) decides what a call is
+    (flat or OpenAI ``{"function": {...}}`` shape, ``arguments`` possibly a JSON string);
+    malformed blocks simply do not count as calls here.
     """
-    calls = []
-    for block in _TOOL_CALL_RE.findall(text):
-        try:
-            obj = json.loads(block.strip())
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict) and isinstance(obj.get("function"), dict):
-            obj = obj["function"]
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-            continue
-        args = obj.get("arguments", {})
-        if isinstance(args, str):
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except json.JSONDecodeError:
-                continue
-        if not isinstance(args, dict):
-            continue
-        calls.append({"name": obj["name"], "arguments": args})
-    return calls
+    return [{"name": call.name, "arguments": call.arguments} for call in _parse_calls(text)[1]]
