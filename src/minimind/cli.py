@@ -361,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("chat", help="chat with a trained model (interactive or --prompts file)")
     add_chat_arguments(ch)
     ch.set_defaults(func=chat_main)
+    from minimind.serve.cli import add_serve_parser
+    add_serve_parser(sub)
 
     cv = sub.add_parser("convert", help="convert weights: .safetensors <-> reference-style fp16 .pth")
     cv.add_argument("--weight", required=True, help="input .safetensors or .pth")

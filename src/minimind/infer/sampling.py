@@ -79,7 +79,8 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.greedy or self.temperature == 0
+        # Below 1e-5, logits / T overflows to inf and the softmax turns to NaN: that *is* argmax.
+        return self.greedy or self.temperature < 1e-5
 
 
 @dataclass
