@@ -14,7 +14,7 @@ from minimind.infer.scheduler import Request
 from minimind.infer.service import EngineService
 from tests.test_generation import FakeTokenizer, reference_greedy, tiny_model
 
-GREEDY = dict(temperature=0.0, stop_token_ids=())
+GREEDY = {"temperature": 0.0, "stop_token_ids": ()}
 
 
 def _prompt(seed: int, length: int) -> list[int]:

@@ -17,8 +17,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from rich.console import Console
 
@@ -241,21 +242,6 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
       help="1 = a stage-name --weight ends in _moe; for a bare .pth also overrides the shape")
 
 
-def _find_tokenizer_dir(explicit: str, weight: Path) -> Path:
-    candidates = [Path(explicit)] if explicit else [
-        weight.parent, weight.parent / "tokenizer", Path("out/tokenizer"), Path("model")]
-    for c in candidates:
-        if (c / "tokenizer.json").is_file():
-            return c
-    raise FileNotFoundError("no tokenizer.json found in " + ", ".join(map(str, candidates))
-                            + "; pass --tokenizer_path")
-
-
-def _no_lora(value: str | None) -> bool:
-    """The reference passes ``--lora_weight None`` for "no adapter"."""
-    return not value or value.strip().lower() == "none"
-
-
 def chat_main(args: argparse.Namespace) -> int:
     """Load weights + tokenizer from the flags and run :func:`run_chat`; Ctrl-C exits with 130."""
     try:
@@ -266,35 +252,15 @@ def chat_main(args: argparse.Namespace) -> int:
 
 
 def _chat_main(args: argparse.Namespace) -> int:
-    from minimind.infer.yarn import enable_yarn
-    from minimind.model import load_model
-    from minimind.model.weights import resolve_weight_path
-    from minimind.tokenizer import MiniMindTokenizer
+    from minimind.infer.loading import load_for_inference
     from minimind.train.device import pick_device, pick_dtype
 
-    if not args.weight:
-        raise ValueError("--weight is required: a .safetensors / reference .pth weights file, or a "
-                         "stage name such as full_sft")
-    save_dir = getattr(args, "save_dir", "out")
-    weight = resolve_weight_path(args.weight, save_dir, args.hidden_size, args.use_moe)
-    overrides = {"hidden_size": args.hidden_size or None,
-                 "num_hidden_layers": args.num_hidden_layers or None,
-                 "use_moe": None if args.use_moe < 0 else bool(args.use_moe)}
-    model = load_model(weight, preset=args.preset, overrides=overrides)
-    config = model.config
-    lora_note = ""
-    lora_weight = getattr(args, "lora_weight", "")
-    if not _no_lora(lora_weight):
-        from minimind.model.lora import load_lora  # written alongside; imported only when used
-        lora_path = resolve_weight_path(lora_weight, save_dir, config.hidden_size, int(config.use_moe))
-        load_lora(model, lora_path)
-        lora_note = f" + LoRA {lora_path.name}"
-    tokenizer = MiniMindTokenizer.from_dir(_find_tokenizer_dir(args.tokenizer_path, weight))
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model only "
-                         f"{config.vocab_size}: wrong --tokenizer_path?")
-    if args.inference_rope_scaling:
-        enable_yarn(model)
+    loaded = load_for_inference(
+        args.weight, tokenizer_path=args.tokenizer_path, save_dir=getattr(args, "save_dir", "out"),
+        lora_weight=getattr(args, "lora_weight", ""), hidden_size=args.hidden_size, use_moe=args.use_moe,
+        num_hidden_layers=args.num_hidden_layers, preset=args.preset, yarn=args.inference_rope_scaling)
+    model, tokenizer, weight = loaded.model, loaded.tokenizer, loaded.source
+    lora_note = f" + LoRA {loaded.lora.name}" if loaded.lora else ""
     device = pick_device(args.device)
     engine = GenerationEngine(model, tokenizer, device=device, dtype=pick_dtype(device, args.dtype))
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -32,19 +32,27 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from minimind.infer.sampling import SamplingParams, seen_token_mask
-from minimind.infer.scheduler import (FinishReason, GenerationResult, Request, Row, Scheduler, TokenEvent,
-                                      expand_requests)
+from minimind.infer.scheduler import (
+    FinishReason,
+    GenerationResult,
+    Request,
+    Row,
+    Scheduler,
+    TokenEvent,
+    expand_requests,
+)
 from minimind.model.kv_cache import KVCache
 from minimind.model.masks import cache_attention_mask
 from minimind.model.modeling import MiniMindForCausalLM
 
-__all__ = ["GenerationEngine", "GenerationResult", "TextStream", "TokenEvent", "FinishReason"]
+__all__ = ["FinishReason", "GenerationEngine", "GenerationResult", "TextStream", "TokenEvent"]
 
 OnToken = Callable[[int, int], None]
 _MIN_CACHE_LEN = 256
@@ -57,7 +65,7 @@ class TextStream(Iterator[str]):
         self._pieces = pieces
         self.result: GenerationResult | None = None
 
-    def __iter__(self) -> "TextStream":
+    def __iter__(self) -> TextStream:
         return self
 
     def __next__(self) -> str:

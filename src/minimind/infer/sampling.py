@@ -26,8 +26,8 @@ the vocabulary) unless some row disables top-k.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -101,7 +101,7 @@ class RowKnobs:
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], vocab_size: int,
-              device: torch.device | str = "cpu") -> "RowKnobs":
+              device: torch.device | str = "cpu") -> RowKnobs:
         ks = [int(p.top_k) if 0 < int(p.top_k) < vocab_size else vocab_size for p in params]
         greedy = [p.is_greedy for p in params]
         return cls(

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -74,7 +75,7 @@ class TokenEvent:
 class Row:
     """Host-side state of one sample: its tokens, incremental text and stop checks."""
 
-    def __init__(self, request: "Request", index: int, budget: int, decoder: Any | None) -> None:
+    def __init__(self, request: Request, index: int, budget: int, decoder: Any | None) -> None:
         params = request.params
         self.request = request
         self.index = index
@@ -173,7 +174,7 @@ class Request:
 class Scheduler:
     """Owns the running rows of one engine; see the module docstring for one step."""
 
-    def __init__(self, engine: "GenerationEngine") -> None:
+    def __init__(self, engine: GenerationEngine) -> None:
         self.engine = engine
         self.waiting: deque[Request] = deque()
         self.running: list[Row] = []  # running[i] lives in slot i

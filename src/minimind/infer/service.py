@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from typing import Any, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
 
 from minimind.infer.engine import GenerationEngine
 from minimind.infer.sampling import SamplingParams
@@ -30,7 +31,7 @@ _END = object()
 class RequestHandle:
     """Events of one submitted request; iterate with ``for`` (threads) or ``async for`` (asyncio)."""
 
-    def __init__(self, service: "EngineService", request: Request,
+    def __init__(self, service: EngineService, request: Request,
                  loop: asyncio.AbstractEventLoop | None) -> None:
         self._service = service
         self.request = request
@@ -75,7 +76,7 @@ class RequestHandle:
         if item is _END:
             raise StopIteration
         if isinstance(item, BaseException):
-            raise RuntimeError(f"generation failed: {item}") from item
+            raise RuntimeError(f"generation failed: {item}") from item  # noqa: TRY004 - re-raised, not a type check
         return item
 
     def __iter__(self) -> Iterator[TokenEvent]:

@@ -67,47 +67,15 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     return sp
 
 
-def _is_hf_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file()
-
-
 def load_for_inference(args: argparse.Namespace) -> tuple[Any, Any, Path]:
-    """``(model, tokenizer, source path)`` from the checkpoint flags shared with ``minimind chat``
-    (``weight``, ``tokenizer_path``, ``save_dir``, ``lora_weight``, ``hidden_size``, ``use_moe``,
-    ``num_hidden_layers``, ``preset``, ``inference_rope_scaling``)."""
-    from minimind.infer.chat import _find_tokenizer_dir, _no_lora
-    from minimind.infer.yarn import enable_yarn
-    from minimind.model import MiniMindForCausalLM, load_model, load_weights
-    from minimind.model.weights import resolve_weight_path
-    from minimind.tokenizer import MiniMindTokenizer
+    """``(model, tokenizer, source path)`` from the checkpoint flags shared with ``minimind chat``."""
+    from minimind.infer.loading import load_for_inference as load
 
-    source = Path(args.weight)
-    if _is_hf_folder(source):
-        from minimind.export.hf import read_hf_folder
-        config, sd = read_hf_folder(source)
-        model = MiniMindForCausalLM(config)
-        load_weights(model, sd)
-        tok_dir = Path(args.tokenizer_path) if args.tokenizer_path else source
-        if not (tok_dir / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"no tokenizer.json in {tok_dir}; pass --tokenizer")
-    else:
-        source = resolve_weight_path(args.weight, args.save_dir, args.hidden_size, args.use_moe)
-        overrides = {"hidden_size": args.hidden_size or None,
-                     "num_hidden_layers": args.num_hidden_layers or None,
-                     "use_moe": None if args.use_moe < 0 else bool(args.use_moe)}
-        model = load_model(source, preset=args.preset, overrides=overrides)
-        tok_dir = _find_tokenizer_dir(args.tokenizer_path, source)
-    if not _no_lora(args.lora_weight):
-        from minimind.model.lora import load_lora
-        cfg = model.config
-        load_lora(model, resolve_weight_path(args.lora_weight, args.save_dir, cfg.hidden_size, int(cfg.use_moe)))
-    tokenizer = MiniMindTokenizer.from_dir(tok_dir)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model only "
-                         f"{model.config.vocab_size}: wrong --tokenizer?")
-    if args.inference_rope_scaling:
-        enable_yarn(model)
-    return model.eval(), tokenizer, source
+    loaded = load(args.weight, tokenizer_path=args.tokenizer_path, save_dir=args.save_dir,
+                  lora_weight=args.lora_weight, hidden_size=args.hidden_size, use_moe=args.use_moe,
+                  num_hidden_layers=args.num_hidden_layers, preset=args.preset,
+                  yarn=args.inference_rope_scaling)
+    return loaded.model, loaded.tokenizer, loaded.source
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
