@@ -392,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--keys", default="loss")
     pl.set_defaults(func=cmd_plot)
 
+    from minimind.eval.cli import add_eval_parser
+    add_eval_parser(sub)
+
     from minimind.demo.pipeline import add_demo_arguments, demo_main
     dm = sub.add_parser("demo", help="the embedded default: build a corpus and run the whole pipeline")
     add_demo_arguments(dm)
