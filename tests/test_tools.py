@@ -309,7 +309,7 @@ DEMO_SCHEMAS_SHA256 = "84f713c39cb9787faad9906a91e4047370e3eaa8544a0563748bfcf90
 
 
 def test_demo_schemas_are_byte_identical() -> None:
-    from minimind.demo.tools import TOOLS
+    from minimind.tasks.toolset import TOOLS
 
     names = ["calculate_math", "unit_converter", "get_current_weather"]
     text = json.dumps(tool_schemas(names), ensure_ascii=False)

@@ -29,12 +29,12 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Iterable, Iterator, Mapping
 
-from . import sources
-from .tasks import (
+from minimind.tasks import sources
+from minimind.tasks.generators import (
     Task,
     dictionary_answer,
     dictionary_pool,

@@ -253,8 +253,8 @@ class TaskEval:
     name = "task_eval"
 
     def run(self, ctx: DemoContext) -> None:
-        from minimind.demo.checks import check_answer, check_format
         from minimind.eval.tasks import evaluate_tasks
+        from minimind.tasks.checks import check_answer, check_format
         rows = _read_jsonl(ctx.artifacts["eval_tasks"])[: ctx.settings.eval_tasks]
         out = {}
         for label in ("pretrain", "sft", "dpo"):

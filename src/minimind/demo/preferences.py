@@ -1,6 +1,6 @@
 """Preference pairs for the demo's DPO step, and the held-out preference evaluation.
 
-Pairs.  Each pair is built from one generated task (:mod:`minimind.demo.tasks`): the *chosen*
+Pairs.  Each pair is built from one generated task (:mod:`minimind.tasks.generators`): the *chosen*
 reply is exactly the assistant turn SFT trains on (the gold answer, or for tool tasks the gold
 tool-call turn), the *rejected* reply is a worse answer to the same prompt, of one of the kinds
 in :data:`REJECTIONS`:
@@ -19,8 +19,8 @@ in :data:`REJECTIONS`:
 Task kinds are :data:`DPO_KINDS` by default (answers that follow from the prompt); rejection
 kinds are drawn per pair from :data:`REJECTION_MIX`, about half of them wrong values.
 
-Every pair is graded with :func:`~minimind.demo.checks.check_answer` and
-:func:`~minimind.demo.checks.check_format` when it is built: the chosen reply is correct and
+Every pair is graded with :func:`~minimind.tasks.checks.check_answer` and
+:func:`~minimind.tasks.checks.check_format` when it is built: the chosen reply is correct and
 well-formed, a ``wrong_value`` reply is well-formed and wrong, every other rejection is malformed.
 
 Prompts are the SFT prompts without the SFT augmentations (no random system prompt; the empty
@@ -30,7 +30,7 @@ is written into the system message's text instead, which renders to the same byt
 the tests on token ids).
 
 Splits.  Training pairs come from train-split items, held-out pairs from eval-split items
-(:func:`~minimind.demo.tasks.split_of`), so no held-out item is ever trained on, whatever the seeds.
+(:func:`~minimind.tasks.generators.split_of`), so no held-out item is ever trained on, whatever the seeds.
 
 Evaluation (:func:`preference_eval`).  On held-out pairs, with ``log pi(y|x)`` the summed log-prob
 of a reply's tokens (the DPO stage's :meth:`~minimind.train.stages.dpo.DPOStage.response_logps`):
@@ -59,9 +59,9 @@ from typing import Any
 
 import numpy as np
 
-from .checks import _EN_MONTHS, _EN_WEEKDAYS, _ZH_WEEKDAYS, check_answer, check_format
-from .tasks import Task, dictionary_pool, generate_tasks, idiom_pool, split_of
-from .tools import TOOL_NAMES, WEATHER, format_number
+from minimind.tasks.checks import _EN_MONTHS, _EN_WEEKDAYS, _ZH_WEEKDAYS, check_answer, check_format
+from minimind.tasks.generators import Task, dictionary_pool, generate_tasks, idiom_pool, split_of
+from minimind.tasks.toolset import TOOL_NAMES, WEATHER, format_number
 
 __all__ = [
     "DPO_KINDS",

@@ -2,7 +2,7 @@
 
 Rows look like reference agent-RL rows: ``{"conversations": [..., {"role": "assistant",
 "content": ""}], "gt": [...], "kind": "..."}``; the final empty assistant turn is what the model
-writes.  ``checker(kind, gt, text) -> bool`` decides correctness (see :mod:`minimind.demo.tasks`).
+writes.  ``checker(kind, gt, text) -> bool`` decides correctness (see :mod:`minimind.tasks.checks`).
 """
 
 from __future__ import annotations

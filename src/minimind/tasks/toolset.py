@@ -1,12 +1,17 @@
-"""The demo's view of the shared tools: its three tools, its schemas and its lenient call semantics.
+"""The tool set of the generated tool tasks: three tools, their schemas and lenient call semantics.
 
-Why a thin layer: tool-use SFT data, tool-call evaluation and tool-use RL must run the *same*
-tools, so the calculator, the unit converter, the weather table and the call parser live once, in
-:mod:`minimind.tasks`. What stays here is what the demo's data and trained figures are pinned
+Why a thin layer over :mod:`minimind.tasks.tools`: tool-use SFT data, tool-call evaluation and
+tool-use RL must run the *same* tools, so the calculator, the unit converter, the weather table
+and the call parser live once, in :mod:`minimind.tasks.tools` and :mod:`minimind.tasks.toolcalls`.
+What stays here is what the generated tasks (and the demo's data and trained figures) are pinned
 to: the three offered tools (``calculate_math``, ``unit_converter``, ``get_current_weather``, as
-in the reference MiniMind agent tools) with schemas that render byte-identically into its
-prompts, the unit pairs its generator draws from, and :func:`execute_tool`'s contract of
-``None`` for an unusable call (the reference's), which its graders rely on.
+in the reference MiniMind agent tools) with schemas that render byte-identically into their
+prompts, the unit pairs the generator draws from, and :func:`execute_tool`'s contract of ``None``
+for an unusable call (the reference's), which the checkers and rewards rely on.
+
+Its ``parse_tool_calls`` returns plain ``{"name", "arguments"}`` dicts (the rows' ``tool_calls``
+shape), unlike :func:`minimind.tasks.toolcalls.parse_tool_calls`; that is why the package root
+does not re-export it.
 """
 
 from __future__ import annotations
