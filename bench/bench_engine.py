@@ -360,11 +360,16 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
         gc.collect()
     report["wall_s"] = time.perf_counter() - t_start
     report["environment"]["load_average_at_end"] = load_average()
+    return emit(report, args.out)
+
+
+def emit(report: dict[str, Any], out: str | None) -> dict[str, Any]:
+    """Print the report as JSON and, with ``out``, also write it there."""
     text = json.dumps(report, indent=2)
     print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
     return report
 
 

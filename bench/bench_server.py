@@ -46,7 +46,7 @@ from minimind.tokenizer import train_tokenizer
 from minimind.train.device import pick_device, pick_dtype
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import cpu_info, load_average  # bench/ is not a package: imported by path
+from bench_engine import cpu_info, emit, load_average  # bench/ is not a package: imported by path
 
 FULL: dict[str, Any] = {"preset": "small", "concurrency": "1,8,32", "max_tokens": 128, "prompt_words": 48,
                         "requests": 2, "vocab_size": 6400}
@@ -207,12 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "results": results,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    return report
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

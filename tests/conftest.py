@@ -18,3 +18,16 @@ def shared_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared fixtures folder {path} absent")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of tiny tensors: on a shared 2-core box, extra threads spin
+    against other processes (a 2-layer forward took 250 ms with 2 threads under load, 2 ms with one).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``; the count is restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -49,14 +49,7 @@ DOCS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the tensors are tiny, and on a shared CPU box extra threads spin against
-    other processes (a 2-layer forward took 250 ms with 2 threads under load, 2 ms with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -544,17 +544,28 @@ async def _chat_stream(server: _Server, handle: RequestHandle, cid: str, created
                 yield chunk(i, {}, _finish_reason(ev.result, n_calls[i] > 0), lp=pending[i])
                 pending[i] = []
         if include_usage:
-            yield sse_event({"id": cid, "object": "chat.completion.chunk", "created": created,
-                             "model": server.model_name, "choices": [],
-                             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                       "total_tokens": prompt_tokens + completion_tokens}})
+            yield _usage_event(cid, "chat.completion.chunk", created, server.model_name, prompt_tokens,
+                               completion_tokens)
         yield SSE_DONE
     except RuntimeError as exc:
-        err = _generation_failed(exc)
-        yield sse_event({"error": {"message": err.message, "type": err.type, "param": None, "code": None}})
+        yield _error_event(exc)
     finally:
         if not handle.done:
             handle.cancel()
+
+
+def _usage_event(cid: str, obj: str, created: int, model: str, prompt_tokens: int,
+                 completion_tokens: int) -> str:
+    """The final stream chunk with ``usage`` (sent when ``stream_options.include_usage``)."""
+    return sse_event({"id": cid, "object": obj, "created": created, "model": model, "choices": [],
+                      "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                "total_tokens": prompt_tokens + completion_tokens}})
+
+
+def _error_event(exc: RuntimeError) -> str:
+    """A failed generation mid-stream: headers are sent, so the error travels as an SSE event."""
+    err = _generation_failed(exc)
+    return sse_event({"error": {"message": err.message, "type": err.type, "param": None, "code": None}})
 
 
 def _completion_logprobs(server: _Server, tokens: list[tuple[int, float]], top: int,
@@ -598,14 +609,11 @@ async def _completion_stream(server: _Server, handles: list[RequestHandle], prep
                     completion_tokens += ev.result.completion_tokens
                 yield chunk(index, "", _finish_reason(ev.result, False))
         if include_usage:
-            yield sse_event({"id": cid, "object": "text_completion", "created": created,
-                             "model": server.model_name, "choices": [],
-                             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                       "total_tokens": prompt_tokens + completion_tokens}})
+            yield _usage_event(cid, "text_completion", created, server.model_name, prompt_tokens,
+                               completion_tokens)
         yield SSE_DONE
     except RuntimeError as exc:
-        err = _generation_failed(exc)
-        yield sse_event({"error": {"message": err.message, "type": err.type, "param": None, "code": None}})
+        yield _error_event(exc)
     finally:
         for h in handles:
             if not h.done:
