@@ -394,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from minimind.eval.cli import add_eval_parser
     add_eval_parser(sub)
+    from minimind.eval.report import add_report_parser
+    add_report_parser(sub)
 
     from minimind.demo.pipeline import add_demo_arguments, demo_main
     dm = sub.add_parser("demo", help="the embedded default: build a corpus and run the whole pipeline")

@@ -1,4 +1,4 @@
-"""``minimind eval bpb|mc|math``: score a model, print a table, optionally write the JSON results.
+"""``minimind eval bpb|mc|math|tools|longctx``: score a model, print a table, optionally write JSON results.
 
 ``--model`` takes our weights file, a stage name (``full_sft`` -> ``<save_dir>/full_sft_<H>...``) or
 a Hugging Face folder (see :mod:`minimind.eval.loading`); ``--out results.json`` writes the
@@ -15,14 +15,15 @@ from typing import Any
 from minimind.eval.results import EvalResult, print_results, write_results
 
 
-def _common(p: argparse.ArgumentParser, batch_size: int, limit_help: str) -> None:
+def _common(p: argparse.ArgumentParser, batch_size: int, limit_help: str,
+            data_help: str = "evaluation data file (or folder, for mc)", data_required: bool = True) -> None:
     a = p.add_argument
     a("--model", required=True,
       help="weights file (.safetensors / reference .pth), stage name (full_sft -> <save_dir>/full_sft_<H>"
            ".safetensors) or a Hugging Face model folder (minimind export hf)")
     a("--tokenizer", default="",
       help="tokenizer folder (default: beside the model, then out/tokenizer, model/)")
-    a("--data", required=True, help="evaluation data file (or folder, for mc)")
+    a("--data", required=data_required, default="", help=data_help)
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
       help="compute dtype (auto: bf16 on CUDA / bf16-capable CPUs, else fp32)")
@@ -37,8 +38,9 @@ def _common(p: argparse.ArgumentParser, batch_size: int, limit_help: str) -> Non
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``eval`` with its ``bpb``, ``mc`` and ``math`` sub-commands to ``subparsers``."""
-    ev = subparsers.add_parser("eval", help="evaluate a model: bits per byte, multiple choice, math",
+    """Add ``eval`` with its ``bpb``, ``mc``, ``math``, ``tools`` and ``longctx`` sub-commands."""
+    ev = subparsers.add_parser("eval", help="evaluate a model: bits per byte, multiple choice, math, tool use, "
+                                            "long context",
                                description="Evaluate a model; prints a table, --out writes JSON results.")
     tasks = ev.add_subparsers(dest="task", required=True)
 
@@ -75,6 +77,41 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     mt.add_argument("--seed", type=int, default=0, help="sampling seed")
     mt.add_argument("--samples", type=int, default=20, help="completions kept in the JSON results")
     mt.set_defaults(func=cmd_eval_math)
+
+    tl = tasks.add_parser("tools", help="multi-round tool use: call validity, right tool, exact arguments, "
+                                        "final answer")
+    _common(tl, 256, "evaluate only the first N tool episodes (0 = all)",
+            data_help="JSONL of task rows (e.g. the demo's data/eval_tasks.jsonl; non-tool rows are "
+                      "skipped); default: generate --n_tasks eval-split tool tasks",
+            data_required=False)
+    tl.add_argument("--n_tasks", type=int, default=64, help="tool tasks to generate when there is no --data")
+    tl.add_argument("--task_seed", type=int, default=0, help="seed of the generated tasks")
+    tl.add_argument("--langs", default="zh,en", help="languages of the generated tasks")
+    tl.add_argument("--level", default="standard", choices=["standard", "easy"],
+                    help="difficulty of the generated tasks (easy: only the needed tool is offered)")
+    tl.add_argument("--max_rounds", type=int, default=3, help="model replies per episode at most")
+    tl.add_argument("--max_new_tokens", type=int, default=256, help="tokens per reply at most")
+    tl.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    tl.add_argument("--top_p", type=float, default=0.95)
+    tl.add_argument("--top_k", type=int, default=0, help="0 = disabled")
+    tl.add_argument("--seed", type=int, default=0, help="sampling seed")
+    tl.add_argument("--open_thinking", type=int, default=0, choices=[0, 1], help="open a <think> block")
+    tl.add_argument("--samples", type=int, default=20, help="episode transcripts kept in the JSON results")
+    tl.set_defaults(func=cmd_eval_tools)
+
+    lc = tasks.add_parser("longctx", help="loss by position on long sequences, plain RoPE vs YaRN")
+    _common(lc, 4, "at most N sequences (default 32, 0 = all)",
+            data_help="pretrain JSONL ({\"text\"} rows, laid end to end) or one long text file")
+    lc.set_defaults(limit=32)
+    lc.add_argument("--length", type=int, default=1024, help="tokens per sequence")
+    lc.add_argument("--original_length", type=int, default=0,
+                    help="the context the model was trained on (its --max_seq_len; default: the model's "
+                         "YaRN original_max_position_embeddings, else max_position_embeddings)")
+    lc.add_argument("--yarn_factor", type=float, default=0.0,
+                    help="YaRN factor (0 = max(1, length / original_length))")
+    lc.add_argument("--buckets", type=int, default=8, help="position buckets in the table")
+    lc.add_argument("--plot", default="", help="write a PNG of both loss curves to this path")
+    lc.set_defaults(func=cmd_eval_longctx)
     return ev
 
 
@@ -178,3 +215,76 @@ def cmd_eval_math(args: argparse.Namespace) -> int:
     return _finish(EvalResult("math", loaded.name, metrics, settings, out["subjects"],
                               model_path=str(loaded.path), data=str(args.data),
                               seconds=time.perf_counter() - start, samples=out["samples"]), args)
+
+
+def cmd_eval_tools(args: argparse.Namespace) -> int:
+    from minimind.eval.tooluse import (
+        engine_replier,
+        evaluate_tool_use,
+        generated_tool_episodes,
+        load_tool_episodes,
+    )
+    from minimind.infer.engine import GenerationEngine
+    if args.max_rounds < 1:
+        raise ValueError(f"--max_rounds must be >= 1, got {args.max_rounds}")
+    if args.data:
+        episodes = load_tool_episodes(args.data, args.limit or None)
+    else:
+        if args.n_tasks < 1:
+            raise ValueError(f"--n_tasks must be >= 1, got {args.n_tasks}")
+        langs = [x.strip() for x in args.langs.split(",") if x.strip()]
+        episodes = generated_tool_episodes(args.limit or args.n_tasks, seed=args.task_seed, langs=langs,
+                                           level=args.level)
+    loaded = _load(args)
+    engine = GenerationEngine(loaded.model, loaded.tokenizer, dtype=loaded.dtype,
+                              num_slots=max(8, min(args.batch_size, len(episodes))))
+    replier = engine_replier(engine, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                             open_thinking=bool(args.open_thinking))
+    start = time.perf_counter()
+    out = evaluate_tool_use(replier, episodes, max_rounds=args.max_rounds, keep_samples=args.samples,
+                            progress=bool(args.progress))
+    settings = {**_base_settings(args, loaded), "max_rounds": args.max_rounds,
+                "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                "top_k": args.top_k, "seed": args.seed, "open_thinking": bool(args.open_thinking)}
+    if not args.data:
+        settings.update(generated_tasks=len(episodes), task_seed=args.task_seed, langs=args.langs,
+                        level=args.level)
+    return _finish(EvalResult("tools", loaded.name, out["metrics"], settings, out["subjects"],
+                              model_path=str(loaded.path), data=str(args.data or "generated"),
+                              seconds=time.perf_counter() - start, samples=out["samples"]), args)
+
+
+def cmd_eval_longctx(args: argparse.Namespace) -> int:
+    from minimind.eval.longctx import evaluate_longctx, long_sequences, plot_position_curves
+    if args.length < 2:
+        raise ValueError(f"--length must be >= 2, got {args.length}")
+    if args.buckets < 1:
+        raise ValueError(f"--buckets must be >= 1, got {args.buckets}")
+    if args.yarn_factor and args.yarn_factor < 1:
+        raise ValueError(f"--yarn_factor must be >= 1 (or 0 for automatic), got {args.yarn_factor}")
+    if not Path(args.data).is_file():
+        raise FileNotFoundError(f"data file not found: {args.data}")
+    loaded = _load(args)
+    cfg = loaded.model.config
+    original = args.original_length or int((cfg.rope_scaling or {}).get("original_max_position_embeddings")
+                                           or cfg.max_position_embeddings)
+    seqs = long_sequences(args.data, loaded.tokenizer, args.length, args.limit or None)
+    start = time.perf_counter()
+    out = evaluate_longctx(loaded.model, seqs, original, yarn_factor=args.yarn_factor or None,
+                           n_buckets=args.buckets, batch_size=args.batch_size, dtype=loaded.dtype,
+                           progress=bool(args.progress))
+    subjects = {f"positions {b['start']}-{b['end']}": {"nll_plain": b["nll_plain"], "nll_yarn": b["nll_yarn"],
+                                                        "yarn_minus_plain": b["nll_yarn"] - b["nll_plain"]}
+                for b in out["buckets"]}
+    settings = {**_base_settings(args, loaded), "length": args.length, "original_length": original,
+                "yarn_factor": out["yarn_factor"], "buckets": args.buckets}
+    if args.plot:
+        path = plot_position_curves(out["nll_plain"], out["nll_yarn"], args.plot, original_length=original,
+                                    yarn_factor=out["yarn_factor"], first_position=out["first_position"],
+                                    title=f"{loaded.name}: loss by position")
+        settings["plot"] = str(path)
+        print(f"wrote {path}")
+    return _finish(EvalResult("longctx", loaded.name, out["metrics"], settings, subjects,
+                              model_path=str(loaded.path), data=str(args.data),
+                              seconds=time.perf_counter() - start), args)

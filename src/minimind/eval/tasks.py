@@ -3,6 +3,14 @@
 Rows look like reference agent-RL rows: ``{"conversations": [..., {"role": "assistant",
 "content": ""}], "gt": [...], "kind": "..."}``; the final empty assistant turn is what the model
 writes.  ``checker(kind, gt, text) -> bool`` decides correctness (see :mod:`minimind.tasks.checks`).
+
+Tool tasks are graded three ways, because a tiny model can get the call right and still garble the
+answer (or the reverse): ``per_kind["tool_call"]`` (the first turn's calls, executed, give the
+expected values), ``tool_call_exact`` (name and arguments exactly the expected ones) and
+``tool_final_accuracy`` (multi-round: the model's own calls are executed by the sandboxed task tool
+set, the result is appended as a ``tool`` turn and the model's final answer is graded).  Kinds that
+need memorised facts (idioms, dictionary) are summarised apart from the ones answerable from the
+prompt alone, so a small model's knowledge gap does not hide what it learnt to compute or copy.
 """
 
 from __future__ import annotations
@@ -13,6 +21,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from minimind.infer import GenerationEngine, SamplingParams
+
+#: Kinds whose answers need memorised facts; every other kind is answerable from the prompt.
+KNOWLEDGE_KINDS: frozenset[str] = frozenset({"idiom_meaning", "dictionary"})
 
 
 def prompt_of(row: dict[str, Any]) -> tuple[list[dict], list | None]:
@@ -40,6 +51,7 @@ def evaluate_tasks(engine: GenerationEngine, tokenizer: Any, rows: Sequence[dict
     params = SamplingParams(max_new_tokens=max_new_tokens, greedy=True, temperature=0.0,
                             stop_token_ids=(tokenizer.eos_id,))
     per_kind: dict[str, list[bool]] = defaultdict(list)
+    tool_turns: list[tuple[dict[str, Any], str]] = []
     fmt_kind: dict[str, list[bool]] = defaultdict(list)
     samples = []
     for start in range(0, len(rows), batch_size):
@@ -52,6 +64,8 @@ def evaluate_tasks(engine: GenerationEngine, tokenizer: Any, rows: Sequence[dict
         results = engine.generate(prompts, params)
         for row, res in zip(chunk, results):
             text = res.text if res.text is not None else tokenizer.decode(res.token_ids)
+            if row.get("kind") == "tool_call" and row.get("tool_calls"):
+                tool_turns.append((row, text))
             ok = bool(checker(row.get("kind", ""), row.get("gt"), text))
             per_kind[row.get("kind", "")].append(ok)
             if format_checker is not None:
@@ -62,8 +76,53 @@ def evaluate_tasks(engine: GenerationEngine, tokenizer: Any, rows: Sequence[dict
     acc = {k: sum(v) / len(v) for k, v in sorted(per_kind.items())}
     total = sum(len(v) for v in per_kind.values())
     out = {"accuracy": sum(sum(v) for v in per_kind.values()) / max(total, 1), "per_kind": acc,
-           "n": total, "samples": samples}
+           "n": total, "n_per_kind": {k: len(v) for k, v in sorted(per_kind.items())}, "samples": samples}
+    for group, keep in (("non_knowledge", lambda k: k not in KNOWLEDGE_KINDS),
+                        ("knowledge", lambda k: k in KNOWLEDGE_KINDS)):
+        oks = [ok for k, v in per_kind.items() if keep(k) for ok in v]
+        if oks:
+            out[f"accuracy_{group}"] = sum(oks) / len(oks)
+    if tool_turns:
+        out.update(_tool_rounds(engine, tokenizer, tool_turns, params, batch_size))
     if format_checker is not None:
         out["format_rate"] = sum(sum(v) for v in fmt_kind.values()) / max(total, 1)
         out["format_per_kind"] = {k: sum(v) / len(v) for k, v in sorted(fmt_kind.items())}
     return out
+
+
+def _tool_rounds(engine: GenerationEngine, tokenizer: Any, turns: Sequence[tuple[dict[str, Any], str]],
+                 params: SamplingParams, batch_size: int) -> dict[str, Any]:
+    """Tool-call exactness of the first turns, then a second round on the model's own calls.
+
+    Each first turn's parsed calls are executed by :func:`minimind.tasks.toolset.execute_tool` (pure
+    functions over fixed tables: nothing leaves the process); a turn without a parsable call, or one
+    whose call fails, has no second round and counts as a wrong final answer.  The final answer is
+    graded against the row's ``gt`` like the gold final turn.
+    """
+    from minimind.tasks.checks import check_answer, check_tool_call
+    from minimind.tasks.toolset import execute_tool, parse_tool_calls
+    exact = [bool(check_tool_call(row["tool_calls"], text)) for row, text in turns]
+    followups: list[tuple[dict[str, Any], list[int]]] = []
+    for row, text in turns:
+        calls = parse_tool_calls(text.rsplit("</think>", 1)[-1])
+        results = [execute_tool(c["name"], c["arguments"]) for c in calls]
+        if not calls or any(r is None for r in results):
+            continue
+        msgs, tools = prompt_of(row)
+        msgs = msgs + [{"role": "assistant", "content": "", "tool_calls": calls}]
+        msgs += [{"role": "tool", "content": json.dumps(r, ensure_ascii=False)} for r in results]
+        followups.append((row, tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True,
+                                                             tokenize=True)))
+    final_ok: list[bool] = []
+    final_samples = []
+    for start in range(0, len(followups), batch_size):
+        chunk = followups[start:start + batch_size]
+        for (row, _), res in zip(chunk, engine.generate([p for _, p in chunk], params)):
+            text = res.text if res.text is not None else tokenizer.decode(res.token_ids)
+            ok = "<tool_call>" not in text and bool(check_answer("tool_call", row.get("gt"), text))
+            final_ok.append(ok)
+            if len(final_samples) < 20:
+                final_samples.append({"prompt": prompt_of(row)[0][-1]["content"], "final": text, "correct": ok})
+    n = len(turns)
+    return {"tool_call_exact": sum(exact) / n, "tool_final_accuracy": sum(final_ok) / n,
+            "tool_rounds_executed": len(followups) / n, "tool_final_samples": final_samples}
