@@ -200,3 +200,17 @@ def test_service_decodes_concurrent_clients_together_and_cancels() -> None:
             service.submit(list(range(3, 300)), SamplingParams())
     finally:
         service.close()
+
+
+@pytest.mark.slow
+def test_compiled_static_decode_equals_recomputation() -> None:
+    """``compile=True`` decodes at static shapes (every slot, the whole cache length, padded rows):
+    requests joining and leaving still get exactly their greedy recomputation."""
+    model = tiny_model()
+    engine = GenerationEngine(model, compile=True, num_slots=4)
+    prompts = [_prompt(20 + i, 3 + 4 * i) for i in range(5)]
+    results = engine.generate(prompts[:3], SamplingParams(max_new_tokens=9, **GREEDY))
+    results += engine.generate(prompts[3:], SamplingParams(max_new_tokens=14, **GREEDY))
+    for prompt, res in zip(prompts, results):
+        assert res.token_ids == reference_greedy(model, prompt, len(res.token_ids))
+    assert [len(r.token_ids) for r in results] == [9, 9, 9, 14, 14]

@@ -85,8 +85,8 @@ class GenerationEngine:
 
     ``dtype`` is the compute dtype (``None`` = the model's own); ``max_batch_len`` caps the positions
     per row (prompt + completion) below ``config.max_position_embeddings``; ``num_slots`` is how many
-    rows decode together (``generate`` raises it for a larger batch); ``compile`` runs the forward
-    through ``torch.compile``.  The cache grows on demand
+    rows decode together (``generate`` raises it for a larger batch); ``compile`` runs the decode step
+    through ``torch.compile`` at static shapes (every slot, the cache's full length).  The cache grows on demand
     (more slots, longer rows) and keeps its contents when it does.
     """
 
@@ -105,9 +105,11 @@ class GenerationEngine:
         own = next(model.parameters()).dtype
         self.dtype = dtype or own
         self.model = model if self.dtype == own else _inference_copy(model, self.dtype)
-        # torch.compile fuses the many small per-token kernels (norms, RoPE, cache writes) that bound a
-        # small model's decode step; shapes vary (rows, attended length), so it compiles dynamically.
-        self._call = torch.compile(self.model, dynamic=True) if compile else self.model
+        # torch.compile fuses the many small per-token kernels (norms, RoPE, casts, cache writes) of
+        # the decode step.  Compiled decode runs at static shapes — every slot of the cache, attending
+        # over its whole length under the mask — so one graph serves every step (a dynamic graph
+        # recompiles as the attended length grows); prefill, whose shapes vary, stays eager.
+        self._decode_call = torch.compile(self.model, dynamic=False) if compile else None
         self.max_batch_len = max_batch_len
         self.num_slots = num_slots
         self.cache: KVCache | None = None
@@ -181,11 +183,16 @@ class GenerationEngine:
     def decode_step(self, count: int, tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
         """Feed ``tokens[i]`` at ``positions[i]`` into slot ``i`` for ``i < count``; float32 logits
         ``[count, V]``."""
-        tok = torch.tensor(tokens, dtype=torch.long).view(count, 1).to(self.device)
-        pos = torch.tensor(positions, dtype=torch.long).view(count, 1).to(self.device)
-        mask = cache_attention_mask(pos, max(positions) + 1)
-        out = self._forward(tok, pos, mask, self.cache.slots(slice(0, count)), 1)
-        return out[:, -1].float()
+        rows, kv_len = count, max(positions) + 1
+        if self._decode_call is not None:  # static shapes: pad to every slot and the full length
+            rows, kv_len = self.cache.batch_size, self.cache.max_len
+            pad = rows - count  # free slots: their junk write at position 0 is overwritten on reuse
+            tokens, positions = list(tokens) + [0] * pad, list(positions) + [0] * pad
+        tok = torch.tensor(tokens, dtype=torch.long).view(rows, 1).to(self.device)
+        pos = torch.tensor(positions, dtype=torch.long).view(rows, 1).to(self.device)
+        mask = cache_attention_mask(pos, kv_len)
+        out = self._forward(tok, pos, mask, self.cache.slots(slice(0, rows)), 1, self._decode_call)
+        return out[:count, -1].float()
 
     def copy_slot(self, src: int, dst: Sequence[int], length: int) -> None:
         """Copy positions ``:length`` of slot ``src`` into ``dst`` (n samples share one prefill)."""
@@ -205,9 +212,10 @@ class GenerationEngine:
         self.seen[first:first + len(prompts)] = mask.to(self.device)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, cache: Any,
-                 keep: int | torch.Tensor) -> torch.Tensor:
+                 keep: int | torch.Tensor, call: Callable[..., Any] | None = None) -> torch.Tensor:
         with _eval_mode(self.model):
-            return self._call(ids, pos, mask, kv_cache=cache, logits_to_keep=keep).logits
+            fn = call if call is not None else self.model
+            return fn(ids, pos, mask, kv_cache=cache, logits_to_keep=keep).logits
 
     # ---- rows -> results -----------------------------------------------------------------------
     def new_decoder(self) -> Any | None:
