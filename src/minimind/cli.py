@@ -64,7 +64,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type,
         if f.name in skip:
             continue
         shown = defaults.get(f.name, f.default)
-        help_text = _HELP.get(f.name, (f.metadata or {}).get("help", ""))
+        help_text = (f.metadata or {}).get("help") or _HELP.get(f.name, "")
         help_text = f"{help_text} (default {shown!r})" if help_text else f"(default {shown!r})"
         kwargs: dict[str, Any] = dict(type=_field_type(f), default=argparse.SUPPRESS, help=help_text)
         if f.name == "use_wandb":  # the reference's bare switch, or an explicit 0/1/2
@@ -187,7 +187,8 @@ def cmd_train(stage_name: str, args: argparse.Namespace) -> int:
     from minimind.train.loop import train
     stage, cfg = build_stage(stage_name, args)
     tok = load_tokenizer_for(cfg)
-    res = train(stage, cfg, tok)
+    run = getattr(stage, "run", None)  # RL stages bring their own driver (rollouts between steps)
+    res = run(cfg, tok) if run is not None else train(stage, cfg, tok)
     print(f"saved {res.weights_path}  steps={res.steps}  loss={res.final_loss:.4f}  "
           f"{res.useful_tokens_per_s:.0f} useful tok/s  metrics={res.metrics_path}")
     return 0
@@ -309,6 +310,10 @@ STAGE_HELP = {
     "lora": "LoRA fine-tuning on SFT data (only adapters train; `minimind lora merge` merges)",
     "dpo": "DPO on {\"chosen\", \"rejected\"} pairs against a frozen reference model",
     "distill": "white-box distillation from a teacher model on SFT data",
+    "grpo": "GRPO-family RL (--loss_type grpo|dr_grpo|dapo|bnpo|gspo|cispo) on {\"conversations\"} prompts",
+    "spo": "single-stream RL: one sample per prompt against a persistent per-prompt baseline",
+    "ppo": "PPO: clipped surrogate, GAE from a value head, KL folded into the reward",
+    "agent": "multi-turn tool-use RL: tool calls run between turns, rewards grade the final answer",
 }
 
 

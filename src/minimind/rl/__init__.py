@@ -4,7 +4,11 @@
 :func:`policy_loss` from an :class:`ObjectiveConfig` (:data:`LOSS_TYPES` holds the published ones).
 :mod:`minimind.rl.rewards` -- rule-based rewards, their registry and weighted combination, and a
 learned :class:`RewardModel`.
+:mod:`minimind.rl.trainer` -- the one RL driver (:func:`train_rl`) behind ``minimind grpo|spo|ppo|agent``
+(imported lazily: it pulls in the training core).
 """
+
+from typing import Any
 
 from minimind.rl.objective import (
     LOSS_TYPES,
@@ -42,6 +46,8 @@ __all__ = [
     "REWARD_FUNCTIONS",
     "CombinedReward",
     "ObjectiveConfig",
+    "PromptDataset",
+    "RLResult",
     "RewardFunction",
     "RewardModel",
     "SPOBaseline",
@@ -62,6 +68,18 @@ __all__ = [
     "ppo_clip",
     "register_reward",
     "reinforce",
+    "rl_loss",
     "tis_weight",
     "tool_format_reward",
+    "train_rl",
 ]
+
+_TRAINER_NAMES = ("PromptDataset", "RLResult", "rl_loss", "train_rl")
+
+
+def __getattr__(name: str) -> Any:
+    """``minimind.rl.train_rl`` etc. without importing the training core with the package."""
+    if name in _TRAINER_NAMES:
+        from minimind.rl import trainer
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'minimind.rl' has no attribute {name!r}")
