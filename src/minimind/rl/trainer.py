@@ -63,10 +63,9 @@ from minimind.rl.rollout import (
     single_turn_rollouts,
     thinking_prompt,
 )
-from minimind.train import checkpoint as ckpt
 from minimind.train.core import Trainer, weights_path
 from minimind.train.distributed import all_reduce_sum, cleanup
-from minimind.train.loop import TrainingInterrupted, TrainResult, check_resumable
+from minimind.train.loop import TrainingInterrupted, TrainResult, resume_if_asked
 from minimind.train.losses import token_logps
 from minimind.train.metrics import MetricsWriter, read_metrics
 from minimind.train.schedule import lr_at
@@ -390,15 +389,8 @@ def train_rl(stage: Any, cfg: TrainConfig, tokenizer: Any,
             total = min(total, cfg.max_steps)
         warmup = cfg.warmup_steps
         record = trainer.config_record()
-        step = 0
-        if cfg.from_resume and resume_path.exists():
-            state = ckpt.load_resume(resume_path)
-            check_resumable(state["config"], int(state["world_size"]), record, info.world_size, resume_path)
-            trainer.restore(state)
-            step = int(state["step"])
-            if info.is_main:
-                print(f"resumed from {resume_path} at step {step}/{total}")
-        elif info.is_main:
+        step = resume_if_asked(trainer, cfg, resume_path, total)
+        if not step and info.is_main:
             print(f"{model.describe()}  device={trainer.device} dtype={str(trainer.dtype).split('.')[-1]}  "
                   f"{stage.name} loss_type={o.loss_type} G={o.num_generations} beta={o.beta}"
                   f"{'  from ' + str(trainer.source) if trainer.source else ''}")

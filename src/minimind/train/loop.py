@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -70,6 +71,22 @@ def check_resumable(saved: dict[str, Any], saved_world: int, cfg: dict[str, Any]
                          "--save_weight).")
 
 
+def resume_if_asked(trainer: Trainer, cfg: TrainConfig, resume_path: Path, total_steps: int) -> int:
+    """With ``--from_resume 1`` and a resume file: check it belongs to this run, restore everything
+    (model, optimizer, RNG per rank, data cursor, stage state) and return its step; else 0."""
+    if not (cfg.from_resume and resume_path.exists()):
+        return 0
+    state = ckpt.load_resume(resume_path)
+    info = trainer.info
+    check_resumable(state["config"], int(state["world_size"]), trainer.config_record(), info.world_size,
+                    resume_path)
+    trainer.restore(state)
+    step = int(state["step"])
+    if info.is_main:
+        print(f"resumed from {resume_path} at step {step}/{total_steps}")
+    return step
+
+
 def train(stage: StageBase, cfg: TrainConfig, tokenizer: Any,
           on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
     """Run ``stage`` with ``cfg``.  ``on_step(step, record)`` is called after each logged step."""
@@ -94,15 +111,9 @@ def train(stage: StageBase, cfg: TrainConfig, tokenizer: Any,
             total_steps = min(total_steps, cfg.max_steps)
         warmup = cfg.warmup_steps or max(1, total_steps // 100)
 
-        step = 0
         record = trainer.config_record()
-        if cfg.from_resume and resume_path.exists():
-            state = ckpt.load_resume(resume_path)
-            check_resumable(state["config"], int(state["world_size"]), record, info.world_size, resume_path)
-            trainer.restore(state)
-            step = int(state["step"])
-            if info.is_main:
-                print(f"resumed from {resume_path} at step {step}/{total_steps}")
+        step = resume_if_asked(trainer, cfg, resume_path, total_steps)
+        if step:
             if step >= total_steps:
                 if info.is_main:
                     print(f"the run already finished ({step}/{total_steps} steps): nothing to do; "
