@@ -185,3 +185,19 @@ def test_sft_rows_render_with_the_chat_template(corpus: tuple[Path, dict]) -> No
             assert check_tool_call(calls, turn) and parse_tool_calls(turn) == calls
             assert "<tool_response>\n" + conv[3]["content"] + "\n</tool_response>" in text
     assert n_tool > 0
+
+
+def test_heldout_documents_do_not_depend_on_the_training_mix(corpus: tuple[Path, dict], tmp_path: Path) -> None:
+    """Recipes with another source mix are scored on the very same held-out documents, so their
+    bits per byte compare; the SFT kind list weights kinds by repetition."""
+    from minimind.demo.corpus import DEFAULT_MIX, build_demo_corpus
+
+    out_a, stats_a = corpus
+    mix = dict(DEFAULT_MIX, pydoc=0.05, task_facts=0.32)
+    kinds = ("arithmetic", "tool_call", "tool_call")
+    stats = build_demo_corpus(tmp_path, seed=0, **{**SMALL, "n_sft": 120}, mix=mix, sft_kinds=kinds,
+                              generic_share=0.0, fact_pool_share=0.25)
+    assert (tmp_path / "pretrain_heldout.jsonl").read_bytes() == (out_a / "pretrain_heldout.jsonl").read_bytes()
+    assert (tmp_path / "pretrain.jsonl").read_bytes() != (out_a / "pretrain.jsonl").read_bytes()
+    assert stats["sft"]["by_kind"] == {"arithmetic": 40, "tool_call": 80}
+    assert stats["sources"]["task_facts"]["chars"] > stats_a["sources"]["task_facts"]["chars"]

@@ -464,3 +464,72 @@ def test_package_imports_without_the_demo_packages() -> None:
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(sorted(["arithmetic", "unit_conversion", "date_fact", "tool_call"]))
+
+
+# --------------------------------------------------------------------------- task evaluation
+
+
+class _EchoTokenizer:
+    """Stands in for a tokenizer: a "prompt" is the JSON of the messages, so a fake engine can read it."""
+
+    eos_id = 0
+
+    def apply_chat_template(self, msgs, tools=None, add_generation_prompt=True, tokenize=True):
+        return json.dumps(msgs, ensure_ascii=False)
+
+    def decode(self, ids):  # pragma: no cover - the fake engine always sets text
+        return ""
+
+
+class _ScriptedEngine:
+    """First turn of a tool task: the gold call for keys in ``good``, else a call without arguments;
+    second round: reports the value the executed tool returned; other tasks: their gold answer."""
+
+    def __init__(self, tasks: list[Task], good: set[str]) -> None:
+        self.by_question = {t.prompt_messages[-1]["content"]: t for t in tasks}
+        self.good = good
+
+    def generate(self, prompts, params):
+        from types import SimpleNamespace
+
+        from minimind.tasks.toolset import tool_result_value
+        out = []
+        for p in prompts:
+            msgs = json.loads(p)
+            if msgs[-1]["role"] == "tool":
+                call = msgs[-2]["tool_calls"][0]
+                value = tool_result_value(call["name"], json.loads(msgs[-1]["content"]))
+                text = f"The answer is {value}."
+            else:
+                t = self.by_question[msgs[-1]["content"]]
+                if t.kind != "tool_call":
+                    text = t.answer
+                elif t.key in self.good:
+                    text = _tool_call_text(t.tool_calls[0])
+                else:
+                    text = _tool_call_text({"name": t.tool_calls[0]["name"], "arguments": {}})
+            out.append(SimpleNamespace(text=text, token_ids=[]))
+        return out
+
+
+def test_evaluate_tasks_reports_tool_exactness_and_multi_round_answers() -> None:
+    """Tool-call exactness counts only exact calls; the multi-round final answer is graded after
+    executing the model's own call (a call that cannot run gets no second round and counts wrong);
+    knowledge and non-knowledge kinds are summarised apart."""
+    from minimind.eval.tasks import evaluate_tasks
+
+    tasks = generate_tasks(24, seed=11, kinds=["tool_call", "arithmetic", "unit_conversion"])
+    tool = [t for t in tasks if t.kind == "tool_call"]
+    good = {t.key for t in tool[: len(tool) // 2]}
+    # weather answers report e.g. "8°C": the fake reply carries the unit, so only good calls pass
+    res = evaluate_tasks(_ScriptedEngine(tasks, good), _EchoTokenizer(), [t.to_dict() for t in tasks],
+                         check_answer, batch_size=5)
+    share = len(good) / len(tool)
+    assert res["tool_call_exact"] == pytest.approx(share)
+    assert res["tool_rounds_executed"] == pytest.approx(share)
+    assert res["tool_final_accuracy"] == pytest.approx(share)
+    assert res["per_kind"]["arithmetic"] == 1.0 and res["per_kind"]["tool_call"] == pytest.approx(share)
+    assert res["n_per_kind"] == {"arithmetic": 8, "tool_call": 8, "unit_conversion": 8}
+    assert "accuracy_knowledge" not in res
+    assert res["accuracy_non_knowledge"] == pytest.approx((16 + len(good)) / 24)
+    assert all(s["correct"] for s in res["tool_final_samples"])

@@ -29,7 +29,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ from minimind.tasks.generators import (
     task_to_sft_row,
 )
 
-__all__ = ["build_demo_corpus", "DEFAULT_MIX", "TASK_SOURCE"]
+__all__ = ["DEFAULT_MIX", "TASK_SOURCE", "build_demo_corpus"]
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,10 @@ def _pack_lines(lines: list[str], rng: random.Random, lo: int = 8, hi: int = 30)
 
 
 def _fact_lines(rng: random.Random, seed: int, budget: int, repeats: int,
-                level: str = "standard") -> list[str]:
+                level: str = "standard", pool_share: float = 0.5) -> list[str]:
     """Plain-text task facts: the fact-pool items ``repeats`` times, then computed facts.
 
-    Pool facts (idiom meanings, dictionary lines) take at most half the budget, so small builds
+    Pool facts (idiom meanings, dictionary lines) take at most ``pool_share`` of the budget, so small builds
     still contain arithmetic/unit/date statements. Computed facts come from train-split items
     only, so an eval question's exact operands never appear anywhere in the training data.
     """
@@ -117,7 +117,7 @@ def _fact_lines(rng: random.Random, seed: int, budget: int, repeats: int,
         order = pool[:]
         rng.shuffle(order)
         for text in order:
-            if size + len(text) + 1 > budget // 2:
+            if size + len(text) + 1 > budget * pool_share:
                 break
             lines.append(text)
             size += len(text) + 1
@@ -240,6 +240,8 @@ def build_demo_corpus(
     mix: Mapping[str, float] | None = None,
     json_strings: bool = False,
     progress: bool = True,
+    fact_pool_share: float = 0.5,
+    sft_kinds: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Build the demo corpus under ``out_dir`` and return its statistics.
 
@@ -248,6 +250,9 @@ def build_demo_corpus(
     contributes what it has. Sources whose package is missing are skipped with a warning and
     listed under ``"skipped"``. ``json_strings=True`` writes ``tools``/``tool_calls`` as JSON
     strings, as the reference ``SFTDataset`` requires; the default keeps them as objects.
+    ``fact_pool_share`` caps the idiom/dictionary lines' share of the task facts (the rest are
+    computed facts); ``sft_kinds`` lists the SFT task kinds round robin, a kind named twice getting
+    twice the rows (default: every available kind once).
     """
     from tqdm.auto import tqdm
 
@@ -267,7 +272,7 @@ def build_demo_corpus(
     heldout_docs: dict[str, list[str]] = {}
     skipped: dict[str, str] = {}
     natural = [s for s in _READERS if mix.get(s, 0) > 0]
-    natural_share = sum(mix[s] for s in natural) or 1.0
+    natural_ref_share = sum(v for k, v in DEFAULT_MIX.items() if k in _READERS) or 1.0
     pool_heads = _pool_line_heads()
     for name in natural:
         bar.set_postfix_str(name)
@@ -286,9 +291,12 @@ def build_demo_corpus(
         random.Random(f"{seed}:{name}").shuffle(docs)
         budget = int(pretrain_chars * mix[name])
         mean_len = max(1.0, sum(map(len, docs)) / max(1, len(docs)))
+        # Held-out sizes follow DEFAULT_MIX whatever the training mix, so runs with other mixes
+        # are scored on the very same held-out documents (bits per byte stay comparable).
+        ref_share = DEFAULT_MIX.get(name, mix[name])
         n_held = max(
-            math.ceil(heldout_fraction * budget / mean_len),
-            math.ceil(min_heldout_docs * mix[name] / natural_share),
+            math.ceil(heldout_fraction * int(pretrain_chars * ref_share) / mean_len),
+            math.ceil(min_heldout_docs * ref_share / natural_ref_share),
         )
         # Held-out idiom/dictionary pages must not contain the fact-pool items trained on.
         held = [d for d in docs if not _mentions_pool(d, pool_heads)][:n_held]
@@ -301,14 +309,15 @@ def build_demo_corpus(
     # 2. Task facts as plain text.
     rng = random.Random(seed)
     bar.set_postfix_str("task_facts")
-    facts = _fact_lines(rng, seed, int(pretrain_chars * mix.get("task_facts", 0)), fact_repeats, level)
+    facts = _fact_lines(rng, seed, int(pretrain_chars * mix.get("task_facts", 0)), fact_repeats, level,
+                        fact_pool_share)
     train_docs["task_facts"] = list(_pack_lines(facts, rng)) if facts else []
     bar.update()
 
     # 3. SFT conversations (train-split items) + open Q&A.
     bar.set_postfix_str("sft")
     n_generic = round(n_sft * generic_share)
-    sft_tasks = generate_tasks(n_sft - n_generic, seed, split="train", level=level)
+    sft_tasks = generate_tasks(n_sft - n_generic, seed, kinds=sft_kinds, split="train", level=level)
     # Rows carry only "conversations": the reference loader declares its columns explicitly.
     sft_pairs: list[tuple[str, dict[str, Any]]] = [(t.kind, task_to_sft_row(t, json_strings)) for t in sft_tasks]
     sft_pairs += [("open_qa", {"conversations": c}) for c in _generic_qa(rng, n_generic)]
@@ -389,7 +398,7 @@ def _stats(
             "attribution": meta.attribution if meta else "minimind",
             "url": meta.url if meta else "",
         }
-    count = lambda xs: dict(sorted(_counter(xs).items()))  # noqa: E731
+    count = lambda xs: dict(sorted(_counter(xs).items()))
     return {
         "seed": seed,
         "pretrain": _size(pretrain),

@@ -105,8 +105,8 @@ def write_report(ctx: Any) -> Path:
                   f"| random init | {_fmt(p['heldout_bpb_before'])} |",
                   f"| unigram baseline | {_fmt(p['unigram_bpb'])} |",
                   f"| after pretraining | **{_fmt(p['heldout_bpb_after'])}** |", "",
-                  f"{p['steps']} steps in {p['seconds']} s, {p['useful_tokens_per_s']} useful tokens/s, "
-                  f"final loss {_fmt(p['final_loss'])}.", ""]
+                  (f"{p['steps']} steps in {p['seconds']} s, {p['useful_tokens_per_s']} useful tokens/s, "
+                   f"final loss {_fmt(p['final_loss'])}."), ""]
         plots = [ctx.artifacts[k] for k in ("pretrain_metrics", "sft_metrics") if k in ctx.artifacts]
         if plots:
             png = plot_metrics(plots, out / "loss.png", keys=("loss", "lr"), title="training loss")
@@ -127,6 +127,15 @@ def write_report(ctx: Any) -> Path:
         for k in kinds:
             lines.append(f"| {k} | " + " | ".join(f"{v['per_kind'].get(k, 0):.2f}" for v in t.values()) + " |")
         lines.append("| **all** | " + " | ".join(f"**{v['accuracy']:.2f}**" for v in t.values()) + " |")
+        for key, text in (("accuracy_non_knowledge", "answerable from the prompt (all but idioms, dictionary)"),
+                          ("accuracy_knowledge", "needing memorised facts (idioms, dictionary)"),
+                          ("tool_call_exact", "tool call: right tool, exactly the right arguments"),
+                          ("tool_final_accuracy", "tool task, final answer after the executed call (2 rounds)")):
+            if any(key in v for v in t.values()):
+                lines.append(f"| {text} | " + " | ".join(f"{v[key]:.2f}" if key in v else "–" for v in t.values())
+                             + " |")
+        n = next(iter(t.values())).get("n")
+        lines += ["", f"Exact accuracy on {n} held-out tasks (items never trained on)." if n else ""]
         lines.append("")
         if all("format_per_kind" in v for v in t.values()):
             lines += ["Well-formed answers (the reply has the answer's shape, right or wrong):", "",
@@ -149,6 +158,10 @@ def write_report(ctx: Any) -> Path:
                 seen.add(smp["kind"])
                 mark = "✓" if smp["correct"] else "✗"
                 lines += [f"- {mark} `{smp['kind']}` — {smp['prompt'][:120]!r} → {smp['output'][:160]!r}"]
+            for smp in v.get("tool_final_samples", [])[:2]:
+                mark = "✓" if smp["correct"] else "✗"
+                lines.append(f"- {mark} `tool_call` final answer after the tool result — {smp['prompt'][:120]!r} → "
+                             f"{smp['final'][:160]!r}")
             lines.append("")
 
     lines += ["## Timings (s)", "", "| step | seconds |", "|---|---|"]
