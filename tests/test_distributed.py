@@ -151,7 +151,9 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_kw: dict, kill_at: int, re
     try:
         res = train(PRETRAIN, cfg, MiniMindTokenizer.from_dir(cfg.tokenizer_path), on_step=on_step)
     except Killed:
-        return
+        # A kill is abrupt: leave without tearing down (a normal return lets the interpreter destroy
+        # gloo's threads in arbitrary order, which sometimes aborts the process with SIGABRT).
+        os._exit(0)
     if rank == 0:
         Path(result_file).write_text(json.dumps(res.losses))
 
