@@ -65,9 +65,9 @@ from minimind.rl.rollout import (
 )
 from minimind.train.core import Trainer, weights_path
 from minimind.train.distributed import all_reduce_sum, cleanup
-from minimind.train.loop import TrainingInterrupted, TrainResult, resume_if_asked
+from minimind.train.loop import TrainingInterrupted, TrainResult, open_metrics, resume_if_asked
 from minimind.train.losses import token_logps
-from minimind.train.metrics import MetricsWriter, read_metrics
+from minimind.train.metrics import read_metrics
 from minimind.train.schedule import lr_at
 from minimind.train.stages.base import LossOutput
 
@@ -399,15 +399,7 @@ def train_rl(stage: Any, cfg: TrainConfig, tokenizer: Any,
         backend = EngineBackend(engine)
         if step:
             backend.refresh(model)
-        metrics = MetricsWriter(metrics_path, enabled=info.is_main,
-                                tracker={1: "swanlab", 2: "wandb"}.get(cfg.use_wandb, ""),
-                                run_name=f"{cfg.save_weight}-{mcfg.weight_suffix}", config=record,
-                                project=cfg.wandb_project or "MiniMind")
-        if info.is_main:
-            if step:
-                metrics.truncate_after(step)
-            elif metrics_path.exists():
-                metrics_path.unlink()
+        metrics = open_metrics(trainer, metrics_path, record, step)
         records: list[dict[str, Any]] = []
         t_run = time.perf_counter()
 

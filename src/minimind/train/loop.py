@@ -87,6 +87,21 @@ def resume_if_asked(trainer: Trainer, cfg: TrainConfig, resume_path: Path, total
     return step
 
 
+def open_metrics(trainer: Trainer, metrics_path: Path, record: dict[str, Any], step: int) -> MetricsWriter:
+    """The run's metrics file (+ optional tracker): cut back to ``step`` on resume, fresh otherwise."""
+    cfg, info = trainer.cfg, trainer.info
+    metrics = MetricsWriter(metrics_path, enabled=info.is_main,
+                            tracker={1: "swanlab", 2: "wandb"}.get(cfg.use_wandb, ""),
+                            run_name=f"{cfg.save_weight}-{trainer.model_config.weight_suffix}", config=record,
+                            project=cfg.wandb_project or "MiniMind")
+    if info.is_main:
+        if step:
+            metrics.truncate_after(step)
+        elif metrics_path.exists():
+            metrics_path.unlink()
+    return metrics
+
+
 def train(stage: StageBase, cfg: TrainConfig, tokenizer: Any,
           on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
     """Run ``stage`` with ``cfg``.  ``on_step(step, record)`` is called after each logged step."""
@@ -138,15 +153,7 @@ def _run_steps(trainer: Trainer, dataset: Any, steps_per_epoch: list[int], total
                on_step: Callable[[int, dict[str, float]], None] | None) -> TrainResult:
     cfg, info = trainer.cfg, trainer.info
     mcfg = trainer.model_config
-    metrics = MetricsWriter(metrics_path, enabled=info.is_main,
-                            tracker="swanlab" if cfg.use_wandb == 1 else ("wandb" if cfg.use_wandb == 2 else ""),
-                            run_name=f"{cfg.save_weight}-{mcfg.weight_suffix}", config=record,
-                            project=cfg.wandb_project or "MiniMind")
-    if info.is_main:
-        if step:
-            metrics.truncate_after(step)
-        elif metrics_path.exists():
-            metrics_path.unlink()
+    metrics = open_metrics(trainer, metrics_path, record, step)
 
     n_matmul = trainer.base_model.num_parameters(active=True)
     if not mcfg.tie_word_embeddings:
