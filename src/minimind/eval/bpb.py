@@ -39,24 +39,12 @@ from torch import nn
 
 from minimind.data.formats import pretrain_text
 from minimind.data.jsonl import DataFormatError, iter_jsonl
-
-
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of the GPT-2 byte-to-unicode table used by ByteLevel BPE."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, n = list(keep), 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(keep, chars)}
+from minimind.tokenizer.byte_level import byte_decoder
 
 
 def token_byte_lengths(tokenizer: Any) -> np.ndarray:
     """UTF-8 byte length of every token id (0 for special tokens)."""
-    dec = _byte_decoder()
+    dec = byte_decoder()
     special = set(tokenizer.all_special_ids)
     out = np.zeros(tokenizer.vocab_size, dtype=np.int64)
     for i in range(tokenizer.vocab_size):

@@ -27,7 +27,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,7 @@ from minimind.serve.schemas import (
 from minimind.serve.streaming import SSE_DONE, ReplyStreamParser, sse_event
 from minimind.tasks.toolcalls import ToolCall, parse_reply, parse_tool_calls, split_reasoning
 from minimind.tasks.tools import call_tool, tool_result_text, tool_schemas
+from minimind.tokenizer.byte_level import token_bytes
 
 __all__ = ["DEFAULT_STATIC_DIR", "DEFAULT_TEMPERATURE", "DEFAULT_TOP_P", "create_app"]
 
@@ -66,30 +66,6 @@ _PLACEHOLDER_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>M
 <body><h1>MiniMind server</h1><p>The web UI is not installed. The API is at <code>/v1</code>:
 <code>GET /v1/models</code>, <code>POST /v1/chat/completions</code>.</p></body></html>"""
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-# ---- token text for logprobs ---------------------------------------------------------------------
-@lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of the byte-level BPE alphabet: each byte is shown as one printable character
-    (printable Latin-1 bytes as themselves, the rest shifted to U+0100 and up, in byte order)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    shown = {b: chr(b) for b in keep}
-    shift = 0
-    for b in range(256):
-        if b not in shown:
-            shown[b] = chr(256 + shift)
-            shift += 1
-    return {c: b for b, c in shown.items()}
-
-
-def _token_bytes(tokenizer: Any, token_id: int) -> list[int]:
-    """The raw bytes of one token (a piece of a multi-byte character is exact here, unlike its text)."""
-    piece = tokenizer.id_to_token(token_id) or ""
-    table = _byte_decoder()
-    if all(c in table for c in piece):
-        return [table[c] for c in piece]
-    return list(piece.encode("utf-8"))  # an added token such as <|im_end|>
 
 
 @dataclass
@@ -176,7 +152,7 @@ class _Server:
     # ---- logprobs ------------------------------------------------------------------------------
     def chat_logprob(self, token_id: int, logprob: float, top: int) -> dict[str, Any]:
         entry = {"token": self.tokenizer.decode([token_id]), "logprob": logprob,
-                 "bytes": _token_bytes(self.tokenizer, token_id)}
+                 "bytes": token_bytes(self.tokenizer, token_id)}
         # Only the chosen token's log-prob is computed; top_logprobs lists just that token.
         return {**entry, "top_logprobs": [dict(entry)] if top > 0 else []}
 
