@@ -198,3 +198,19 @@ def test_million_document_plan_builds() -> None:
     plan = pack_rows(lengths, 513, seed=0, epoch=0, mode="pretrain")
     assert plan.seg_len[plan.seg_doc >= 0].sum() == lengths.sum()
     assert plan.n_pad_tokens < 513
+
+
+def test_row_order_is_not_a_length_curriculum() -> None:
+    """Best-fit fills rows longest-first; the plan's rows must come shuffled, or consecutive
+    training batches hold documents of one length (in SFT data: one task kind)."""
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([rng.integers(20, 40, 600), rng.integers(80, 120, 600)])
+    plan = pack_rows(lengths, 256, seed=0, epoch=0, mode="sft")
+    docs = plan.seg_doc >= 0
+    row_of_seg = np.repeat(np.arange(plan.n_rows), np.diff(plan.row_ptr))
+    mean_len = np.bincount(row_of_seg[docs], weights=plan.seg_len[docs]) / np.bincount(row_of_seg[docs])
+    rank = np.argsort(np.argsort(mean_len))
+    rho = np.corrcoef(np.arange(plan.n_rows), rank)[0, 1]  # Spearman: rank correlation with row index
+    assert abs(rho) < 0.3, rho
+    half = plan.n_rows // 2
+    assert abs(mean_len[:half].mean() - mean_len[half:].mean()) < 0.2 * mean_len.mean()

@@ -32,6 +32,9 @@ _HELP = {
     "skip_bad_lines": "1 = skip malformed JSONL lines with a counted warning instead of failing",
     "warmup_steps": "linear warmup optimizer steps (0 = 1%% of the run)",
     "dropout": "dropout of a new model (0 = none, as the reference)",
+    "optimizer": "adamw, or muon: Muon (orthogonalised momentum) for the decoder blocks' matrices, AdamW "
+                 "for the embedding, head and norm gains",
+    "muon_lr": "Muon's learning rate (with --optimizer muon), on the same warmup/cosine schedule",
     # stage options
     "lora_rank": "adapter rank r",
     "lora_alpha": "adapter scale alpha/r; 0 = alpha equals r (unscaled, as the reference)",

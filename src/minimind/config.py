@@ -175,6 +175,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
+    muon_lr: float = 0.02  # Muon's rate, scheduled like --learning_rate
     accumulation_steps: int = 1
     grad_clip: float = 1.0
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
@@ -235,6 +237,10 @@ class TrainConfig:
             problems.append(f"--learning_rate must be positive, got {self.learning_rate}")
         if not 0 <= self.min_lr_ratio <= 1:
             problems.append(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.optimizer not in ("adamw", "muon"):
+            problems.append(f"--optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.muon_lr <= 0:
+            problems.append(f"--muon_lr must be positive, got {self.muon_lr}")
         for name, allowed in (("from_resume", (0, 1)), ("use_moe", (-1, 0, 1)), ("compile", (0, 1)),
                               ("use_wandb", (0, 1, 2)), ("skip_bad_lines", (0, 1)), ("progress", (0, 1))):
             if getattr(self, name) not in allowed:

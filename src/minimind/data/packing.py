@@ -18,6 +18,13 @@ tokens (``T`` inputs plus one more for the shifted targets):
    * ``"sft"``: the row ends early and the gap becomes padding (ignored by the loss, its own
      attention segment).  Conversations longer than a row are truncated to ``row_len`` (as the
      reference truncates to ``max_length``).  Best-fit keeps such rows typically > 95 % full.
+5. Shuffle the finished rows but the last (``default_rng((seed, epoch, 1))``; the last filled row,
+   the only one a pretraining plan may leave part empty, stays last).  Best-fit takes the longest pooled
+   documents first, so in fill order the rows run from long documents to short ones and
+   neighbouring rows hold documents of the same length -- in SFT data, often the same task kind.
+   Training reads rows in order, so unshuffled rows make every batch one kind and the epoch a
+   length curriculum (measured on the CPU demo: held-out task accuracy 3% instead of 9% after 300
+   SFT steps).
 
 A plan is a CSR-like set of flat arrays (``row_ptr``, ``seg_doc``, ``seg_start``, ``seg_len``), a few
 MB for a million documents, built in a couple of seconds, and a pure function of
@@ -128,7 +135,18 @@ def pack_rows(lengths: np.ndarray, row_len: int, seed: int, epoch: int, mode: Mo
             seg_len.append(space)
         row_ptr.append(len(seg_doc))
     as_np = (lambda a: np.frombuffer(a, dtype=np.int64) if len(a) else np.zeros(0, np.int64))
-    return PackPlan(row_len, as_np(row_ptr), as_np(seg_doc), as_np(seg_start), as_np(seg_len))
+    return _shuffle_rows(PackPlan(row_len, as_np(row_ptr), as_np(seg_doc), as_np(seg_start), as_np(seg_len)),
+                         np.random.default_rng((seed, epoch, 1)))
+
+
+def _shuffle_rows(plan: PackPlan, rng: np.random.Generator) -> PackPlan:
+    """The same rows in a random order but the last (each row's segments keep their order)."""
+    perm = np.append(rng.permutation(max(plan.n_rows - 1, 0)), plan.n_rows - 1) if plan.n_rows else np.zeros(0, int)
+    counts = np.diff(plan.row_ptr)[perm]
+    row_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    # segment j of new row i is old segment plan.row_ptr[perm[i]] + j
+    src = np.repeat(plan.row_ptr[:-1][perm] - row_ptr[:-1], counts) + np.arange(int(row_ptr[-1]))
+    return PackPlan(plan.row_len, row_ptr, plan.seg_doc[src], plan.seg_start[src], plan.seg_len[src])
 
 
 class Rows(NamedTuple):

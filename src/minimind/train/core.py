@@ -98,23 +98,35 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> tuple[MiniMindForCausalLM,
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
-                   extra_groups: Sequence[dict[str, Any]] = ()) -> torch.optim.AdamW:
+                   extra_groups: Sequence[dict[str, Any]] = ()) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (norm gains are left alone); fused on CUDA.
+    ``--optimizer muon``: Muon for the decoder blocks' matrices instead (:mod:`minimind.train.muon`),
+    AdamW for the embedding, head and gains.
 
     Only parameters with ``requires_grad`` are optimised (LoRA freezes the base); ``extra_groups``
     are a stage's own parameter groups (e.g. a critic), appended as given."""
+    from minimind.train.muon import MuonAdamW, is_hidden_matrix
+    muon = cfg.optimizer == "muon"
     seen: set[int] = set()
-    decay, no_decay = [], []
-    for p in model.parameters():
+    decay, no_decay, hidden = [], [], []
+    for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        if muon and is_hidden_matrix(name, p):
+            hidden.append(p)
+        else:
+            (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    if muon:
+        groups.append({"params": hidden, "weight_decay": cfg.weight_decay, "muon": True,
+                       "lr_scale": cfg.muon_lr / cfg.learning_rate})
     groups = [g for g in groups if g["params"]] + list(extra_groups)
     if not groups:
         raise ValueError("the model has no trainable parameters")
+    if muon:
+        return MuonAdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                              fused=device.type == "cuda")
 
