@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from minimind.cli import build_parser, build_stage, main
 from minimind.config import TrainConfig
@@ -104,6 +105,28 @@ def test_beta_loads_a_reference_and_logs_kl(ws: dict[str, Path], tmp_path: Path)
     assert stage.reference is not None
     assert all("kl_ref" in r and r["kl"] >= 0.0 for r in res.records)
     assert any(r["kl"] > 0 for r in res.records[1:])  # the policy moved away from the reference
+
+
+def test_steps_without_advantage_leave_the_weights_alone(ws: dict[str, Path], tmp_path: Path) -> None:
+    """Once every completion gets the same reward, each advantage is 0 and the gradient is zero: such
+    steps must not move the weights along Adam's momentum from the steps before (they run at lr 0)."""
+    calls = {"n": 0}
+
+    def digit_then_flat(prompt: str, completion: str, *, gt: list[Any], **_: Any) -> float:
+        calls["n"] += 1  # 3 steps x 64 completions of the toy reward, then a constant
+        return toy_digit(prompt, completion, gt=gt) if calls["n"] <= 3 * 64 else 1.0
+
+    REWARD_FUNCTIONS.pop("digit_then_flat", None)
+    register_reward("digit_then_flat")(digit_then_flat)
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+    stage = GRPOStage(_toy_options(loss_type="grpo", reward="digit_then_flat:1"))
+    cfg = _cfg(ws, tmp_path, max_steps=5, save_interval=3)
+    res = stage.run(cfg, _tok(ws), on_step=lambda step, rec: snapshots.setdefault(step, load_file(
+        Path(cfg.save_dir) / "grpo_32.safetensors")) if step == 3 else None)
+    assert [r["skipped"] for r in res.records] == [0, 0, 0, 1, 1]
+    assert any(r["grad_norm"] > 0 for r in res.records[:3])
+    after = load_file(res.weights_path)
+    assert all(torch.equal(snapshots[3][k], after[k]) for k in after)
 
 
 def test_bf16_engine_copy_with_tis(ws: dict[str, Path], tmp_path: Path) -> None:

@@ -517,12 +517,19 @@ def _one_step(trainer: Trainer, stage: Any, dataset: PromptDataset, backend: Eng
     lr = lr_at(step, total, cfg.learning_rate, warmup, cfg.min_lr_ratio)
     summed: dict[str, Tensor] = {}
     grad_norm = 0.0
+    # No signal, no update: when every advantage is zero (each group's rewards all equal) and no KL
+    # or value term is trained, the gradient is exactly zero, yet an Adam step would still move the
+    # weights along its momentum.  Such a step runs at lr 0 (the loss statistics are still logged).
+    # Every rank must agree, so the flag is summed over ranks.
+    signal = float(adv.abs().max().item() > 1e-8 or obj.kl != "none" or returns is not None)
+    skip = all_reduce_sum(torch.tensor(signal, device=trainer.device), info).item() == 0
     for _ in range(o.ppo_epochs):
-        st = trainer.step(micro_batches, lr, loss_fn=lambda model, mb: rl_loss(stage, model, mb))
+        st = trainer.step(micro_batches, 0.0 if skip else lr, loss_fn=lambda model, mb: rl_loss(stage, model, mb))
         for k, v in {"loss": st.loss, **st.metrics}.items():
             summed[k] = summed.get(k, 0.0) + v.float() / o.ppo_epochs
         grad_norm = float(st.grad_norm)
-    backend.refresh(trainer.base_model)
+    if not skip:
+        backend.refresh(trainer.base_model)
 
     # 6. metrics: the step's loss metrics are this rank's share of the global mean (sum over ranks);
     # the rollout statistics are per-rank means of equal-sized batches (average over ranks)
@@ -543,7 +550,8 @@ def _one_step(trainer: Trainer, stage: Any, dataset: PromptDataset, backend: Eng
                 / info.world_size).tolist()
     gen_tokens = all_reduce_sum(torch.tensor(float(batch.num_completion_tokens), device=trainer.device),
                                 info).item()
-    rec: dict[str, Any] = {"step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": round(grad_norm, 4)}
+    rec: dict[str, Any] = {"step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": round(grad_norm, 4),
+                           "skipped": int(skip)}
     rec.update({k: round(v, 6) for k, v in zip(keys, step_vals)})
     rec.update({k: round(v, 6) for k, v in zip(own_keys, own_vals)})
     rec["rollout_tokens"] = int(gen_tokens)
