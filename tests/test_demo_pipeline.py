@@ -32,14 +32,23 @@ def test_quick_demo_learns_and_reports(tmp_path):
     assert sft_eval["n_per_kind"] == {k: sum(r["kind"] == k for r in evaluated) for k in sft_eval["n_per_kind"]}
     assert sum(sft_eval["n_per_kind"].values()) == len(evaluated)
     assert {"tool_call_exact", "tool_final_accuracy", "accuracy_non_knowledge"} <= set(sft_eval)
-    assert list(res["task_eval"]) == ["pretrain", "sft", "dpo"]  # the DPO model is evaluated too
-    for name in ("report.md", "loss.png", "tasks.png", "dpo.png", "pretrain_256.safetensors",
-                 "full_sft_256.safetensors", "dpo_256.safetensors", "tokenizer/tokenizer.json",
-                 "data/dpo_train.jsonl", "data/dpo_heldout.jsonl"):
+    assert list(res["task_eval"]) == ["pretrain", "sft", "dpo", "grpo"]  # the DPO and GRPO models too
+    for name in ("report.md", "loss.png", "tasks.png", "dpo.png", "grpo.png", "pretrain_256.safetensors",
+                 "full_sft_256.safetensors", "dpo_256.safetensors", "grpo_256.safetensors",
+                 "tokenizer/tokenizer.json", "data/dpo_train.jsonl", "data/dpo_heldout.jsonl",
+                 "data/grpo_prompts.jsonl"):
         assert (out / name).exists(), name
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "unigram baseline" in report and "Held-out tasks" in report
     assert "## Preference tuning (DPO)" in report and "![DPO rewards](dpo.png)" in report
+    assert "## Reinforcement learning (GRPO)" in report and "![GRPO reward](grpo.png)" in report
+    g = res["grpo"]
+    assert g["steps"] == 4 and g["from"] == "dpo_256.safetensors" and g["sec_per_step_median"] > 0
+    # GRPO prompts are train-split items of the GRPO kinds only: none is an evaluated item
+    prompts = [json.loads(ln) for ln in (out / "data" / "grpo_prompts.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(prompts) == 4 * 4 and {p["kind"] for p in prompts} <= set(g["kinds"])
+    asked = {p["conversations"][-2]["content"] for p in prompts}
+    assert not asked & {r["conversations"][-2]["content"] if "conversations" in r else "" for r in evaluated}
 
     d = res["dpo"]
     assert d["pairs"]["train"]["pairs"] == 120 and d["pairs"]["heldout"]["pairs"] == 40 and d["steps"] > 0

@@ -28,6 +28,7 @@ from minimind.tasks import (
     reward_fn,
     sources,
     split_of,
+    task_fact_text,
     task_reward,
     task_to_rl_row,
     task_to_sft_row,
@@ -268,13 +269,27 @@ def test_easy_level_is_easy() -> None:
     for t in tasks:
         if t.kind == "arithmetic":
             a, op, b = re.match(r"(\d+) ([+\-×]) (\d+)", t.answer).groups()
-            assert op in "+-" and int(a) <= 20 and int(b) <= 20
+            assert op in "+-" and int(a) <= 9 and int(b) <= 9  # single-digit operands
         elif t.kind == "date_fact":
             assert t.key.startswith("date:next:")
         elif t.kind == "tool_call":
             assert len(t.tools) == 1 and t.tools[0]["function"]["name"] == t.tool_calls[0]["name"]
     with pytest.raises(ValueError, match="level"):
         generate_tasks(3, seed=0, level="hard")
+
+
+def test_fact_text_of_a_tool_task_is_the_exchange_without_the_tool_list() -> None:
+    """Pretraining text of a tool task: question, the call as the model must write it, the tool's result
+    and the final answer; every part parses back to the task's own values."""
+    for t in generate_tasks(30, seed=2, kinds=["tool_call"], level="easy"):
+        text = task_fact_text(t)
+        question, rest = text.split("\n", 1)
+        assert question == t.prompt_messages[-1]["content"] and text.endswith("\n" + t.answer)
+        assert check_tool_call(t.tool_calls, rest) and "<tools>" not in text
+        result = json.loads(rest.split("<tool_response>\n", 1)[1].split("\n</tool_response>", 1)[0])
+        assert result == json.loads(t.messages[3]["content"])
+    arith = next(t for t in generate_tasks(5, seed=0, kinds=["arithmetic"]))
+    assert task_fact_text(arith) == f"{arith.prompt_messages[-1]['content']} {arith.answer}"
 
 
 # --------------------------------------------------------------------------- sources

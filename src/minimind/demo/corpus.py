@@ -41,6 +41,7 @@ from minimind.tasks.generators import (
     generate_tasks,
     idiom_answer,
     idiom_pool,
+    location_drill,
     split_of,
     task_fact_text,
     task_to_sft_row,
@@ -99,7 +100,8 @@ def _pack_lines(lines: list[str], rng: random.Random, lo: int = 8, hi: int = 30)
 
 
 def _fact_lines(rng: random.Random, seed: int, budget: int, repeats: int,
-                level: str = "standard", pool_share: float = 0.5) -> list[str]:
+                level: str = "standard", pool_share: float = 0.5,
+                fact_kinds: Sequence[str] = ("arithmetic", "unit_conversion", "date_fact", "tool_call")) -> list[str]:
     """Plain-text task facts: the fact-pool items ``repeats`` times, then computed facts.
 
     Pool facts (idiom meanings, dictionary lines) take at most ``pool_share`` of the budget, so small builds
@@ -123,11 +125,12 @@ def _fact_lines(rng: random.Random, seed: int, budget: int, repeats: int,
             size += len(text) + 1
     batch_seed = seed * 1000 + 17
     while size < budget:
-        for t in generate_tasks(2000, batch_seed, kinds=("arithmetic", "unit_conversion", "date_fact"),
-                                split="train", level=level):
+        for t in generate_tasks(2000, batch_seed, kinds=fact_kinds, split="train", level=level):
             text = task_fact_text(t)
             if text is None:
                 continue
+            if t.kind == "tool_call":  # with every tool exchange, a made-up place name to copy
+                text = f"{text}\n{location_drill(rng, t.lang)}\n{location_drill(rng, t.lang)}"
             lines.append(text)
             size += len(text) + 1
             if size >= budget:
@@ -242,6 +245,7 @@ def build_demo_corpus(
     progress: bool = True,
     fact_pool_share: float = 0.5,
     sft_kinds: Sequence[str] | None = None,
+    fact_kinds: Sequence[str] = ("arithmetic", "unit_conversion", "date_fact", "tool_call"),
 ) -> dict[str, Any]:
     """Build the demo corpus under ``out_dir`` and return its statistics.
 
@@ -252,7 +256,8 @@ def build_demo_corpus(
     strings, as the reference ``SFTDataset`` requires; the default keeps them as objects.
     ``fact_pool_share`` caps the idiom/dictionary lines' share of the task facts (the rest are
     computed facts); ``sft_kinds`` lists the SFT task kinds round robin, a kind named twice getting
-    twice the rows (default: every available kind once).
+    twice the rows (default: every available kind once); ``fact_kinds`` likewise for the computed
+    facts of the pretraining text (a tool task becomes its question, call, result and answer).
     """
     from tqdm.auto import tqdm
 
@@ -310,7 +315,7 @@ def build_demo_corpus(
     rng = random.Random(seed)
     bar.set_postfix_str("task_facts")
     facts = _fact_lines(rng, seed, int(pretrain_chars * mix.get("task_facts", 0)), fact_repeats, level,
-                        fact_pool_share)
+                        fact_pool_share, fact_kinds)
     train_docs["task_facts"] = list(_pack_lines(facts, rng)) if facts else []
     bar.update()
 

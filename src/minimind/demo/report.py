@@ -88,6 +88,37 @@ def _dpo_section(ctx: Any, d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _grpo_section(ctx: Any, g: dict[str, Any], task_eval: dict[str, Any]) -> list[str]:
+    """GRPO: the run, training reward first -> last steps, held-out accuracy of its kinds before -> after."""
+    lines = ["## Reinforcement learning (GRPO)", "",
+             (f"{g['steps']} GRPO steps from `{g['from']}` in {g['seconds']} s ({g['sec_per_step_median']} s per step): "
+              f"{g['prompts_per_step']} train-split prompts × {g['generations']} samples per step, kinds "
+              f"{', '.join(g['kinds'])}, reward = the task checker (1 = exactly right), lr {g['lr']}. Mean training "
+              f"reward {g['train_reward_first']:.3f} (first steps) → {g['train_reward_last']:.3f} (last steps)."), ""]
+    before = next((task_eval[k] for k in ("dpo", "sft") if k in task_eval), None)
+    after = task_eval.get("grpo")
+    if before is not None and after is not None:
+        def kinds_acc(v: dict[str, Any]) -> float:
+            n = sum(v["n_per_kind"].get(k, 0) for k in g["kinds"])
+            return sum(v["per_kind"].get(k, 0) * v["n_per_kind"].get(k, 0) for k in g["kinds"]) / max(n, 1)
+        label = "dpo" if "dpo" in task_eval else "sft"
+        lines += [f"| held-out, kinds trained by GRPO | {label.upper()} model | GRPO model |", "|---|---|---|"]
+        if "heldout_sampled_accuracy" in g:
+            b, a = g["heldout_sampled_accuracy"]
+            lines.append(f"| {g['heldout_items']} items × {g['generations']} samples at temperature 1 (what GRPO "
+                         f"optimises): share exactly right | {b:.3f} | **{a:.3f}** |")
+        lines.append(f"| greedy decoding: exact accuracy | {kinds_acc(before):.3f} | **{kinds_acc(after):.3f}** |")
+        lines += [f"| … {k} | {before['per_kind'].get(k, 0):.3f} | {after['per_kind'].get(k, 0):.3f} |"
+                  for k in g["kinds"]]
+        lines.append("")
+    metrics = ctx.artifacts.get("grpo_metrics")
+    if metrics is not None and Path(metrics).exists():
+        png = plot_metrics([metrics], ctx.out / "grpo.png", keys=("reward", "completion_len", "entropy"),
+                           title="GRPO: mean reward of the sampled answers per step")
+        lines += [f"![GRPO reward]({png.name})", ""]
+    return lines
+
+
 def write_report(ctx: Any) -> Path:
     out: Path = ctx.out
     r = ctx.results
@@ -118,6 +149,9 @@ def write_report(ctx: Any) -> Path:
 
     if "dpo" in r:
         lines += _dpo_section(ctx, r["dpo"])
+
+    if "grpo" in r:
+        lines += _grpo_section(ctx, r["grpo"], r.get("task_eval", {}))
 
     if "task_eval" in r:
         t = r["task_eval"]

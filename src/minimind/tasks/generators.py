@@ -53,6 +53,7 @@ __all__ = [
     "generate_tasks",
     "idiom_answer",
     "idiom_pool",
+    "location_drill",
     "split_of",
     "task_fact_text",
     "task_to_rl_row",
@@ -148,7 +149,7 @@ _OP_WORD = {"+": "plus", "-": "minus", "×": "times"}
 
 def _gen_arithmetic(rng: random.Random, lang: str, level: str = "standard") -> Task:
     op = rng.choice("+-" if level == "easy" else "+-×")
-    hi = 20 if level == "easy" else 99
+    hi = 9 if level == "easy" else 99  # easy: single-digit operands, a table a tiny model can learn
     if op == "+":
         a, b = rng.randint(0, hi), rng.randint(0, hi)
         c = a + b
@@ -424,6 +425,33 @@ def _gen_tool_call(rng: random.Random, lang: str, level: str = "standard") -> Ta
     return Task("tool_call", lang, key, msgs, final, [gt], [call])
 
 
+_PLACE_ZH = "安宁江山州阳南北东西海湖平昌城泉德兴华庆福长春天津沙门原台林河丰新云义"
+_PLACE_EN = ("an", "bei", "cheng", "chang", "dong", "feng", "guang", "hai", "hang", "hu", "jiang", "jin",
+             "lan", "lin", "nan", "ning", "qing", "shan", "tai", "xi", "xin", "yang", "yun", "zhou")
+
+
+def location_drill(rng: random.Random, lang: str) -> str:
+    """A weather question about a made-up place and the call that copies it (pretraining text only).
+
+    Held-out weather tasks ask about cities never trained on, so their call can only be right if the
+    model copies the name from the question; a small model learns to copy a name only from many
+    different names, more than the 15-city weather table has.  The place is never a real table city
+    (the drill has no tool result: it exists to practise the copy).
+    """
+    known = {c for row in WEATHER for c in (row[0], row[1])}
+    while True:
+        if lang == "zh":
+            place = "".join(rng.choice(_PLACE_ZH) for _ in range(rng.choice((2, 2, 3))))
+            q = rng.choice(("{c}现在天气怎么样？", "查一下{c}的天气。"))
+        else:
+            place = "".join(rng.choice(_PLACE_EN) for _ in range(rng.choice((2, 2, 3)))).capitalize()
+            q = rng.choice(("What's the weather like in {c} now?", "Check the current weather in {c}."))
+        if place not in known:
+            break
+    call = {"name": "get_current_weather", "arguments": {"location": place}}
+    return f"{q.format(c=place)}\n<tool_call>\n{json.dumps(call, ensure_ascii=False)}\n</tool_call>"
+
+
 def _offered_tools(name: str, level: str) -> list[dict[str, Any]]:
     """All tools (standard), or only the one the task needs (easy: a 3x shorter prompt)."""
     if level == "easy":
@@ -545,11 +573,18 @@ def task_to_rl_row(task: Task, json_strings: bool = False) -> dict[str, Any]:
 
 
 def task_fact_text(task: Task) -> str | None:
-    """The task as plain pretraining text, question then answer (``None`` for tool tasks).
+    """The task as plain pretraining text: question then answer.
 
     Seeing the operands again in the answer is what teaches a small model to copy from its
-    context (induction), which every task needs; the chat format is left for SFT to teach.
+    context (induction), which every task needs; the chat format is left for SFT to teach.  A tool
+    task becomes the question, the call in its ``<tool_call>`` JSON, the tool's result and the final
+    answer -- the exchange without the long tool-list system prompt -- so pretraining also practises
+    copying arguments into JSON and a tool's result into the reply.
     """
-    if task.kind == "tool_call":
-        return None
-    return f"{task.prompt_messages[-1]['content']} {task.answer}"
+    question = task.prompt_messages[-1]["content"]
+    if task.kind != "tool_call":
+        return f"{question} {task.answer}"
+    calls = "\n".join(f"<tool_call>\n{json.dumps(c, ensure_ascii=False)}\n</tool_call>" for c in task.tool_calls)
+    results = "\n".join(f"<tool_response>\n{m['content']}\n</tool_response>"
+                         for m in task.messages if m["role"] == "tool")
+    return f"{question}\n{calls}\n{results}\n{task.answer}"
