@@ -74,26 +74,32 @@ def test_quick_demo_learns_and_reports(tmp_path):
 def test_full_demo_meets_its_promises(tmp_path):
     """The figures docs/demo.md and the README report, with margin.
 
-    Measured (fp32 and bf16 runs of this recipe): held-out bpb 2.59-2.61 (2.65 with a task-dense
-    mix), SFT well-formed answers 0.85-0.95 of 300 held-out tasks, well-formed tool calls 0.84-0.85,
-    the pretrained model 0.00-0.11 (it never saw the chat format).  Exact accuracy stays at 0.00-0.02
-    (the 2.7M model does not copy operands yet), so no exact-accuracy promise is made; what is
-    asserted is that every held-out task is graded and the new tool figures are reported.
+    Measured (fp32, runs F3-F5 of docs/demo.md): held-out bpb 2.25-2.26; SFT exact on the kinds
+    answerable from the prompt 0.65-0.69 (unit conversion 0.88-0.92, next-day dates 0.72-0.80,
+    single-digit arithmetic 0.34-0.40), tool calls exact 0.60-0.68, final answer after the executed
+    call 0.54-0.60; knowledge kinds ~0; GRPO: held-out sampled accuracy of its kinds 0.69 -> 0.77.
     """
     res = _run(["demo", "--out_dir", str(tmp_path / "demo")])
     p = res["pretrain"]
-    assert p["heldout_bpb_after"] < p["unigram_bpb"] - 0.5
-    assert p["heldout_bpb_after"] < 2.70
+    assert p["heldout_bpb_after"] < p["unigram_bpb"] - 1.0
+    assert p["heldout_bpb_after"] < 2.40  # the first recipe reached 2.59 on the same documents
     t = res["task_eval"]
     sft = t["sft"]
     assert sft["n"] == 300 and sum(sft["n_per_kind"].values()) == 300
     assert all(n >= 40 for n in sft["n_per_kind"].values())  # ~50 per kind: per-kind figures mean something
-    assert t["pretrain"]["format_rate"] < 0.3 and sft["format_rate"] >= 0.75
-    assert sft["format_per_kind"]["tool_call"] >= 0.6
-    for key in ("accuracy_non_knowledge", "accuracy_knowledge", "tool_call_exact", "tool_final_accuracy"):
-        assert 0.0 <= sft[key] <= 1.0, key
+    assert t["pretrain"]["format_rate"] < 0.3 and sft["format_rate"] >= 0.85
+    # the model answers, not only formats: exact accuracy on new items
+    assert sft["accuracy_non_knowledge"] >= 0.5
+    assert sft["per_kind"]["unit_conversion"] >= 0.75 and sft["per_kind"]["date_fact"] >= 0.5
+    assert sft["per_kind"]["arithmetic"] >= 0.2
+    assert sft["tool_call_exact"] >= 0.45 and sft["tool_final_accuracy"] >= 0.4
+    assert 0.0 <= sft["accuracy_knowledge"] <= 1.0
     # DPO: held-out preferences move the right way without breaking the model's answers
     h = res["dpo"]["heldout"]
     assert h["logp_accuracy"][1] >= h["logp_accuracy"][0] - 0.05 and h["reward_accuracy"] > 0.6
     assert h["mean_logp_margin"][1] > h["mean_logp_margin"][0]
     assert t["dpo"]["format_rate"] >= sft["format_rate"] - 0.05
+    # GRPO: more right answers on held-out items of the kinds it trained on
+    g = res["grpo"]
+    before, after = g["heldout_sampled_accuracy"]
+    assert g["heldout_items"] >= 80 and after >= before + 0.03

@@ -160,6 +160,7 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_kw: dict, kill_at: int, re
 
 def _spawn(cfg_kw: dict, kill_at: int, result_file: Path) -> None:
     import socket
+
     import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -186,3 +187,72 @@ def test_ddp_resume_restores_each_ranks_rng(ws, tmp_path):
     _spawn({**part, "from_resume": 1}, 0, tmp_path / "resumed.json")
     resumed = json.loads((tmp_path / "resumed.json").read_text())
     assert resumed == full[3:], (full, resumed)
+
+
+def _rl_worker(rank: int, world: int, port: int, cfg_kw: dict, out_dir: str) -> None:
+    """One rank of a 2-rank GRPO run: writes its final weights' checksum and the prompts it rolled out."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from minimind.config import TrainConfig
+    from minimind.rl import trainer as rl_trainer
+    from minimind.tokenizer import MiniMindTokenizer
+    from minimind.train.core import Trainer
+    from minimind.train.stages.rl import GRPOOptions, GRPOStage
+
+    held: dict = {}
+    setup = Trainer.setup_model
+
+    def checksum(model) -> float:
+        return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+    def keep_model(self):  # the driver does not hand its model out: keep a reference to it
+        held["model"] = setup(self)
+        held["init"] = checksum(held["model"])
+        return held["model"]
+
+    Trainer.setup_model = keep_model
+    seen: list[str] = []
+    rollout = rl_trainer.rollout
+
+    def record_prompts(stage, backend, tokenizer, rows, *a, **kw):
+        seen.extend(r.messages[-1]["content"] for r in rows)
+        return rollout(stage, backend, tokenizer, rows, *a, **kw)
+
+    rl_trainer.rollout = record_prompts
+    cfg = TrainConfig(**cfg_kw)
+    opts = GRPOOptions(loss_type="grpo", num_generations=4, beta=0.0, reward="task:1", max_gen_len=8,
+                       temperature=1.0, thinking_ratio=0.0)
+    GRPOStage(opts).run(cfg, MiniMindTokenizer.from_dir(cfg.tokenizer_path))
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
+        {"init": held["init"], "checksum": checksum(held["model"]), "prompts": seen}))
+
+
+def test_ddp_grpo_keeps_replicas_identical_while_ranks_roll_out_different_prompts(ws, tmp_path):
+    """Each rank samples its own prompts, so its gradient differs; the all-reduce must leave both
+    replicas with the same weights after every step (and they must have moved)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from minimind.tasks import generate_tasks, task_to_rl_row
+    data = tmp_path / "rl.jsonl"
+    tasks = generate_tasks(64, seed=0, kinds=["arithmetic"], split="train", level="easy")
+    with open(data, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(task_to_rl_row(t), ensure_ascii=False) + "\n" for t in tasks)
+    cfg_kw = {"stage": "grpo", "save_weight": "grpo", "data_path": str(data), "tokenizer_path": str(ws["tok"]),
+              "save_dir": str(tmp_path / "out"), "checkpoint_dir": str(tmp_path / "ck"), "from_weight": "none",
+              "preset": "tiny", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 400, "batch_size": 2,
+              "max_seq_len": 64, "learning_rate": 1e-2, "warmup_steps": 0, "min_lr_ratio": 1.0,
+              "weight_decay": 0.0, "log_interval": 1, "save_interval": 0, "progress": 0, "device": "cpu",
+              "dtype": "float32", "seed": 3, "max_steps": 3}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rl_worker, args=(2, port, cfg_kw, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert len(r0["prompts"]) == len(r1["prompts"]) == 3 * 2 and not set(r0["prompts"]) & set(r1["prompts"])
+    assert r0["init"] == r1["init"] and r0["checksum"] == r1["checksum"]
+    assert r0["checksum"] != r0["init"]  # trained: the identical result is the all-reduce, not inaction
+    metrics = [json.loads(ln) for ln in (tmp_path / "out" / "grpo_64_metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "reward" in m] == [1, 2, 3]

@@ -41,7 +41,6 @@ from minimind.tasks.generators import (
     generate_tasks,
     idiom_answer,
     idiom_pool,
-    location_drill,
     split_of,
     task_fact_text,
     task_to_sft_row,
@@ -129,8 +128,6 @@ def _fact_lines(rng: random.Random, seed: int, budget: int, repeats: int,
             text = task_fact_text(t)
             if text is None:
                 continue
-            if t.kind == "tool_call":  # with every tool exchange, a made-up place name to copy
-                text = f"{text}\n{location_drill(rng, t.lang)}\n{location_drill(rng, t.lang)}"
             lines.append(text)
             size += len(text) + 1
             if size >= budget:

@@ -300,8 +300,7 @@ class ReinforcementLearning:
         tasks = generate_tasks(n, s.seed + 2, kinds=s.grpo_kinds, split="train", level=s.task_level)
         data = ctx.out / "data" / "grpo_prompts.jsonl"
         with open(data, "w", encoding="utf-8") as f:
-            for t in tasks:
-                f.write(json.dumps(task_to_rl_row(t), ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(task_to_rl_row(t), ensure_ascii=False) + "\n" for t in tasks)
         cfg = ctx.train_config(stage="grpo", data_path=str(data), save_weight="grpo", from_weight=str(start),
                                learning_rate=s.grpo_lr, epochs=1, max_steps=s.grpo_steps, warmup_steps=0,
                                min_lr_ratio=1.0, weight_decay=0.0, batch_size=s.grpo_prompts, log_interval=1,

@@ -53,7 +53,6 @@ __all__ = [
     "generate_tasks",
     "idiom_answer",
     "idiom_pool",
-    "location_drill",
     "split_of",
     "task_fact_text",
     "task_to_rl_row",
@@ -423,33 +422,6 @@ def _gen_tool_call(rng: random.Random, lang: str, level: str = "standard") -> Ta
         {"role": "assistant", "content": final},
     ]
     return Task("tool_call", lang, key, msgs, final, [gt], [call])
-
-
-_PLACE_ZH = "安宁江山州阳南北东西海湖平昌城泉德兴华庆福长春天津沙门原台林河丰新云义"
-_PLACE_EN = ("an", "bei", "cheng", "chang", "dong", "feng", "guang", "hai", "hang", "hu", "jiang", "jin",
-             "lan", "lin", "nan", "ning", "qing", "shan", "tai", "xi", "xin", "yang", "yun", "zhou")
-
-
-def location_drill(rng: random.Random, lang: str) -> str:
-    """A weather question about a made-up place and the call that copies it (pretraining text only).
-
-    Held-out weather tasks ask about cities never trained on, so their call can only be right if the
-    model copies the name from the question; a small model learns to copy a name only from many
-    different names, more than the 15-city weather table has.  The place is never a real table city
-    (the drill has no tool result: it exists to practise the copy).
-    """
-    known = {c for row in WEATHER for c in (row[0], row[1])}
-    while True:
-        if lang == "zh":
-            place = "".join(rng.choice(_PLACE_ZH) for _ in range(rng.choice((2, 2, 3))))
-            q = rng.choice(("{c}现在天气怎么样？", "查一下{c}的天气。"))
-        else:
-            place = "".join(rng.choice(_PLACE_EN) for _ in range(rng.choice((2, 2, 3)))).capitalize()
-            q = rng.choice(("What's the weather like in {c} now?", "Check the current weather in {c}."))
-        if place not in known:
-            break
-    call = {"name": "get_current_weather", "arguments": {"location": place}}
-    return f"{q.format(c=place)}\n<tool_call>\n{json.dumps(call, ensure_ascii=False)}\n</tool_call>"
 
 
 def _offered_tools(name: str, level: str) -> list[dict[str, Any]]:
