@@ -89,13 +89,21 @@ def _take(docs: list[str], budget: int) -> tuple[list[str], list[str]]:
     return docs, []
 
 
-def _pack_lines(lines: list[str], rng: random.Random, lo: int = 8, hi: int = 30) -> Iterator[str]:
-    """Group fact lines into worksheet-like documents of ``lo``–``hi`` lines."""
+def _pack_lines(lines: list[str], rng: random.Random, lo: int = 8, hi: int = 30,
+                max_chars: int = 1500) -> Iterator[str]:
+    """Group fact lines into worksheet-like documents of ``lo``–``hi`` lines and at most
+    ``max_chars`` characters (a tool exchange is ~250 characters; a document never splits one)."""
     i = 0
     while i < len(lines):
         k = rng.randint(lo, hi)
-        yield "\n".join(lines[i : i + k])
-        i += k
+        doc = [lines[i]]
+        size = len(lines[i])
+        i += 1
+        while len(doc) < k and i < len(lines) and size + 1 + len(lines[i]) <= max_chars:
+            size += 1 + len(lines[i])
+            doc.append(lines[i])
+            i += 1
+        yield "\n".join(doc)
 
 
 def _fact_lines(rng: random.Random, seed: int, budget: int, repeats: int,
