@@ -198,6 +198,12 @@ def write_report(ctx: Any) -> Path:
                              f"{smp['final'][:160]!r}")
             lines.append("")
 
+    # the same "Training runs" section `minimind report` writes, for every stage that trained
+    from minimind.eval.report import training_sections
+    runs = [Path(ctx.artifacts[k]) for k in ("pretrain_metrics", "sft_metrics", "dpo_metrics", "grpo_metrics")
+            if k in ctx.artifacts and Path(ctx.artifacts[k]).exists()]
+    lines += training_sections(runs, out, out / "report_files")
+
     lines += ["## Timings (s)", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in ctx.timings.items()]
     report = out / "report.md"

@@ -183,7 +183,9 @@ def _first_last(rows: Sequence[dict[str, Any]], key: str) -> tuple[Any, Any, Any
     return (vals[0], vals[-1], min(vals)) if vals else ("", "", "")
 
 
-def _training_sections(metrics: Sequence[Path], out_dir: Path, files_dir: Path) -> list[str]:
+def training_sections(metrics: Sequence[Path], out_dir: Path, files_dir: Path) -> list[str]:
+    """"Training runs": a table of every run's steps, first/last/lowest loss, lr and tok/s, and a loss
+    curve per run (PNGs under ``files_dir``, linked relative to ``out_dir``); the demo's report too."""
     from minimind.train.plots import plot_metrics
 
     if not metrics:
@@ -217,7 +219,7 @@ def build_report(results: Sequence[tuple[Path, EvalResult]], metrics: Sequence[P
     lines = [f"# {title}", "",
              f"{len(results)} evaluation result(s), {len(metrics)} training run(s); generated {stamp}.", ""]
     lines += _eval_sections(results, out_dir)
-    lines += _training_sections(metrics, out_dir, files_dir)
+    lines += training_sections(metrics, out_dir, files_dir)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
