@@ -10,26 +10,17 @@ vocabulary).  Writes ``docs/img/grpo_toy_reward.png`` and prints the curve's sum
 from __future__ import annotations
 
 import argparse
-import json
-import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from minimind.config import TrainConfig
-from minimind.rl.rewards import REWARD_FUNCTIONS, register_reward
-from minimind.tokenizer import train_tokenizer
+from minimind.rl.toy import register_toy_reward, write_toy_task
+from minimind.tokenizer import MiniMindTokenizer
 from minimind.train.plots import plot_metrics
 from minimind.train.stages.rl import GRPOOptions, GRPOStage
-
-
-def toy_digit(prompt: str, completion: str, *, gt: list[Any], **_: Any) -> float:
-    """0.5 for a reply starting with a digit, +0.5 when it is the digit the prompt asks for."""
-    first = (completion or "").lstrip()[:1]
-    return 0.5 * first.isdigit() + 0.5 * (first == str(gt[0]))
 
 
 def main() -> None:
@@ -42,20 +33,13 @@ def main() -> None:
     ap.add_argument("--tis_cap", type=float, default=0.0, help="truncated importance sampling cap (0 = off)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    if "toy_digit" not in REWARD_FUNCTIONS:
-        register_reward("toy_digit")(toy_digit)
+    register_toy_reward()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        texts = [f"say {d} digit {d} number {d}" for d in range(10)] * 20 + ["hello world filler text"] * 10
-        tok = train_tokenizer(texts, root / "tok", vocab_size=300, show_progress=False)
-        rng = random.Random(0)
-        with open(root / "toy.jsonl", "w", encoding="utf-8") as f:
-            for _ in range(400):
-                d = rng.randint(0, 3)
-                conv = [{"role": "user", "content": f"say {d}"}, {"role": "assistant", "content": ""}]
-                f.write(json.dumps({"conversations": conv, "gt": [str(d)]}) + "\n")
-        cfg = TrainConfig(stage="grpo", save_weight="grpo_toy", data_path=str(root / "toy.jsonl"),
-                          tokenizer_path=str(root / "tok"), save_dir=str(root / "out"),
+        tok_dir, data = write_toy_task(root)
+        tok = MiniMindTokenizer.from_dir(tok_dir)
+        cfg = TrainConfig(stage="grpo", save_weight="grpo_toy", data_path=str(data),
+                          tokenizer_path=str(tok_dir), save_dir=str(root / "out"),
                           checkpoint_dir=str(root / "ckpt"), from_weight="none", preset="tiny", hidden_size=32,
                           num_hidden_layers=2, batch_size=8, max_seq_len=64, learning_rate=args.lr,
                           warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, log_interval=1, save_interval=0,

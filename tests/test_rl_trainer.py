@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,8 @@ from safetensors.torch import load_file
 from minimind.cli import build_parser, build_stage, main
 from minimind.config import TrainConfig
 from minimind.rl.rewards import REWARD_FUNCTIONS, register_reward
-from minimind.tokenizer import MiniMindTokenizer, train_tokenizer
+from minimind.rl.toy import register_toy_reward, toy_digit_reward, write_toy_task
+from minimind.tokenizer import MiniMindTokenizer
 from minimind.train import checkpoint as ckpt
 from minimind.train.loop import TrainingInterrupted
 from minimind.train.plots import plot_metrics
@@ -29,12 +29,7 @@ from minimind.train.stages.rl import GRPOOptions, GRPOStage, PPOOptions, PPOStag
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-if "toy_digit" not in REWARD_FUNCTIONS:
-    @register_reward("toy_digit")
-    def toy_digit(prompt: str, completion: str, *, gt: list[Any], **_: Any) -> float:
-        """0.5 for a reply starting with a digit, +0.5 when it is the digit the prompt asks for."""
-        first = (completion or "").lstrip()[:1]
-        return 0.5 * first.isdigit() + 0.5 * (first == str(gt[0]))
+register_toy_reward()
 
 if "toy_one" not in REWARD_FUNCTIONS:
     register_reward("toy_one")(lambda prompt, completion, **_: 1.0)  # a dense target for the critic
@@ -43,14 +38,7 @@ if "toy_one" not in REWARD_FUNCTIONS:
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("rl_trainer")
-    texts = [f"say {d} digit {d} number {d}" for d in range(10)] * 20 + ["hello world filler text"] * 10
-    train_tokenizer(texts, root / "tok", vocab_size=300, show_progress=False)
-    rng = random.Random(0)
-    with open(root / "toy.jsonl", "w", encoding="utf-8") as f:
-        for _ in range(400):
-            d = rng.randint(0, 3)
-            conv = [{"role": "user", "content": f"say {d}"}, {"role": "assistant", "content": ""}]
-            f.write(json.dumps({"conversations": conv, "gt": [str(d)]}) + "\n")
+    write_toy_task(root)
     return {"root": root, "tok": root / "tok", "data": root / "toy.jsonl"}
 
 
@@ -115,7 +103,7 @@ def test_steps_without_advantage_leave_the_weights_alone(ws: dict[str, Path], tm
 
     def digit_then_flat(prompt: str, completion: str, *, gt: list[Any], **_: Any) -> float:
         calls["n"] += 1  # 3 steps x 64 completions of the toy reward, then a constant
-        return toy_digit(prompt, completion, gt=gt) if calls["n"] <= 3 * 64 else 1.0
+        return toy_digit_reward(prompt, completion, gt=gt) if calls["n"] <= 3 * 64 else 1.0
 
     REWARD_FUNCTIONS.pop("digit_then_flat", None)
     register_reward("digit_then_flat")(digit_then_flat)

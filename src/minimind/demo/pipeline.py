@@ -434,8 +434,8 @@ def _sampled_accuracy(ctx: DemoContext, weights: Path, rows: list[dict], n: int,
     if not rows:
         return float("nan")
     engine = _engine(ctx, weights)
-    prompts = [ctx.tokenizer.apply_chat_template(prompt_of(r)[0], tools=prompt_of(r)[1], add_generation_prompt=True,
-                                                 tokenize=True) for r in rows]
+    prompts = [ctx.tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=True)
+               for msgs, tools in map(prompt_of, rows)]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
                             stop_token_ids=(ctx.tokenizer.eos_id,), seed=ctx.settings.seed)
     results = engine.generate(prompts, params, n=n)
