@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +182,9 @@ class TrainConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     compile: int = 0
+    attention: str = field(default="doc", metadata={"help": "packed-row attention: doc (document-causal, positions restart per document) | causal (plain causal over the row, positions continue; SDPA is_causal, flash on CUDA)"})
+    skip_nonfinite: int = field(default=0, metadata={"help": "skip up to N optimizer steps whose loss or gradient is NaN/inf (no update); 0 = stop at the first with an error, keeping the last saved weights"})
+    ddp_bf16_grads: int = field(default=0, metadata={"help": "DDP: all-reduce gradients in bf16 (compression hook; halves the traffic)"})
     seed: int = 42
     num_workers: int = 0
     log_interval: int = 10
@@ -230,7 +233,7 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 problems.append(f"--{name} must be positive, got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "grad_clip", "save_interval", "weight_decay",
-                     "num_workers"):
+                     "num_workers", "skip_nonfinite"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name} must not be negative, got {getattr(self, name)}")
         if self.learning_rate <= 0:
@@ -242,7 +245,8 @@ class TrainConfig:
         if self.muon_lr <= 0:
             problems.append(f"--muon_lr must be positive, got {self.muon_lr}")
         for name, allowed in (("from_resume", (0, 1)), ("use_moe", (-1, 0, 1)), ("compile", (0, 1)),
-                              ("use_wandb", (0, 1, 2)), ("skip_bad_lines", (0, 1)), ("progress", (0, 1))):
+                              ("use_wandb", (0, 1, 2)), ("skip_bad_lines", (0, 1)), ("progress", (0, 1)),
+                              ("attention", ("doc", "causal")), ("ddp_bf16_grads", (0, 1))):
             if getattr(self, name) not in allowed:
                 problems.append(f"--{name} must be one of {', '.join(map(str, allowed))}, "
                                 f"got {getattr(self, name)}")
