@@ -182,9 +182,14 @@ class TrainConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     compile: int = 0
-    attention: str = field(default="doc", metadata={"help": "packed-row attention: doc (document-causal, positions restart per document) | causal (plain causal over the row, positions continue; SDPA is_causal, flash on CUDA)"})
-    skip_nonfinite: int = field(default=0, metadata={"help": "skip up to N optimizer steps whose loss or gradient is NaN/inf (no update); 0 = stop at the first with an error, keeping the last saved weights"})
-    ddp_bf16_grads: int = field(default=0, metadata={"help": "DDP: all-reduce gradients in bf16 (compression hook; halves the traffic)"})
+    attention: str = field(default="doc", metadata={"help": (
+        "packed-row attention: doc (document-causal, positions restart per document) | causal (plain "
+        "causal over the row, positions continue; SDPA is_causal, flash on CUDA)")})
+    skip_nonfinite: int = field(default=0, metadata={"help": (
+        "skip up to N optimizer steps whose loss or gradient is NaN/inf (no update); 0 = stop at the "
+        "first with an error, keeping the last saved weights")})
+    ddp_bf16_grads: int = field(default=0, metadata={"help": (
+        "DDP: all-reduce gradients in bf16 (compression hook; halves the traffic)")})
     seed: int = 42
     num_workers: int = 0
     log_interval: int = 10
