@@ -142,7 +142,36 @@ def test_dpo_pair() -> None:
         dpo_pair({"chosen": prompt + [{"role": "assistant", "content": "a"}]})
     with pytest.raises(ValueError, match="'rejected' must end with an assistant turn"):
         dpo_pair({"chosen": prompt + [{"role": "assistant", "content": "a"}],
-                  "rejected": [{"role": "assistant", "content": "a"}] + prompt})
+                  "rejected": prompt + [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]})
+    with pytest.raises(ValueError, match="same answer"):
+        dpo_pair({"chosen": prompt + [{"role": "assistant", "content": "a"}],
+                  "rejected": prompt + [{"role": "assistant", "content": "a"}]})
+
+
+@pytest.mark.parametrize("roles, why", [
+    (["assistant", "user", "assistant"], "'assistant' out of order at the start"),
+    (["user", "system", "assistant"], "system message must be the first"),
+    (["user", "assistant", "assistant"], "'assistant' out of order after a assistant"),
+    (["user", "user", "assistant"], "'user' out of order after a user"),
+    (["user", "tool", "assistant"], "'tool' out of order after a user"),
+    (["user", "assistant", "tool", "assistant"], "must follow an assistant message with tool_calls"),
+])
+def test_roles_out_of_order_are_refused(roles, why) -> None:
+    conv = [{"role": r, "content": "x"} for r in roles]
+    with pytest.raises(ValueError, match=why):
+        sft_conversation({"conversations": conv})
+
+
+@pytest.mark.parametrize("tools, why", [
+    ([{"function": 5}], r"tools\[0\].function must be an object"),
+    ([{"type": "function", "function": {"description": "no name"}}], r"tools\[0\] has no function name"),
+    ([{"name": ""}], "has no function name"),
+])
+def test_tools_without_a_named_function_are_refused(tools, why) -> None:
+    conv = [{"role": "system", "content": "s", "tools": tools}, {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a"}]
+    with pytest.raises(ValueError, match=why):
+        sft_conversation({"conversations": conv})
 
 
 # ------------------------------------------------------------------------------ with tokenizer

@@ -64,9 +64,48 @@ def _check_tool_calls(calls: Any, where: str) -> list[dict]:
 
 
 def _check_tools(tools: Any, where: str) -> list[dict]:
+    """``[{"type": "function", "function": {"name": ..., ...}}]`` or bare ``[{"name": ..., ...}]``.
+
+    A tool without a name renders as a broken schema in the system prompt (the template prints
+    whatever it finds), so it is refused here instead of being trained on."""
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise ValueError(f"{where}: 'tools' must be a list of objects")
+    for j, tool in enumerate(tools):
+        fn = tool.get("function", tool)
+        if not isinstance(fn, dict):
+            raise ValueError(f"{where}: tools[{j}].function must be an object, got {type(fn).__name__}")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ValueError(f"{where}: tools[{j}] has no function name")
     return tools
+
+
+#: Which role may follow which (``None`` = the first message after an optional leading system one).
+#: A tool result must answer an assistant tool call; an answer must follow a question or a tool
+#: result.  The template renders any order, so an out-of-order record would be trained silently.
+_NEXT_ROLES: dict[str | None, tuple[str, ...]] = {
+    None: ("user",),
+    "user": ("assistant",),
+    "assistant": ("user", "tool"),
+    "tool": ("tool", "assistant"),
+}
+
+
+def _check_role_order(messages: list[Message], field_name: str) -> None:
+    """System only first; then user, assistant, user ... with tool results after tool calls."""
+    prev: str | None = None
+    for i, m in enumerate(messages):
+        role, where = m["role"], f"{field_name}[{i}]"
+        if role == "system":
+            if i:
+                raise ValueError(f"{where}: a system message must be the first message")
+            continue
+        if role not in _NEXT_ROLES[prev]:
+            after = "at the start" if prev is None else f"after a {prev} message"
+            raise ValueError(f"{where}: role {role!r} out of order {after} (expected "
+                             f"{' or '.join(_NEXT_ROLES[prev])})")
+        if role == "tool" and prev == "assistant" and "tool_calls" not in messages[i - 1]:
+            raise ValueError(f"{where}: a tool result must follow an assistant message with tool_calls")
+        prev = role
 
 
 def chat_messages(conv: Any, field_name: str = "conversations",
@@ -76,7 +115,9 @@ def chat_messages(conv: Any, field_name: str = "conversations",
     Rules (reference semantics, made explicit): roles are system/user/assistant/tool; ``content`` is
     a string, except that an assistant turn carrying ``tool_calls`` may have ``None``/missing content
     (rendered as ``""``); ``reasoning_content`` is an optional string; ``tools`` may only sit on a
-    leading system message (that is the only place the reference reads it from).
+    leading system message (that is the only place the reference reads it from); roles come in
+    order (:data:`_NEXT_ROLES`: an optional system message first, then user and assistant turns,
+    tool results only after a tool call).
     """
     if not isinstance(conv, list):
         raise ValueError(f"'{field_name}' must be a list, got {type(conv).__name__}")
@@ -122,6 +163,7 @@ def chat_messages(conv: Any, field_name: str = "conversations",
                                  "on an assistant message")
             out["reasoning_content"] = reasoning
         messages.append(out)
+    _check_role_order(messages, field_name)
     if require_assistant and not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f"'{field_name}' has no assistant turn")
     return messages, tools
@@ -153,7 +195,8 @@ def dpo_pair(obj: dict) -> tuple[list[Message], list[Message]]:
     tools are not part of the reference DPO format and are rejected.  Both sides must share the
     prompt -- every message before the final assistant turn equal in role, content, reasoning and
     tool calls: DPO compares two answers *to the same prompt*, and a pair whose prompts differ
-    would silently train on the difference between the prompts' log-probabilities as well.
+    would silently train on the difference between the prompts' log-probabilities as well.  The
+    two final answers must differ (an identical pair has margin 0 and teaches nothing).
     """
     sides = []
     for key in ("chosen", "rejected"):
@@ -169,4 +212,7 @@ def dpo_pair(obj: dict) -> tuple[list[Message], list[Message]]:
     i = _first_difference(chosen[:-1], rejected[:-1])
     if i is not None:
         raise ValueError(f"'chosen' and 'rejected' must share the prompt: they differ at message {i}")
+    if _first_difference(chosen[-1:], rejected[-1:]) is None:
+        # identical answers: the DPO margin is 0 by construction, the pair only adds a constant loss
+        raise ValueError("'chosen' and 'rejected' give the same answer: the pair prefers nothing")
     return chosen, rejected

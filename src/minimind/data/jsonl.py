@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,9 +76,52 @@ def parse_jsonl_line(raw: bytes | str, path: str | os.PathLike, line_no: int) ->
         obj: Any = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataFormatError(path, line_no, f"invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:  # "[[[[..." 100k deep: the decoder recurses once per level
+        raise DataFormatError(path, line_no, "invalid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise DataFormatError(path, line_no, f"expected a JSON object, got {type(obj).__name__}")
+    if _SURROGATE_ESCAPE.search(text):
+        where = lone_surrogate_path(obj)
+        if where is not None:
+            raise DataFormatError(path, line_no, f"lone UTF-16 surrogate escape in {where} (text that "
+                                                 "cannot be encoded as UTF-8)")
     return obj
+
+
+#: ``\ud800``-``\udfff`` escapes: the only way a lone surrogate gets into decoded JSON (raw bytes
+#: of one are invalid UTF-8 and fail earlier).  A valid escaped pair decodes to one character, so
+#: only the rare line with such an escape is walked.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _has_surrogate(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def lone_surrogate_path(obj: Any) -> str | None:
+    """Where in ``obj`` a string (value or key) holds a lone surrogate, e.g. ``conversations[0].content``.
+
+    The tokenizer cannot encode such text (it raises deep inside a worker), so it is a data error of
+    the line.  Iterative, because the JSON may be nested as deep as the decoder allowed.
+    """
+    stack: list[tuple[Any, str]] = [(obj, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            if _has_surrogate(value):
+                return where or "the line"
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if _has_surrogate(k):
+                    return f"a key of {where or 'the object'}"
+                stack.append((v, f"{where}.{k}" if where else k))
+        elif isinstance(value, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(value))
+    return None
 
 
 def iter_jsonl_raw(path: str | os.PathLike, start_line: int = 1) -> Iterator[tuple[int, bytes, int]]:
