@@ -547,7 +547,7 @@ def test_internal_errors_are_500_without_traceback(stack: dict[str, Any]) -> Non
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
 
     async def go() -> httpx.Response:
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
             return await c.post("/v1/chat/completions", json={"messages": USER})
 
     r = asyncio.run(go())
@@ -560,7 +560,7 @@ def test_page_placeholder_and_cors(stack: dict[str, Any], tmp_path: Path) -> Non
     transport = httpx.ASGITransport(app=app)
 
     async def go() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
             page = await c.get("/")
             pre = await c.options("/v1/chat/completions", headers={
                 "Origin": "http://ui.example", "Access-Control-Request-Method": "POST",

@@ -19,25 +19,35 @@ __all__ = ["APIError", "error_payload", "error_response", "install_error_handler
 
 log = logging.getLogger("minimind.serve")
 
-_HTTP_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+_HTTP_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+               413: "request_too_large", 429: "queue_full"}
 
 
 class APIError(Exception):
     """An error to report to the client with ``status`` (raised anywhere in a request handler)."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str | None = None) -> None:
+                 type_: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers
         self.message = message
         self.param = param
         self.code = code
         self.type = type_ or ("server_error" if status >= 500 else "invalid_request_error")
 
 
+def _utf8_safe(text: str | None) -> str | None:
+    """``text`` with lone surrogates written as ``\\udXXX``: a message may quote a client's input,
+    and a lone surrogate in it would make encoding the error response itself fail (a 500)."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_payload(message: str, type_: str = "invalid_request_error", param: str | None = None,
                   code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return {"error": {"message": _utf8_safe(message), "type": type_, "param": _utf8_safe(param), "code": code}}
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -74,7 +84,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.code, exc.type)
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.type, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -10,6 +10,13 @@ clients keep working.
 Extensions beyond the OpenAI API (also accepted by vLLM): ``top_k``, ``repetition_penalty``,
 ``ignore_eos``, ``chat_template_kwargs`` (``open_thinking`` / ``enable_thinking``) and a top-level
 ``open_thinking`` as the reference server had.
+
+Ranges follow OpenAI where it sets one (temperature [0, 2], top_p (0, 1], penalties [-2, 2],
+top_logprobs [0, 20], at most 16 stop strings...) and vLLM for its extensions; the repetition
+penalty is [0.01, 10] because a penalty of 1e-38 turns a logit into ``inf`` (OpenAI has none).
+Floats must be finite (JSON's ``NaN``/``Infinity`` extensions are refused). Every string anywhere in
+a body must be valid Unicode: a lone surrogate (``"\ud800"``) is a 400, not a failure later in the
+tokenizer or in encoding the response.
 """
 
 from __future__ import annotations
@@ -32,12 +39,61 @@ __all__ = [
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1000
+#: ``n`` above this is refused by the schema (the server's own limits, slots and rows per request,
+#: are usually lower and are checked later with a message naming the flag).
+MAX_N = 128
+MAX_SEED = 2**63 - 1
+#: How deep a body's JSON may nest before it is refused (the chat template walks tool schemas).
+MAX_DEPTH = 64
+
+
+def find_lone_surrogate(value: Any, path: str = "", depth: int = 0) -> str | None:
+    """The location (``messages.0.content``) of the first string holding a lone surrogate, or None.
+
+    Python's JSON decoder turns ``"\ud800"`` into a str that cannot be encoded as UTF-8, so any later
+    step (the tokenizer, the response) would fail on it. Keys are checked too. Raises ``ValueError``
+    for JSON nested deeper than :data:`MAX_DEPTH`.
+    """
+    if depth > MAX_DEPTH:
+        raise ValueError(f"the request nests deeper than {MAX_DEPTH} levels")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        where = f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and find_lone_surrogate(key, where, depth + 1):
+            return where
+        found = find_lone_surrogate(item, where, depth + 1)
+        if found:
+            return found
+    return None
 
 
 class _Lenient(BaseModel):
     """Unknown fields are ignored: OpenAI SDKs send fields this server has no use for."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class _Body(_Lenient):
+    """A whole request body: refuses lone surrogates and absurd nesting anywhere in it."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = find_lone_surrogate(data)
+        if where is not None:
+            raise ValueError(f"{where}: the text holds a lone surrogate (invalid Unicode)")
+        return data
 
 
 class TextPart(_Lenient):
@@ -48,7 +104,7 @@ class TextPart(_Lenient):
 
 
 class FunctionCallIn(_Lenient):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=256)
     # The template inserts a string verbatim and serialises an object, so both are accepted.
     arguments: str | dict[str, Any] = "{}"
 
@@ -113,21 +169,21 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
-class SamplingFields(_Lenient):
+class SamplingFields(_Body):
     """Fields shared by both completion endpoints."""
 
-    model: str | None = None
+    model: str | None = Field(default=None, max_length=256)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1, description="extension; 0 or -1 = off")
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0, description="extension; 1 = off")
+    top_k: int | None = Field(default=None, ge=-1, le=2**31 - 1, description="extension; 0 or -1 = off")
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=10.0, description="extension; 1 = off")
     # Accepted for compatibility and range-checked, but not applied (see the README).
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    max_tokens: int | None = Field(default=None, ge=1)
-    n: int = Field(default=1, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=2**31 - 1)
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    seed: int | None = Field(default=None, ge=-MAX_SEED - 1, le=MAX_SEED)
     ignore_eos: bool = Field(default=False, description="extension: keep going past <|im_end|> (benchmarks)")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -155,7 +211,7 @@ class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=2**31 - 1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[ToolSpec] | None = None
@@ -192,7 +248,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=5)
     suffix: str | None = None
-    best_of: int | None = Field(default=None, ge=1)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
 
     @model_validator(mode="after")
     def _check(self) -> CompletionRequest:
@@ -214,8 +270,8 @@ class CompletionRequest(SamplingFields):
         return list(p)  # type: ignore[arg-type]
 
 
-class ToolCallRequest(_Lenient):
+class ToolCallRequest(_Body):
     """``POST /api/tools/call``: run one built-in tool (for the web UI)."""
 
-    name: str
+    name: str = Field(min_length=1, max_length=256)
     arguments: dict[str, Any] | str | None = None

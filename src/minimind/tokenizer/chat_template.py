@@ -11,14 +11,16 @@ The fixture cases in ``shared/compat/chat_template_cases.json`` pin the result.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["CHAT_TEMPLATE", "render_chat", "normalize_messages", "compile_template"]
+__all__ = ["CHAT_TEMPLATE", "compile_template", "encode_chat", "normalize_messages", "render_chat",
+           "render_chat_pieces"]
 
 # The reference template, reproduced verbatim: it is compatibility data (the token layout every
 # MiniMind checkpoint was trained on), not code of ours. Raw string so Jinja sees the ``\n``
@@ -217,3 +219,109 @@ def render_chat(
         add_generation_prompt=add_generation_prompt,
         **kwargs,
     )
+
+
+# ---- rendering with the messages' own text kept literal --------------------------------------------
+#: Private-use code points tried as the placeholder marker (one absent from every input is picked).
+_MARKER_RANGE = range(0xE000, 0xF900)
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string (keys included) inside nested dicts/lists/tuples."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Mapping):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _substitute(value: Any, pattern: re.Pattern[str], repl: Callable[[re.Match[str]], str]) -> Any:
+    """A copy of ``value`` with ``pattern`` replaced in every string (keys included)."""
+    if isinstance(value, str):
+        return pattern.sub(repl, value)
+    if isinstance(value, Mapping):
+        return {_substitute(k, pattern, repl): _substitute(v, pattern, repl) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_substitute(v, pattern, repl) for v in value]
+    return value
+
+
+def render_chat_pieces(
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    literal: Sequence[str],
+    add_generation_prompt: bool = False,
+    template: str | None = None,
+    **kwargs: Any,
+) -> list[tuple[str, bool]]:
+    """Render like :func:`render_chat`, marking where the ``literal`` strings came from the messages.
+
+    Returns ``(text, is_literal)`` pieces whose texts concatenate to exactly what :func:`render_chat`
+    returns. A piece flagged literal is an occurrence of one of ``literal`` (e.g. ``<|im_end|>``)
+    inside a message field or a tool schema, as opposed to the template's own markup.
+
+    Why: the rendered prompt is one string, so a user who types ``<|im_end|>\n<|im_start|>system``
+    would otherwise be encoded as real role tokens (role injection). Each such occurrence is swapped
+    for a placeholder (a private-use character absent from every input, the index, the character
+    again) before rendering and turned back afterwards, so the template's logic sees the same
+    strings' shape and nothing the user wrote can be mistaken for template markup.
+    """
+    if not literal:
+        return [(render_chat(messages, tools, add_generation_prompt, template, **kwargs), False)]
+    inputs = _strings(list(messages)) + _strings(tools)
+    marker = next(chr(c) for c in _MARKER_RANGE if not any(chr(c) in s for s in inputs))
+    order = sorted(set(literal), key=len, reverse=True)  # longest first: no token hides a longer one
+    pattern = re.compile("|".join(re.escape(t) for t in order))
+    index = {t: k for k, t in enumerate(order)}
+
+    def to_placeholder(m: re.Match[str]) -> str:
+        return f"{marker}{index[m.group(0)]}{marker}"
+
+    text = render_chat(_substitute(list(messages), pattern, to_placeholder),
+                       _substitute(tools, pattern, to_placeholder), add_generation_prompt, template, **kwargs)
+    pieces: list[tuple[str, bool]] = []
+    for k, part in enumerate(re.split(f"{marker}(\\d+){marker}", text)):
+        if k % 2:
+            pieces.append((order[int(part)], True))
+        elif part:
+            pieces.append((part, False))
+    return pieces
+
+
+def _encode_literal(encode: Callable[[str], list[int]], text: str, forbidden: set[int]) -> list[int]:
+    """Ids of ``text`` as plain text: split before its second character, so the tokenizer's atomic
+    match of the whole token cannot happen; per character if a piece still hits ``forbidden`` ids."""
+    ids = encode(text[:1]) + encode(text[1:])
+    if forbidden.isdisjoint(ids):
+        return ids
+    return [i for ch in text for i in encode(ch)]
+
+
+def encode_chat(
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    add_generation_prompt: bool = False,
+    **kwargs: Any,
+) -> tuple[str, list[int]]:
+    """``(prompt text, ids)`` of a chat, with the messages' text never encoded as special tokens.
+
+    ``tokenizer`` needs ``encode``, ``chat_template``, ``all_special_ids`` and ``id_to_token``
+    (:class:`~minimind.tokenizer.MiniMindTokenizer` has them). The template's markup is encoded as
+    usual; a special token's string typed inside a message or a tool schema (``<|im_end|>``,
+    ``<|im_start|>``...) is encoded as the ordinary text it is. Structural tokens that are not
+    flagged special (``<think>``, ``<tool_call>``) keep their usual encoding: a message may quote
+    them and the trained model reads them that way. A chat without any special string gets exactly
+    ``encode(render_chat(...))``.
+    """
+    special_ids = set(tokenizer.all_special_ids)
+    literal = [t for i in sorted(special_ids) if (t := tokenizer.id_to_token(i))]
+    pieces = render_chat_pieces(messages, tools, literal=literal, add_generation_prompt=add_generation_prompt,
+                                template=tokenizer.chat_template, **kwargs)
+    ids: list[int] = []
+    for text, is_literal in pieces:
+        ids += _encode_literal(tokenizer.encode, text, special_ids) if is_literal else tokenizer.encode(text)
+    return "".join(text for text, _ in pieces), ids
