@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from minimind.infer.quant import quantize_model_
 from minimind.infer.sampling import SamplingParams, seen_token_mask
 from minimind.infer.scheduler import (
     FinishReason,
@@ -86,13 +87,16 @@ class GenerationEngine:
     ``dtype`` is the compute dtype (``None`` = the model's own); ``max_batch_len`` caps the positions
     per row (prompt + completion) below ``config.max_position_embeddings``; ``num_slots`` is how many
     rows decode together (``generate`` raises it for a larger batch); ``compile`` runs the decode step
-    through ``torch.compile`` at static shapes (every slot, the cache's full length).  The cache grows on demand
+    through ``torch.compile`` at static shapes (every slot, the cache's full length).  ``quantize="int8"``
+    stores the block matrices and LM head of the engine's own weight copy as int8 (see
+    :mod:`minimind.infer.quant`; the model passed in is never modified).  The cache grows on demand
     (more slots, longer rows) and keeps its contents when it does.
     """
 
     def __init__(self, model: MiniMindForCausalLM, tokenizer: Any | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 max_batch_len: int | None = None, num_slots: int = 8, compile: bool = False) -> None:
+                 max_batch_len: int | None = None, num_slots: int = 8, compile: bool = False,
+                 quantize: str | None = None) -> None:
         if device is not None:
             model = model.to(device)
         if max_batch_len is not None and max_batch_len < 2:
@@ -105,6 +109,10 @@ class GenerationEngine:
         own = next(model.parameters()).dtype
         self.dtype = dtype or own
         self.model = model if self.dtype == own else _inference_copy(model, self.dtype)
+        self.quantize = quantize
+        if quantize is not None:  # refresh_weights re-quantizes: Int8Linear loads float weights
+            base = _inference_copy(model, self.dtype) if self.model is model else self.model
+            self.model = quantize_model_(base, quantize)
         # torch.compile fuses the many small per-token kernels (norms, RoPE, casts, cache writes) of
         # the decode step.  Compiled decode runs at static shapes — every slot of the cache, attending
         # over its whole length under the mask — so one graph serves every step (a dynamic graph

@@ -1,0 +1,185 @@
+"""Int8 weight-only quantization of the inference engine's own weight copy (``--quantize int8``).
+
+Decoding a small model on a CPU is bound by reading the weights: every generated token streams every
+block matrix from memory once.  Storing those matrices as int8 halves the bytes of bf16 (a quarter of
+fp32), and with them the time per token.
+
+**Scheme** (per output channel, symmetric, weight-only).  For a linear layer ``y = x Wᵀ`` with
+``W [out, in]``, row ``j`` gets one scale and int8 codes::
+
+    s_j = max_i |W_ji| / 127          q_ji = clamp(round(W_ji / s_j), -127, 127)
+    y_j = s_j * sum_i x_i q_ji         (= x (q * s)ᵀ, without ever materialising q * s)
+
+The activations stay in floating point (bf16 on the CPU kernel), so the only error is the weight
+rounding: ``|W_ji - s_j q_ji| <= s_j / 2``, i.e. at most 0.4% of the row's largest weight.  Rows are
+quantized independently, so a row's codes do not depend on which other rows share its matrix.
+
+**Kernel.**  On the CPU the product is ``torch._weight_int8pack_mm`` (the kernel torchao's int8
+weight-only mode calls there), which converts the int8 codes to floats inside the GEMV and applies
+the scales to the output; it has a vectorised path for bf16 activations only (fp32 inputs take a much
+slower one), so fp32 activations are cast to bf16 for the product and back.  Elsewhere (CUDA, or a
+build without the op) the fallback ``linear(x, q.to(dtype)) * s`` computes the same numbers.
+
+**What is quantized.**  The seven matrices of every block (q/k/v/o, gate/up/down; for MoE every
+expert's three) and, by default, the LM head.  Embeddings, norms and the MoE router stay in floating
+point: the embedding is a row lookup (one row per token, not a stream of the whole matrix), norms
+are vectors, and routing decisions are discontinuous in the router's logits.
+
+Quantized modules load *float* checkpoints: :class:`Int8Linear` takes the ``weight`` key of a state
+dict and quantizes it, so ``engine_model.load_state_dict(training_model.state_dict())`` re-quantizes
+after every RL update with no special path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["QUANT_MODES", "Int8Linear", "quantize_int8_", "quantize_model_", "quantize_rows", "weight_bytes"]
+
+QUANT_MODES = ("int8",)
+_KERNEL_DTYPE = torch.bfloat16  # the activation dtype of the CPU kernel's fast path
+_HAS_INT8PACK = hasattr(torch, "_weight_int8pack_mm")
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 codes and float32 scales of ``weight [out, in]`` (see module doc).
+
+    An all-zero row gets scale 1 (its codes are 0 either way), so no division by zero happens."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round(w / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+class Int8Linear(nn.Module):
+    """A bias-free linear layer with int8 weight codes ``[out, in]`` and one scale per output row.
+
+    ``out_dtype`` (the engine's compute dtype) is the dtype of the result.  Loading a state dict reads
+    a float ``weight`` (what :class:`torch.nn.Linear` saves) and quantizes it."""
+
+    def __init__(self, in_features: int, out_features: int, out_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.out_dtype = out_dtype
+        # Not persistent: the module saves/loads the float ``weight`` key, so checkpoints stay float.
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8,
+                                                    device=device), persistent=False)
+        self.register_buffer("scale", torch.ones(out_features, dtype=_KERNEL_DTYPE, device=device),
+                             persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, out_dtype: torch.dtype | None = None) -> Int8Linear:
+        if linear.bias is not None:
+            raise ValueError("Int8Linear has no bias; the MiniMind blocks' projections have none")
+        w = linear.weight
+        mod = cls(linear.in_features, linear.out_features, out_dtype or w.dtype, device=w.device)
+        mod.set_weight(w)
+        return mod
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Quantize ``weight [out, in]`` (any float dtype) into this module's codes and scales."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight of shape {tuple(weight.shape)} for an Int8Linear of "
+                             f"{(self.out_features, self.in_features)}")
+        codes, scale = quantize_rows(weight.to(self.qweight.device))
+        self.qweight.copy_(codes)
+        self.scale.copy_(scale.to(self.scale.dtype))
+
+    def dequantized(self) -> torch.Tensor:
+        """``q * s`` as float32 ``[out, in]``: the weight this module actually multiplies by."""
+        return self.qweight.float() * self.scale.float().unsqueeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if _HAS_INT8PACK and x2.device.type == "cpu":
+            y = torch._weight_int8pack_mm(x2.to(_KERNEL_DTYPE).contiguous(), self.qweight, self.scale)
+        else:
+            y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scale.to(x2.dtype)
+        return y.to(self.out_dtype).view(*shape[:-1], self.out_features)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any,
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        key = prefix + "weight"
+        if key not in state_dict:
+            missing_keys.append(key)
+            return
+        try:
+            self.set_weight(state_dict[key])
+        except ValueError as err:
+            error_msgs.append(f"{key}: {err}")
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.dequantized().to(self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row scales"
+
+
+def _swap_linears(module: nn.Module, out_dtype: torch.dtype, skip: tuple[str, ...]) -> int:
+    """Replace every bias-free ``nn.Linear`` under ``module`` (names in ``skip`` excepted)."""
+    swapped = 0
+    for name, child in list(module.named_children()):
+        if name in skip:
+            continue
+        if type(child) is nn.Linear and child.bias is None:
+            setattr(module, name, Int8Linear.from_linear(child, out_dtype))
+            swapped += 1
+        else:
+            swapped += _swap_linears(child, out_dtype, skip)
+    return swapped
+
+
+@torch.no_grad()
+def quantize_int8_(model: nn.Module, lm_head: bool = True) -> nn.Module:
+    """Quantize a :class:`~minimind.model.MiniMindForCausalLM` **in place**: every block projection
+    (MoE experts included, the MoE router ``gate`` excluded) and, with ``lm_head``, the LM head.
+
+    A tied LM head is untied here (the embedding keeps its float copy).  Returns ``model``."""
+    decoder = getattr(model, "model", None)
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise TypeError(f"quantize_int8_ expects a MiniMindForCausalLM, got {type(model).__name__}")
+    out_dtype = next(model.parameters()).dtype
+    swapped = sum(_swap_linears(layer, out_dtype, skip=("gate",)) for layer in layers)
+    if lm_head and isinstance(getattr(model, "lm_head", None), nn.Linear):
+        model.lm_head = Int8Linear.from_linear(model.lm_head, out_dtype)
+        swapped += 1
+    if swapped == 0:
+        raise ValueError("no linear layer was quantized")
+    return model
+
+
+def quantize_model_(model: nn.Module, mode: str | None) -> nn.Module:
+    """Apply ``mode`` (``None`` or one of :data:`QUANT_MODES`) to ``model`` in place."""
+    if mode is None:
+        return model
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown quantization {mode!r}; choose from {', '.join(QUANT_MODES)}")
+    return quantize_int8_(model)
+
+
+def weight_bytes(model: nn.Module, per_token: bool = True) -> int:
+    """Bytes of weights one decode step reads: every parameter and int8 code/scale buffer, without
+    the embedding table when ``per_token`` (a step reads one row of it per token, not the matrix)."""
+    embeds = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} if per_token else set()
+    heads = {id(m.weight) for m in model.modules() if type(m) is nn.Linear}
+    total, seen = 0, set()
+    for t in list(model.parameters()) + [b for m in model.modules() if isinstance(m, Int8Linear)
+                                         for b in (m.qweight, m.scale)]:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        if id(t) in embeds and id(t) not in heads:  # a tied head still streams the matrix
+            continue
+        total += t.numel() * t.element_size()
+    return total
