@@ -13,10 +13,11 @@ import argparse
 import dataclasses
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from minimind.config import PRESETS, TrainConfig
+from minimind.config import PRESETS, TrainConfig, nonfinite_fields
 
 _HELP = {
     "data_path": "JSONL file in the reference format of the stage",
@@ -173,6 +174,9 @@ def build_stage(name: str, args: argparse.Namespace):
     cfg = TrainConfig(**values)
     cfg.validate()
     stage = cls(cls.Options(**options) if cls.Options else None)
+    bad = nonfinite_fields(stage.options) if stage.options is not None else []
+    if bad:
+        raise ValueError(f"invalid {name} options: " + "; ".join(bad))
     stage.validate(cfg)
     return stage, cfg
 
@@ -412,13 +416,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """``warning: <message>`` on stderr: the counted data warnings are for users, who have no use
+    for the source line of the ``warnings.warn`` call that Python prints by default."""
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():  # restores the default display when main returns (tests call it)
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from minimind.train.loop import TrainingInterrupted
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:  # configuration / data errors: no traceback
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a folder where a file belongs, permissions, a full disk: the OS said why
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except TrainingInterrupted:
         return 130  # the loop saved and printed how to resume

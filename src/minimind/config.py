@@ -148,6 +148,42 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**{**PRESETS[name], **overrides})
 
 
+#: Shortest ``--max_seq_len`` accepted: below it no chat turn fits (``<|im_start|>user\n...<|im_end|>``
+#: plus the assistant header is about 12 tokens), and a pretraining row holds almost only BOS/EOS.
+MIN_SEQ_LEN = 16
+
+
+def nonfinite_fields(obj: Any) -> list[str]:
+    """``--name must be a finite number`` for every float field of a dataclass that is NaN or inf.
+
+    Comparisons with NaN are all false, so ``lr <= 0`` lets ``nan`` through; an ``inf`` rate or clip
+    turns the weights into NaN at the first step.  Checked before any data is read."""
+    return [f"--{f.name} must be a finite number, got {getattr(obj, f.name)}"
+            for f in dataclasses.fields(obj)
+            if isinstance(getattr(obj, f.name), float) and not math.isfinite(getattr(obj, f.name))]
+
+
+def _not_a_folder(path: Path) -> Path | None:
+    """The first existing part of ``path`` (itself or a parent) that is not a folder, else None."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
+def path_problems(cfg: "TrainConfig") -> list[str]:
+    """Output folders that are files, and a ``--data_path`` that is a folder (else a traceback later)."""
+    problems = []
+    for name in ("save_dir", "checkpoint_dir", "shard_dir"):
+        value = getattr(cfg, name)
+        blocker = _not_a_folder(Path(value)) if value else None
+        if blocker is not None:
+            problems.append(f"--{name} {value} must be a folder, but {blocker} is a file")
+    if cfg.data_path and Path(cfg.data_path).is_dir():
+        problems.append(f"--data_path {cfg.data_path} is a folder; pass a JSONL file")
+    return problems
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs besides the stage's own loss.
@@ -233,7 +269,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Every check that needs no data: run before anything is read, tokenized or allocated."""
-        problems = []
+        problems = nonfinite_fields(self)  # nan passes every "< 0" test below
+        if self.max_seq_len < MIN_SEQ_LEN:
+            problems.append(f"--max_seq_len must be at least {MIN_SEQ_LEN} (a row must hold BOS, some "
+                            f"text and EOS, or a whole chat turn), got {self.max_seq_len}")
+        problems += path_problems(self)
         for name in ("batch_size", "max_seq_len", "accumulation_steps", "epochs", "log_interval"):
             if getattr(self, name) <= 0:
                 problems.append(f"--{name} must be positive, got {getattr(self, name)}")

@@ -41,7 +41,7 @@ from .jsonl import SkipStats
 from .packing import PAD_DOC, PackPlan, pack_rows, shifted_targets
 from .sft import MaskMarkers, assistant_mask, render_sft_text
 from .shards import (ShardInfo, _Chunk, _load_tokenizer, _source_fingerprint, _tokenized_chunks,
-                     _usable_cpus, checked_chunks, render_lines, tokenizer_key)
+                     _usable_cpus, check_usable, checked_chunks, render_lines, tokenizer_key)
 from .store import SHARD_VERSION, ShardReader, ShardWriter, files_match_meta, ids_dtype, read_meta
 
 __all__ = ["PairTokens", "tokenize_pair", "prepare_dpo_shards", "load_or_prepare_dpo_shards",
@@ -203,6 +203,7 @@ def prepare_dpo_shards(data_path: str | os.PathLike, out_dir: str | os.PathLike,
             truncated += chunk.truncated
             no_response += chunk.no_response
             bar.update(chunk.n_bytes)
+        check_usable(data_path, n_pairs, stats)
         meta = writer.commit({
             "kind": "dpo", "source": source, "tokenizer": tokenizer_key(tok),
             "vocab_size": tok.vocab_size, "settings": _dpo_settings(skip_bad_lines, max_len),
@@ -296,16 +297,32 @@ def fit_pair_lengths(chosen: np.ndarray, rejected: np.ndarray,
     return np.where(over, c_fit, c), np.where(over, r_fit, r)
 
 
+def keeps_response(shards: ShardReader, side_lens: np.ndarray) -> np.ndarray:
+    """``[n_pairs, 2]`` bool: does side ``s`` of pair ``p`` keep a trained token in its first
+    ``side_lens[p, s]`` tokens?  Vectorised: the first masked-in token of each document is found
+    by one ``searchsorted`` over the positions of all masked-in tokens."""
+    starts = np.asarray(shards.offsets[:-1], np.int64)
+    trained = np.flatnonzero(np.asarray(shards.mask))
+    k = np.searchsorted(trained, starts)
+    if not len(trained):
+        return np.zeros((len(starts) // 2, 2), bool)
+    first = np.where(k < len(trained), trained[np.minimum(k, len(trained) - 1)], np.iinfo(np.int64).max)
+    limit = starts + np.asarray(side_lens, np.int64).reshape(-1)
+    return (first < limit).reshape(-1, 2)
+
+
 class DPODataset:
     """Deterministic :class:`PairBatch` es of packed pairs from a ``kind = "dpo"`` shard folder.
 
     ``get_batch(epoch, rows)`` depends only on ``(seed, epoch, rows)`` (the plan is
     :func:`~minimind.data.packing.pack_rows` in ``"sft"`` mode over pair lengths, cached for the
-    latest epoch), so an exact resume needs only ``(epoch, next row)``.
+    latest epoch), so an exact resume needs only ``(epoch, next row)``.  ``drop_cut_pairs`` leaves
+    out the pairs whose response ``seq_len`` cuts away entirely on a side (training does that;
+    evaluations that want every pair's log-probs keep them).
     """
 
     def __init__(self, shards: ShardReader, seq_len: int, seed: int, pool_size: int = 1000,
-                 pad_id: int | None = None) -> None:
+                 pad_id: int | None = None, drop_cut_pairs: bool = False) -> None:
         if shards.kind != "dpo":
             raise ValueError(f"DPODataset needs 'dpo' shards, got kind {shards.kind!r}")
         if len(shards) % 2:
@@ -320,12 +337,24 @@ class DPODataset:
         self.pad_id = int(pad_id if pad_id is not None else shards.meta.get("pad_id", 0))
         lengths = np.asarray(shards.lengths, np.int64)
         self.side_lens = np.stack(fit_pair_lengths(lengths[0::2], lengths[1::2], self.row_len), 1)
+        #: pair numbers that are packed into rows: all, or with ``drop_cut_pairs`` those that keep
+        #: at least one response token on both sides after the fit.  A pair cut before a response
+        #: has margin 0 on every step: loss log 2, zero gradient, yet it counts in the mean.
+        keep = (keeps_response(shards, self.side_lens).all(1) if drop_cut_pairs
+                else np.ones(len(self.side_lens), bool))
+        self.kept = np.flatnonzero(keep)
         self._plan_epoch: int | None = None
         self._plan: PackPlan | None = None
 
     @property
     def num_pairs(self) -> int:
+        """Pairs in the shards (``pair_ids`` of batches index these)."""
         return len(self.side_lens)
+
+    @property
+    def num_dropped_pairs(self) -> int:
+        """Pairs left out (``drop_cut_pairs``) because ``seq_len`` cuts a side's whole response."""
+        return len(self.side_lens) - len(self.kept)
 
     @property
     def num_cut_pairs(self) -> int:
@@ -336,7 +365,7 @@ class DPODataset:
     def plan(self, epoch: int) -> PackPlan:
         """The packing plan of ``epoch`` (segments are whole pairs; cached for the current epoch)."""
         if self._plan_epoch != epoch or self._plan is None:
-            self._plan = pack_rows(self.side_lens.sum(1), self.row_len, self.seed, epoch, "sft",
+            self._plan = pack_rows(self.side_lens[self.kept].sum(1), self.row_len, self.seed, epoch, "sft",
                                    self.pool_size)
             self._plan_epoch = epoch
         return self._plan
@@ -366,6 +395,7 @@ class DPODataset:
                     seg[b, o:o + ln], pos[b, o:o + ln] = j, np.arange(ln)
                     o, j = o + ln, j + 1
                     continue
+                p = int(self.kept[p])  # plan segment -> pair number in the shards
                 for side in (0, 1):
                     n = int(self.side_lens[p, side])
                     ids, mask = self.shards.doc(2 * p + side)

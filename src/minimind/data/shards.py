@@ -22,6 +22,7 @@ import multiprocessing as mp
 import os
 import random
 import sys
+import warnings
 from collections import deque
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -113,6 +114,7 @@ class _Chunk:
     mask: np.ndarray | None
     errors: list[tuple[int, str]]
     n_bytes: int = 0
+    no_target: int = 0  # documents whose mask is all 0 (an SFT conversation cut before its answer)
 
 
 def render_lines(lines: list[tuple[int, bytes]], src: str,
@@ -179,7 +181,8 @@ class ChunkTokenizer:
         ids_arr = np.fromiter(itertools.chain.from_iterable(docs), dtype=self.dtype, count=total)
         mask_arr = (None if masks is None else
                     np.fromiter(itertools.chain.from_iterable(masks), dtype=np.uint8, count=total))
-        return _Chunk(ids_arr, lengths, mask_arr, errors)
+        no_target = 0 if masks is None else sum(1 for m in masks if not any(m))
+        return _Chunk(ids_arr, lengths, mask_arr, errors, no_target=no_target)
 
 
 _WORKER: Any = None
@@ -298,21 +301,44 @@ def prepare_shards(data_path: str | os.PathLike, out_dir: str | os.PathLike, tok
     bar = tqdm(total=source["size"], unit="B", unit_scale=True, disable=not progress,
                desc=f"tokenizing {data_path.name}")
     chunks = _tokenized_chunks(data_path, tok, args, num_proc)
+    n_docs = no_target = 0
     with ShardWriter(out_dir, dtype) as writer, bar, closing(chunks):
         for chunk in checked_chunks(chunks, data_path, skip_bad_lines, stats):
             writer.append(chunk.ids, chunk.lengths, chunk.mask)
+            n_docs += len(chunk.lengths)
+            no_target += chunk.no_target
             bar.update(chunk.n_bytes)
+        check_usable(data_path, n_docs, stats)
+        if kind == "sft" and no_target == n_docs:
+            raise ValueError(f"{data_path}: no conversation keeps an assistant token within --max_seq_len "
+                             f"{max_len - 1 if max_len else '?'} (every one is cut before its answer); "
+                             f"raise --max_seq_len")
         meta = writer.commit({
             "kind": kind, "source": source, "tokenizer": tokenizer_key(tok),
             "vocab_size": tok.vocab_size, "seed": seed,
             "settings": _settings(kind, seed, skip_bad_lines, max_len, add_system_ratio,
                                   empty_think_ratio),
             "skipped_lines": stats.count, "skipped_examples": stats.locations,
+            "no_target_docs": no_target,
             "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
         })
     stats.warn(data_path)
+    if kind == "sft" and no_target:
+        warnings.warn(f"{data_path}: {no_target} of {n_docs} conversations are cut by --max_seq_len "
+                      f"{max_len - 1 if max_len else '?'} before any assistant token and teach nothing; "
+                      f"raise --max_seq_len to train them", RuntimeWarning, stacklevel=2)
     return ShardInfo(out_dir, kind, meta["n_docs"], meta["n_tokens"], stats.count, reused=False,
                      meta=meta)
+
+
+def check_usable(data_path: Path, n_docs: int, stats: SkipStats) -> None:
+    """Refuse a build with no document, naming the file and why (empty, or every line skipped)."""
+    if n_docs:
+        return
+    if stats.count:
+        raise ValueError(f"{data_path}: all {stats.count} non-blank line(s) were skipped as bad "
+                         f"(--skip_bad_lines 1); first: {stats.locations[0]}")
+    raise ValueError(f"{data_path}: the file holds no data (empty or only blank lines)")
 
 
 def load_or_prepare_shards(data_path: str | os.PathLike, out_dir: str | os.PathLike,

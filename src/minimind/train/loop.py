@@ -119,8 +119,10 @@ def train(stage: StageBase, cfg: TrainConfig, tokenizer: Any,
         per_step_rows = cfg.batch_size * cfg.accumulation_steps * info.world_size
         steps_per_epoch = [dataset.num_rows(e) // per_step_rows for e in range(cfg.epochs)]
         if min(steps_per_epoch) == 0:
-            raise ValueError(f"dataset too small: {dataset.num_rows(0)} rows of {cfg.max_seq_len} tokens "
-                             f"for one step of {per_step_rows} rows (batch x accumulation x world)")
+            raise ValueError(f"{cfg.data_path}: too little data for one optimizer step: it packs into "
+                             f"{dataset.num_rows(0)} row(s) of --max_seq_len {cfg.max_seq_len} tokens, one "
+                             f"step takes {per_step_rows} (--batch_size x --accumulation_steps x "
+                             f"processes); add data or lower --batch_size")
         total_steps = sum(steps_per_epoch)
         if cfg.max_steps > 0:
             total_steps = min(total_steps, cfg.max_steps)

@@ -16,6 +16,7 @@ chosen answers from falling while their margin over the rejected ones grows.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,8 +76,25 @@ class DPOStage(StageBase):
                                           progress=progress)
 
     def build_dataset(self, cfg: TrainConfig, tokenizer: Any, *, rank: int = 0) -> DPODataset:
+        """The pairs, less those whose response ``--max_seq_len`` cuts away on a side.
+
+        Both sides of a pair share one row of ``max_seq_len + 1`` tokens, so a long prompt can leave
+        a side with no response token: such a pair has margin 0 at every step (loss log 2, no
+        gradient) while still counting in the batch mean.  It is dropped with one counted warning
+        that names the flag to raise; a file where every pair is cut is refused."""
         info = self.prepare_data(cfg, tokenizer, progress=bool(cfg.progress) and rank == 0)
-        return DPODataset(ShardReader(info.out_dir), seq_len=cfg.max_seq_len, seed=cfg.seed)
+        ds = DPODataset(ShardReader(info.out_dir), seq_len=cfg.max_seq_len, seed=cfg.seed, drop_cut_pairs=True)
+        dropped = ds.num_dropped_pairs
+        if dropped == ds.num_pairs:
+            raise ValueError(f"{cfg.data_path}: every one of the {dropped} pairs loses its whole chosen or "
+                             f"rejected answer to --max_seq_len {cfg.max_seq_len} (both sides share one "
+                             f"row); raise --max_seq_len")
+        if dropped and rank == 0:
+            warnings.warn(f"{cfg.data_path}: dropped {dropped} of {ds.num_pairs} pairs whose chosen or "
+                          f"rejected answer is cut off entirely by --max_seq_len {cfg.max_seq_len} (both "
+                          f"sides share one row); raise --max_seq_len to train them", RuntimeWarning,
+                          stacklevel=2)
+        return ds
 
     def setup(self, ctx: StageContext) -> None:
         self.reference = ctx.frozen_model(ctx.resolve_weight(self.options.ref_weight or ctx.cfg.from_weight))
