@@ -6,8 +6,10 @@ dtype picking), composed once in :func:`load_for_inference` so both commands rea
 same way. A Hugging Face folder (e.g. one written by ``minimind export hf``) is read with
 :func:`~minimind.export.hf.read_hf_folder`.
 
-Safe defaults on purpose: the server binds 127.0.0.1, has no CORS, caps bodies and completion
-lengths; exposing it on a network is an explicit ``--host 0.0.0.0`` and should come with an API key.
+Safe defaults on purpose: the server binds 127.0.0.1, answers only Host headers naming it (no DNS
+rebinding), has no CORS, caps bodies, body time, completion lengths, completions per request and
+the queue. Exposing it on a network (any non-loopback ``--host``) needs an API key; without one the
+command refuses to start unless ``--allow_insecure_public`` says that is intended.
 """
 
 from __future__ import annotations
@@ -18,9 +20,51 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_serve_arguments", "add_serve_parser", "cmd_serve", "load_for_inference"]
+__all__ = ["add_serve_arguments", "add_serve_parser", "allowed_hosts_for", "check_exposure", "cmd_serve",
+           "load_for_inference", "missing_package_hint"]
 
 API_KEY_ENV = "MINIMIND_API_KEY"
+#: Module name -> what to install when it is missing (the server's optional-at-runtime packages).
+_INSTALL_HINTS = {
+    "fastapi": "fastapi", "starlette": "fastapi", "pydantic": "fastapi", "uvicorn": "uvicorn",
+    "h11": "uvicorn", "safetensors": "safetensors", "tokenizers": "tokenizers", "jinja2": "jinja2",
+}
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def missing_package_hint(exc: ModuleNotFoundError) -> str:
+    """One line saying which package to install, instead of a traceback."""
+    top = (exc.name or "").split(".")[0]
+    package = _INSTALL_HINTS.get(top, top or "the missing package")
+    return (f"minimind serve needs the Python package {package!r}, which is not installed: "
+            f"pip install {package}   (or reinstall minimind: pip install -e .)")
+
+
+def check_exposure(host: str, api_key: str | None, allow_insecure_public: bool) -> None:
+    """Refuse a non-loopback bind without an API key (``ValueError`` naming the flags)."""
+    from minimind.serve.middleware import is_loopback
+
+    if is_loopback(host) or api_key or allow_insecure_public:
+        return
+    raise ValueError(f"--host {host} exposes the server beyond this machine, but no API key is set: anyone who "
+                     f"can reach it could use it. Set --api_key (or ${API_KEY_ENV}), bind --host 127.0.0.1, or "
+                     f"pass --allow_insecure_public if an open server is really intended")
+
+
+def allowed_hosts_for(host: str, extra: list[str] | None) -> list[str]:
+    """Host-header names the server answers: loopback names, the bound address, ``--allowed_hosts``.
+
+    A wildcard bind (0.0.0.0, ::) is reached under names the server cannot know, so it answers any
+    Host unless ``--allowed_hosts`` lists them (the API key guards it then).
+    """
+    from minimind.serve.middleware import LOOPBACK_HOSTS
+
+    if host in _WILDCARD_HOSTS and not extra:
+        return ["*"]
+    names = [*LOOPBACK_HOSTS, *(extra or [])]
+    if host not in _WILDCARD_HOSTS:
+        names.append(host)
+    return names
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,12 +83,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--preset", default="minimind-3", help="shape defaults for .pth files without a config")
     a("--inference_rope_scaling", action="store_true", help="YaRN RoPE (2048 x 16 positions)")
     a("--model_name", default="", help="the model id clients see (default: the weights file's stem)")
-    a("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes the server: set --api_key)")
+    a("--host", default="127.0.0.1",
+      help="bind address; a non-loopback one (e.g. 0.0.0.0) needs --api_key or --allow_insecure_public")
     a("--port", type=int, default=8998)
-    a("--api_key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1 and /api "
-                                      f"(default: ${API_KEY_ENV}; none = open)")
+    a("--api_key", default=None, help=f"require 'Authorization: Bearer KEY' on every route but /health and "
+                                      f"the page (default: ${API_KEY_ENV}; none = open)")
+    a("--allow_insecure_public", action="store_true",
+      help="start on a non-loopback --host without an API key (anyone who reaches it can use it)")
+    a("--allowed_hosts", nargs="*", default=None, metavar="NAME",
+      help="extra names the Host header may carry (e.g. myserver.lan); loopback names and the bound "
+           "address are always allowed; '*' allows any (default for 0.0.0.0)")
     a("--max_tokens_cap", type=int, default=4096, help="most completion tokens one request may ask for")
+    a("--max_rows_per_request", type=int, default=256,
+      help="most completions (prompts x n) one request may ask for; more gets 400")
+    a("--max_queue", type=int, default=1024,
+      help="most completions waiting for a slot, all requests together; more gets 429 with Retry-After")
     a("--max_body_bytes", type=int, default=1_000_000, help="larger request bodies get 413")
+    a("--body_timeout", type=float, default=30.0,
+      help="seconds a request body may take to arrive (a short body holding the connection gets 408)")
     a("--max_context", type=int, default=0,
       help="positions per sequence, prompt + completion (0 = the model's max_position_embeddings)")
     a("--cors", nargs="*", default=None, metavar="ORIGIN",
@@ -78,8 +134,36 @@ def load_for_inference(args: argparse.Namespace) -> tuple[Any, Any, Path]:
     return loaded.model, loaded.tokenizer, loaded.source
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """Every numeric flag in range, before the (slow) model load."""
+    if args.slots < 1:
+        raise ValueError(f"--slots must be >= 1, got {args.slots}")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    for flag in ("max_tokens_cap", "max_rows_per_request", "max_body_bytes"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.max_queue < 0:
+        raise ValueError(f"--max_queue must be >= 0, got {args.max_queue}")
+    if not 0 < args.body_timeout < float("inf"):
+        raise ValueError(f"--body_timeout must be a positive number of seconds, got {args.body_timeout}")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Load the model, start the engine thread and run uvicorn until Ctrl-C."""
+    """Check the flags, load the model, start the engine thread and run uvicorn until Ctrl-C.
+
+    A missing package ends with a one-line hint (exit 2), not a traceback."""
+    try:
+        return _serve(args)
+    except ModuleNotFoundError as exc:
+        raise ValueError(missing_package_hint(exc)) from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    _check_flags(args)
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    check_exposure(args.host, api_key, args.allow_insecure_public)
+
     import uvicorn
 
     from minimind.infer.engine import GenerationEngine
@@ -87,11 +171,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from minimind.serve.app import DEFAULT_STATIC_DIR, create_app
     from minimind.train.device import pick_device, pick_dtype
 
-    if args.slots < 1:
-        raise ValueError(f"--slots must be >= 1, got {args.slots}")
-    if not 0 < args.port < 65536:
-        raise ValueError(f"--port must be in 1..65535, got {args.port}")
-    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     model, tokenizer, source = load_for_inference(args)
     device = pick_device(args.device)
     engine = GenerationEngine(model, tokenizer, device=device, dtype=pick_dtype(device, args.dtype),
@@ -100,15 +179,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     service = EngineService(engine)
     try:
         app = create_app(service, name, api_key=api_key, max_body_bytes=args.max_body_bytes,
-                         max_tokens_cap=args.max_tokens_cap, cors_origins=args.cors or None,
-                         static_dir=None if args.no_ui else DEFAULT_STATIC_DIR)
-        exposed = args.host not in ("127.0.0.1", "localhost", "::1")
+                         max_tokens_cap=args.max_tokens_cap, max_rows_per_request=args.max_rows_per_request,
+                         max_queue=args.max_queue, cors_origins=args.cors or None,
+                         allowed_hosts=allowed_hosts_for(args.host, args.allowed_hosts),
+                         body_timeout=args.body_timeout, static_dir=None if args.no_ui else DEFAULT_STATIC_DIR)
         print(f"serving {name} ({model.describe()}) on {device}, {args.slots} slots, context "
               f"{engine.max_context} at http://{args.host}:{args.port}/v1"
               f"{'' if api_key else ' (no API key)'}", file=sys.stderr)
-        if exposed and not api_key:
-            print(f"warning: --host {args.host} exposes an unauthenticated server; set --api_key or "
-                  f"${API_KEY_ENV}", file=sys.stderr)
+        if not api_key and args.allow_insecure_public:
+            print(f"warning: --allow_insecure_public: {args.host} serves without an API key", file=sys.stderr)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         service.close()
