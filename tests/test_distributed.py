@@ -195,9 +195,9 @@ def _rl_worker(rank: int, world: int, port: int, cfg_kw: dict, out_dir: str) -> 
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     from minimind.config import TrainConfig
-    from minimind.rl import trainer as rl_trainer
     from minimind.tokenizer import MiniMindTokenizer
     from minimind.train.core import Trainer
+    from minimind.train.stages import rl_recipe as rl_trainer
     from minimind.train.stages.rl import GRPOOptions, GRPOStage
 
     held: dict = {}

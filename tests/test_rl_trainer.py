@@ -89,7 +89,7 @@ def test_grpo_raises_the_toy_reward(ws: dict[str, Path], tmp_path: Path) -> None
 def test_beta_loads_a_reference_and_logs_kl(ws: dict[str, Path], tmp_path: Path) -> None:
     tok = _tok(ws)
     first = GRPOStage(_toy_options(loss_type="grpo")).run(_cfg(ws, tmp_path / "a", max_steps=2), tok)
-    stage = GRPOStage(_toy_options(loss_type="dapo", beta=0.1, ppo_epochs=2, mini_batch_size=16))
+    stage = GRPOStage(_toy_options(loss_type="dapo", beta=0.1, ppo_epochs=2, micro_batch_size=16))
     res = stage.run(_cfg(ws, tmp_path / "b", max_steps=3, from_weight=str(first.weights_path)), tok)
     assert stage.reference is not None
     assert all("kl_ref" in r and r["kl"] >= 0.0 for r in res.records)
@@ -133,17 +133,21 @@ def test_every_group_objective_runs(ws: dict[str, Path], tmp_path: Path, loss_ty
     assert res.steps == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in res.records)
 
 
-def test_ppo_trains_a_value_head_and_resumes_it(ws: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("critic, key, weight", [("separate", "critic", "head.proj.weight"),
+                                                 ("shared", "value_head", "proj.weight")])
+def test_ppo_trains_a_critic_and_resumes_it(ws: dict[str, Path], tmp_path: Path, critic: str, key: str,
+                                            weight: str) -> None:
     tok = _tok(ws)
     opts = _toy_options(PPOOptions, loss_type="ppo", num_generations=1, beta=0.0, ppo_epochs=2,
-                        reward="toy_digit:1,toy_one:1")
+                        reward="toy_digit:1,toy_one:1", critic=critic)
     stage = PPOStage(opts)
     res = stage.run(_cfg(ws, tmp_path, stage="ppo", max_steps=3), tok)
-    assert {"value_loss", "value_mean", "clip_frac"} <= set(res.records[-1])
-    head = stage.state_dict()["value_head"]
-    assert float(head["proj.weight"].abs().sum()) > 0  # the critic learned something
+    assert {"value_loss", "value_mean", "clip_frac", "ratio_std", "approx_kl"} <= set(res.records[-1])
+    head = stage.state_dict()[key]
+    assert float(head[weight].abs().sum()) > 0  # the critic learned something
     state = ckpt.load_resume(res.resume_path)
-    torch.testing.assert_close(state["stage"]["value_head"]["proj.weight"], head["proj.weight"])
+    torch.testing.assert_close(state["stage"][key][weight], head[weight])
+    assert res.records[-1]["optimizer_steps"] == 2  # mu = 2 passes, the second off-policy
 
 
 def test_spo_baseline_round_trips_through_resume(ws: dict[str, Path], tmp_path: Path) -> None:
@@ -157,7 +161,7 @@ def test_spo_baseline_round_trips_through_resume(ws: dict[str, Path], tmp_path: 
 
     with pytest.raises(TrainingInterrupted):
         stage.run(cfg, tok, on_step=stop_after_3)
-    assert len(stage.baseline) == 24  # 3 steps x 8 distinct prompts
+    assert 8 < len(stage.baseline) <= 24  # 3 steps x 8 distinct prompts (prioritised draws may repeat)
     resume = tmp_path / "ckpt" / "spo_32_resume.pt"
     state = ckpt.load_resume(resume)
     assert state["step"] == 3 and state["stage"]["spo_baseline"]["alpha"] == stage.baseline.alpha
@@ -168,7 +172,7 @@ def test_spo_baseline_round_trips_through_resume(ws: dict[str, Path], tmp_path: 
     resumed = SPOStage(_toy_options(SPOOptions, loss_type="spo", num_generations=1))
     out = resumed.run(dataclasses.replace(cfg, from_resume=1), tok)
     assert out.steps == 4 and [r["step"] for r in out.records] == [4]
-    assert len(resumed.baseline) == 32
+    assert len(resumed.baseline) >= len(stage.baseline)
 
 
 def _args(*argv: str) -> Any:
@@ -178,7 +182,9 @@ def _args(*argv: str) -> Any:
 @pytest.mark.parametrize("argv, message", [
     (["grpo", "--loss_type", "nope"], "--loss_type must be one of"),
     (["grpo", "--num_generations", "1"], "--num_generations must be >= 2"),
-    (["grpo", "--beta", "0.1", "--from_weight", "none"], "--beta > 0 needs a reference model"),
+    (["grpo", "--steps_per_generation", "0"], "--steps_per_generation must be >= 1"),
+    (["grpo", "--steps_per_generation", "99"], "--steps_per_generation 99 exceeds"),
+    (["ppo", "--critic", "twin"], "--critic must be separate or shared"),
     (["grpo", "--reward", "nosuch:1"], "unknown reward 'nosuch'"),
     (["grpo", "--loss_type", "ppo"], "use `minimind ppo`"),
     (["ppo", "--loss_type", "grpo"], "`minimind ppo` trains --loss_type ppo"),
@@ -193,7 +199,7 @@ def test_bad_configs_fail_before_training(argv: list[str], message: str) -> None
 
 def test_missing_reference_weights_fail_fast(tmp_path: Path) -> None:
     with pytest.raises((ValueError, FileNotFoundError)):
-        build_stage("grpo", _args("grpo", "--beta", "0.1", "--from_weight", "full_sft", "--save_dir",
+        build_stage("grpo", _args("grpo", "--beta", "0.1", "--ref_weight", "full_sft", "--save_dir",
                                   str(tmp_path)))
 
 

@@ -4,8 +4,11 @@
 :func:`policy_loss` from an :class:`ObjectiveConfig` (:data:`LOSS_TYPES` holds the published ones).
 :mod:`minimind.rl.rewards` -- rule-based rewards, their registry and weighted combination, and a
 learned :class:`RewardModel`.
-:mod:`minimind.rl.trainer` -- the one RL driver (:func:`train_rl`) behind ``minimind grpo|spo|ppo|agent``
-(imported lazily: it pulls in the training core).
+:mod:`minimind.rl.rollout` -- rollouts through an inference backend, laid out for training.
+:mod:`minimind.rl.data`, :mod:`minimind.rl.critic`, :mod:`minimind.rl.options` -- prompt rows, PPO's
+critic, the sub-commands' options. The driver that composes them is a recipe beside the supervised
+loop, :mod:`minimind.train.stages.rl_recipe` (:func:`train_rl`, imported lazily: it pulls in the
+training core).
 """
 
 from typing import Any
@@ -74,12 +77,15 @@ __all__ = [
     "train_rl",
 ]
 
-_TRAINER_NAMES = ("PromptDataset", "RLResult", "rl_loss", "train_rl")
+_RECIPE_NAMES = ("RLResult", "rl_loss", "train_rl")
 
 
 def __getattr__(name: str) -> Any:
     """``minimind.rl.train_rl`` etc. without importing the training core with the package."""
-    if name in _TRAINER_NAMES:
-        from minimind.rl import trainer
-        return getattr(trainer, name)
+    if name == "PromptDataset":
+        from minimind.rl.data import PromptDataset
+        return PromptDataset
+    if name in _RECIPE_NAMES:
+        from minimind.train.stages import rl_recipe
+        return getattr(rl_recipe, name)
     raise AttributeError(f"module 'minimind.rl' has no attribute {name!r}")

@@ -34,6 +34,7 @@ from torch import Tensor
 
 __all__ = [
     "LOSS_TYPES",
+    "tempered_logps",
     "ObjectiveConfig",
     "SPOBaseline",
     "aggregate",
@@ -70,6 +71,20 @@ def _masked_mean(x: Tensor, mask: Tensor | None) -> float:
         return x.mean().item() if x.numel() else 0.0
     m = mask.to(x.dtype)
     return ((x * m).sum() / m.sum().clamp(min=1.0)).item()
+
+
+def tempered_logps(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
+    """``log softmax(z / T)[target]`` per position, ``[B, T]`` fp32, 0 at ignored targets.
+
+    Rollouts sample from ``softmax(z / T)``; the policy whose ratio, KL and gradient the objective
+    computes must be that same distribution, or every update is biased (for ``T < 1`` the sampled
+    tokens are more likely under the sampler than under ``softmax(z)``, and no importance weight
+    sees it). So old, new and reference log-probs all divide the logits by the rollout ``T``.
+    (Top-k / top-p truncate the sampler further; those log-probs are not of the truncated
+    distribution, which is why RL rollouts leave both filters off.)
+    """
+    from minimind.train.losses import token_logps
+    return token_logps(logits if temperature == 1.0 else logits.float() / temperature, targets)
 
 
 # ---- policy terms --------------------------------------------------------------------------------
@@ -252,32 +267,53 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0,
 
 
 class SPOBaseline:
-    """A persistent per-prompt value tracker: the baseline of Single-stream Policy Optimisation (SPO).
+    """SPO's persistent per-prompt value tracker (Xu et al. 2025, Single-stream Policy Optimisation).
 
-    SPO (Xu et al. 2025) samples one completion per prompt (no group) and instead keeps, across
-    steps, an estimate ``v(x)`` of each prompt's success rate; the advantage is ``A = r - v(x)``.
-    The estimate here is the mean of a discounted Beta posterior over a Bernoulli success rate::
+    SPO samples one completion per prompt (no group) and keeps, across steps, an estimate ``v(x)``
+    of each prompt's success rate; the advantage is ``A = r - v(x)`` with the value from *before*
+    this sample was seen (a sample must not be its own baseline), then normalised over the whole
+    batch (:func:`batch_normalized_advantages`). The estimate is the mean of a discounted Beta
+    posterior over a Bernoulli success rate::
 
-        alpha(x) <- rho * alpha(x) + r,    beta(x) <- rho * beta(x) + (1 - r),
+        alpha(x) <- rho(x) * alpha(x) + r,    beta(x) <- rho(x) * beta(x) + (1 - r),
         v(x) = alpha(x) / (alpha(x) + beta(x))
 
-    ``rho < 1`` forgets old evidence, since the policy -- and so its success rate -- moves. (SPO
-    adapts ``rho`` to the policy's KL drift; it is a fixed ``discount`` here.) An unseen prompt
-    starts from ``alpha = prior_mean * prior_weight``, ``beta = (1 - prior_mean) * prior_weight``.
-    Rewards are expected in ``[0, 1]``.
+    **KL-adaptive forgetting.** Old evidence is worth less the further the policy has moved since
+    the prompt was last seen, so the discount depends on that drift ``D(x)``::
 
-    :meth:`advantages` uses every prompt's baseline *before* this batch's update (the advantage
-    of a sample must not include that sample's own reward), then folds the rewards in.
+        rho(x) = clip(2 ** (-D(x) / kl_half), rho_min, rho_max)
+
+    ``D(x)`` is measured on a global clock: the driver adds each step's policy KL
+    (:meth:`advance`, the mean k3 KL between the policy before and after the step's updates on that
+    step's tokens) and ``D(x)`` is the clock now minus the clock at the prompt's last visit. (The
+    paper measures the KL per prompt; the global clock is the same quantity averaged over prompts,
+    and needs no stored old policies.) ``rho_min == rho_max`` gives a fixed discount.
+
+    **Prioritised sampling.** :meth:`priorities` weighs prompts by ``sqrt(v (1 - v)) + eps``, the
+    standard deviation of their Bernoulli reward: prompts the policy always or never solves give
+    no signal and are drawn rarely, uncertain ones often (an unseen prompt sits at the prior).
+
+    An unseen prompt starts from ``alpha = prior_mean * prior_weight``, ``beta = (1 - prior_mean) *
+    prior_weight``. Rewards are expected in ``[0, 1]``. Every update is a pure function of the
+    (prompt, reward) sequence it is fed, so ranks that feed it the same all-gathered sequence hold
+    identical trackers.
     """
 
-    def __init__(self, discount: float = 0.9, prior_mean: float = 0.5, prior_weight: float = 1.0) -> None:
-        if not 0.0 < discount <= 1.0:
-            raise ValueError(f"discount must be in (0, 1], got {discount}")
-        if not 0.0 <= prior_mean <= 1.0 or prior_weight <= 0.0:
-            raise ValueError("need 0 <= prior_mean <= 1 and prior_weight > 0")
-        self.discount, self.prior_mean, self.prior_weight = discount, prior_mean, prior_weight
+    def __init__(self, discount: float | None = None, prior_mean: float = 0.5, prior_weight: float = 1.0,
+                 *, rho_min: float = 0.875, rho_max: float = 0.96, kl_half: float = 0.06,
+                 priority_eps: float = 0.05) -> None:
+        if discount is not None:
+            rho_min = rho_max = discount
+        if not 0.0 < rho_min <= rho_max <= 1.0:
+            raise ValueError(f"need 0 < rho_min <= rho_max <= 1, got {rho_min}, {rho_max}")
+        if not 0.0 <= prior_mean <= 1.0 or prior_weight <= 0.0 or kl_half <= 0.0 or priority_eps < 0.0:
+            raise ValueError("need 0 <= prior_mean <= 1, prior_weight > 0, kl_half > 0, priority_eps >= 0")
+        self.prior_mean, self.prior_weight = prior_mean, prior_weight
+        self.rho_min, self.rho_max, self.kl_half, self.priority_eps = rho_min, rho_max, kl_half, priority_eps
         self.alpha: dict[Hashable, float] = {}
         self.beta: dict[Hashable, float] = {}
+        self.seen_at: dict[Hashable, float] = {}
+        self.clock = 0.0
 
     def value(self, prompt_id: Hashable) -> float:
         """The current success-rate estimate ``v(x)`` of one prompt (the prior mean when unseen)."""
@@ -286,33 +322,57 @@ class SPOBaseline:
         a, b = self.alpha[prompt_id], self.beta[prompt_id]
         return a / (a + b)
 
+    def values(self, prompt_ids: list[Hashable]) -> Tensor:
+        return torch.tensor([self.value(p) for p in prompt_ids], dtype=torch.float32)
+
+    def rho(self, prompt_id: Hashable) -> float:
+        """The discount of a prompt's old evidence: ``clip(2^(-D/kl_half), rho_min, rho_max)``."""
+        drift = self.clock - self.seen_at.get(prompt_id, self.clock)
+        return min(max(2.0 ** (-drift / self.kl_half), self.rho_min), self.rho_max)
+
     def update(self, prompt_id: Hashable, reward: float) -> None:
         """Fold one reward into the prompt's discounted Beta posterior."""
         a = self.alpha.get(prompt_id, self.prior_mean * self.prior_weight)
         b = self.beta.get(prompt_id, (1.0 - self.prior_mean) * self.prior_weight)
-        self.alpha[prompt_id] = self.discount * a + reward
-        self.beta[prompt_id] = self.discount * b + (1.0 - reward)
+        rho = self.rho(prompt_id)
+        self.alpha[prompt_id] = rho * a + reward
+        self.beta[prompt_id] = rho * b + (1.0 - reward)
+        self.seen_at[prompt_id] = self.clock
+
+    def advance(self, kl: float) -> None:
+        """Move the drift clock by one step's policy KL (negative estimates count as 0)."""
+        self.clock += max(float(kl), 0.0)
+
+    def priorities(self, prompt_ids: list[Hashable]) -> Tensor:
+        """Sampling weights ``sqrt(v (1 - v)) + eps``: the reward's standard deviation under ``v``."""
+        v = self.values(prompt_ids)
+        return (v * (1.0 - v)).clamp(min=0.0).sqrt() + self.priority_eps
 
     def advantages(self, prompt_ids: list[Hashable], rewards: Tensor) -> Tensor:
         """``A_i = r_i - v(x_i)`` with the pre-update baselines, then update every ``v(x_i)``."""
         if len(prompt_ids) != rewards.numel():
             raise ValueError(f"{len(prompt_ids)} prompt ids for {rewards.numel()} rewards")
-        base = torch.tensor([self.value(p) for p in prompt_ids], dtype=torch.float32)
-        r = rewards.detach().float().reshape(-1)
+        base = self.values(prompt_ids)
+        r = rewards.detach().float().reshape(-1).cpu()
         for p, ri in zip(prompt_ids, r.tolist()):
             self.update(p, ri)
         return (r - base).to(rewards.device)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"discount": self.discount, "prior_mean": self.prior_mean, "prior_weight": self.prior_weight,
-                "alpha": dict(self.alpha), "beta": dict(self.beta)}
+        return {"prior_mean": self.prior_mean, "prior_weight": self.prior_weight, "rho_min": self.rho_min,
+                "rho_max": self.rho_max, "kl_half": self.kl_half, "priority_eps": self.priority_eps,
+                "clock": self.clock, "alpha": dict(self.alpha), "beta": dict(self.beta),
+                "seen_at": dict(self.seen_at)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.discount = float(state["discount"])
-        self.prior_mean = float(state["prior_mean"])
-        self.prior_weight = float(state["prior_weight"])
+        for key in ("prior_mean", "prior_weight", "rho_min", "rho_max", "kl_half", "priority_eps", "clock"):
+            if key in state:
+                setattr(self, key, float(state[key]))
+        if "discount" in state and "rho_min" not in state:  # an older resume file: a fixed discount
+            self.rho_min = self.rho_max = float(state["discount"])
         self.alpha = dict(state["alpha"])
         self.beta = dict(state["beta"])
+        self.seen_at = dict(state.get("seen_at", {p: self.clock for p in self.alpha}))
 
     def __len__(self) -> int:
         return len(self.alpha)
@@ -431,8 +491,8 @@ class ObjectiveConfig:
 #:   ``seq_mean``, no KL.
 #: * ``cispo`` (MiniMax-M1 2025): clipped, stop-gradient IS weight x logp + group z-score +
 #:   ``token_mean``, no KL.
-#: * ``spo`` (Xu et al. 2025): REINFORCE + the persistent per-prompt baseline (:class:`SPOBaseline`)
-#:   + ``token_mean``, no KL.
+#: * ``spo`` (Xu et al. 2025): PPO clip + the persistent per-prompt baseline (:class:`SPOBaseline`),
+#:   ``r - v(x)`` z-scored over the batch + ``token_mean``, no KL.
 #: * ``ppo`` (Schulman et al. 2017; RLHF as in Ouyang et al. 2022): PPO clip 0.2 + GAE from a value
 #:   model + ``token_mean``. The RLHF KL penalty belongs in the per-token reward before GAE
 #:   (``rewards - beta * kl_penalty(logp, ref_logp, "k1")``), not in this loss, so ``kl`` is off.
@@ -444,7 +504,7 @@ LOSS_TYPES: dict[str, ObjectiveConfig] = {
     "bnpo": ObjectiveConfig("ppo", "batch", "none", 0.0, "token_mean"),
     "gspo": ObjectiveConfig("gspo", "group", "none", 0.0, "seq_mean", eps_low=3e-4, eps_high=4e-4),
     "cispo": ObjectiveConfig("cispo", "group", "none", 0.0, "token_mean", eps_low=1.0, eps_high=0.28),
-    "spo": ObjectiveConfig("reinforce", "spo", "none", 0.0, "token_mean"),
+    "spo": ObjectiveConfig("ppo", "spo", "none", 0.0, "token_mean"),
     "ppo": ObjectiveConfig("ppo", "gae", "none", 0.0, "token_mean"),
 }
 
@@ -456,8 +516,8 @@ def compute_advantages(cfg: ObjectiveConfig, rewards: Tensor, *, group_size: int
     """The advantage ``cfg.advantage`` names, from sequence rewards ``[B]``.
 
     ``group``/``group_mean`` need ``group_size``; ``spo`` needs ``prompt_ids`` and the persistent
-    ``baseline``; ``gae`` needs ``values`` and ``mask`` ``[B, T]`` and takes ``rewards`` either
-    per token ``[B, T]`` or per sequence ``[B]`` (then placed on each sequence's last masked token).
+    ``baseline`` (``r - v(x)``, then z-scored over the batch as the SPO paper does); ``gae`` needs
+    ``values`` and ``mask`` ``[B, T]`` and takes ``rewards`` either per token ``[B, T]`` or per sequence ``[B]`` (then placed on each sequence's last masked token).
     Returns ``[B]`` (``[B, T]`` for ``gae``).
     """
     kind = cfg.advantage
@@ -470,7 +530,7 @@ def compute_advantages(cfg: ObjectiveConfig, rewards: Tensor, *, group_size: int
     if kind == "spo":
         if baseline is None or prompt_ids is None:
             raise ValueError("advantage 'spo' needs prompt_ids and an SPOBaseline")
-        return baseline.advantages(prompt_ids, rewards)
+        return batch_normalized_advantages(baseline.advantages(prompt_ids, rewards), eps)
     if kind == "gae":
         if values is None or mask is None:
             raise ValueError("advantage 'gae' needs values and mask [B, T]")

@@ -28,12 +28,23 @@ vLLM or SGLang backend must return, per sample and prompt-major (``results[i * n
 :class:`~minimind.infer.scheduler.GenerationResult` whose ``token_ids`` are every sampled id
 *including* the stop token that ended the row (the decision to stop is an action and is trained),
 ``finish_reason`` ``"stop"`` or ``"length"``, ``text`` the decoded reply without the stop token, and
-``logprobs[k] = log p(token_ids[k])`` under the model's own distribution (temperature 1, no
-top-k/top-p filtering: the distribution the training forward computes, not the one sampled from).
+``logprobs[k] = log softmax(z / T)[token_ids[k]]``: the distribution actually sampled at the request's
+temperature ``T`` (after any repetition penalty), which is what the training forward computes from
+``logits / T`` (:func:`minimind.rl.objective.tempered_logps`).  Top-k / top-p truncate the sampler
+further and are *not* in these log-probs; RL leaves them off.  ``params`` is one
+:class:`SamplingParams` for every prompt or a sequence of them, one per prompt (each request its own
+seed).
+
+**Independent samples.**  Every request carries its own seed, derived from the caller's seed and the
+request's identity (:func:`request_params`: the prompt's index, and for agent turns after the first
+the sample and the turn), and the engine mixes a request's seed with the sample index for each row.
+Identical prompts in one batch, and agent episodes that reach the same context, therefore draw
+different tokens, while a fixed seed still reproduces the whole batch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -45,7 +56,7 @@ from torch import nn
 from minimind.data.batch import IGNORE_INDEX
 from minimind.infer.engine import GenerationEngine
 from minimind.infer.sampling import SamplingParams
-from minimind.infer.scheduler import GenerationResult
+from minimind.infer.scheduler import GenerationResult, Request
 from minimind.tasks.toolcalls import parse_reply
 from minimind.tasks.tools import BUILTIN_TOOLS, call_tool, tool_result_text
 
@@ -56,12 +67,31 @@ __all__ = [
     "RolloutBatch",
     "agent_rollouts",
     "default_execute",
+    "derive_seed",
+    "request_params",
     "single_turn_rollouts",
     "thinking_prompt",
 ]
 
 #: Runs one tool call ``(name, arguments)`` and returns the ``tool`` message content.
 ExecuteFn = Callable[[str, dict[str, Any]], str]
+#: One sampling setting for every prompt, or one per prompt.
+ParamsArg = SamplingParams | Sequence[SamplingParams]
+
+try:
+    from minimind.infer.sampling import derive_seed
+except ImportError:  # the engine's integer mix is not there yet
+    def derive_seed(*ints: int) -> int:
+        """A 63-bit seed mixing ``ints`` (any two different tuples give unrelated seeds)."""
+        digest = hashlib.blake2b(",".join(str(int(i)) for i in ints).encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") >> 1
+
+
+def request_params(params: SamplingParams, *keys: int) -> SamplingParams:
+    """``params`` with the seed ``derive_seed(params.seed, *keys)`` (unseeded params stay unseeded)."""
+    if params.seed is None:
+        return params
+    return replace(params, seed=derive_seed(params.seed, *keys))
 
 
 # ---- backends ------------------------------------------------------------------------------------
@@ -69,9 +99,10 @@ ExecuteFn = Callable[[str, dict[str, Any]], str]
 class RolloutBackend(Protocol):
     """What rollouts need from an inference engine (see the module docstring for the contract)."""
 
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, n: int
+    def generate(self, prompt_ids: list[list[int]], params: ParamsArg, n: int
                  ) -> list[GenerationResult]:
-        """``n`` samples of every prompt, prompt-major, each with per-token ``logprobs``."""
+        """``n`` samples of every prompt, prompt-major, each with per-token ``logprobs``; ``params``
+        one setting for all prompts or one per prompt."""
         ...
 
     def refresh(self, model: nn.Module) -> None:
@@ -93,9 +124,23 @@ class EngineBackend:
     def max_context(self) -> int:
         return self.engine.max_context
 
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, n: int
+    def generate(self, prompt_ids: list[list[int]], params: ParamsArg, n: int
                  ) -> list[GenerationResult]:
-        return self.engine.generate(prompt_ids, params, n=n, logprobs=True)
+        if isinstance(params, SamplingParams):
+            return self.engine.generate(prompt_ids, params, n=n, logprobs=True)
+        if len(params) != len(prompt_ids):
+            raise ValueError(f"{len(params)} sampling settings for {len(prompt_ids)} prompts")
+        # one request per prompt with its own settings, decoded together as engine.generate does
+        requests = [Request(list(p), prm, n=n, logprobs=True, track_text=bool(prm.stop_strings))
+                    for p, prm in zip(prompt_ids, params)]
+        engine, scheduler = self.engine, self.engine.scheduler
+        with scheduler.lock:
+            if not scheduler.has_work:
+                engine.num_slots = max(engine.num_slots, len(requests) * n)
+            for req in requests:
+                scheduler.add(req)
+            engine.run(requests)
+        return [res for req in requests for res in req.results]  # type: ignore[misc]
 
     def refresh(self, model: nn.Module) -> None:
         self.engine.refresh_weights(model)
@@ -241,9 +286,10 @@ def _check_results(results: Sequence[GenerationResult], expected: int) -> None:
 def single_turn_rollouts(backend: RolloutBackend, prompts_ids: Sequence[Sequence[int]],
                          params: SamplingParams, n: int = 1, pad_id: int = 0) -> RolloutBatch:
     """``n`` completions of every prompt in one ``generate`` call; row ``i * n + j`` is sample ``j``
-    of prompt ``i`` (``prompt_index == i``), so a group's rows are contiguous."""
+    of prompt ``i`` (``prompt_index == i``), so a group's rows are contiguous.  Prompt ``i`` is
+    sampled with seed ``derive_seed(params.seed, i)`` (see the module docstring)."""
     prompts = [list(p) for p in prompts_ids]
-    results = backend.generate(prompts, params, n)
+    results = backend.generate(prompts, [request_params(params, i) for i in range(len(prompts))], n)
     _check_results(results, len(prompts) * n)
     rows = []
     for k, res in enumerate(results):
@@ -298,6 +344,7 @@ class _Episode:
     row: _Row
     messages: list[dict[str, Any]]
     open_thinking: bool
+    sample: int = 0
     done: bool = False
 
 
@@ -379,20 +426,22 @@ def agent_rollouts(backend: RolloutBackend, tokenizer: Any, episodes: Sequence[S
         prompts.append(list(tokenizer.encode(text)))
     states: list[_Episode] = []
     for i, (messages, prompt) in enumerate(zip(episodes, prompts)):
-        for _ in range(n):
+        for j in range(n):
             row = _Row([], [], [], prompt_index=i, prompt_len=len(prompt), truncated=False, text="",
                        turns=0)
             row.extend(prompt, policy=False)
-            states.append(_Episode(row, [dict(m) for m in messages], thinking[i]))
+            states.append(_Episode(row, [dict(m) for m in messages], thinking[i], sample=j))
 
     for turn in range(max_turns):
         running = [s for s in states if not s.done]
         if not running:
             break
         if turn == 0:
-            results = backend.generate(prompts, params, n)
-        else:
-            results = backend.generate([list(s.row.ids) for s in running], params, 1)
+            results = backend.generate(prompts, [request_params(params, i, 0) for i in range(len(prompts))], n)
+        else:  # each running sample alone: its own seed, so samples that meet one context still diverge
+            keys = [(s.row.prompt_index, s.sample, turn) for s in running]
+            results = backend.generate([list(s.row.ids) for s in running],
+                                       [request_params(params, *k) for k in keys], 1)
         _check_results(results, len(running))
         for state, res in zip(running, results):
             _advance(state, res, tokenizer, tools, run_tool, turn + 1 < max_turns, limit)
