@@ -86,6 +86,8 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> tuple[MiniMindForCausalLM,
             asked["num_hidden_layers"] = cfg.num_hidden_layers
         if cfg.use_moe >= 0:
             asked["use_moe"] = bool(cfg.use_moe)
+        if cfg.vocab_size:
+            asked["vocab_size"] = cfg.vocab_size
         model = load_model(src, preset=cfg.preset, overrides=asked)  # flags only fill in a bare .pth
         clash = [f"--{k} {int(v)} but the weights have {int(getattr(model.config, k))}"
                  for k, v in asked.items() if getattr(model.config, k) != v]
