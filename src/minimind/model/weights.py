@@ -134,9 +134,8 @@ def load_weights(model: MiniMindForCausalLM, sd: dict[str, torch.Tensor]) -> Non
     expected = {k for k in model.state_dict() if not (model.config.tie_word_embeddings and k == TIED_KEY)}
     missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
     if missing or unexpected:
-        raise ValueError(f"weights do not fit the model config: missing {missing[:8]}"
-                         f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-                         f"{'...' if len(unexpected) > 8 else ''}")
+        raise ValueError(f"weights do not fit the model config: missing keys {_key_sample(missing)}; "
+                         f"unexpected keys {_key_sample(unexpected)}")
     own = model.state_dict()
     for k, v in sd.items():
         if own[k].shape != v.shape:
@@ -182,6 +181,30 @@ def export_reference_pth(model: MiniMindForCausalLM, path: str | Path,
     return path
 
 
+#: Keys the shape of a bare state dict is read from (a dense or an MoE first layer).
+_SHAPE_KEYS = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_norm.weight",
+               "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight")
+
+
+def _key_sample(keys: Any, n: int = 6) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "") if keys else "none"
+
+
+def _check_shape_keys(sd: dict[str, Any]) -> None:
+    """Refuse a state dict whose keys are not MiniMind/Qwen3 ones, saying which keys are missing and
+    which the file has instead (a ``KeyError`` on one name tells nobody what the file is)."""
+    missing = [k for k in _SHAPE_KEYS if k not in sd]
+    dense = "model.layers.0.mlp.gate_proj.weight" in sd
+    moe = "model.layers.0.mlp.experts.0.gate_proj.weight" in sd
+    if not (dense or moe):
+        missing.append("model.layers.0.mlp.gate_proj.weight (or mlp.experts.0.gate_proj.weight)")
+    if missing:
+        unexpected = [k for k in sd if not (k.startswith("model.") or k == "lm_head.weight")]
+        raise ValueError(f"not a MiniMind checkpoint: missing keys {', '.join(missing)}; unexpected keys: "
+                         f"{_key_sample(unexpected)}")
+
+
 def infer_model_config(sd: dict[str, Any], preset_name: str = "minimind-3",
                        overrides: dict[str, Any] | None = None) -> Any:
     """Model config for a bare state dict: the shape is read from the tensors themselves
@@ -192,9 +215,8 @@ def infer_model_config(sd: dict[str, Any], preset_name: str = "minimind-3",
 
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; choose one of {sorted(PRESETS)}")
-    emb = sd.get("model.embed_tokens.weight")
-    if emb is None:
-        raise ValueError("weights have no model.embed_tokens.weight: not a MiniMind checkpoint")
+    _check_shape_keys(sd)
+    emb = sd["model.embed_tokens.weight"]
     vocab, hidden = emb.shape
     layer_ids = {int(k.split(".")[2]) for k in sd if k.startswith("model.layers.")}
     head_dim = sd["model.layers.0.self_attn.q_norm.weight"].shape[0]
@@ -251,11 +273,14 @@ def load_model(path: str | Path, config: ModelConfig | None = None,
     sd = read_state_dict(path)
     if config is None:
         config = read_config(path)
-    if config is None:
-        config = infer_model_config(sd, preset, overrides)
-        _warn_assumed_config(path, config, preset, overrides)
-    model = MiniMindForCausalLM(config)
-    load_weights(model, sd)
+    try:  # name the file in key errors: this loader is shared by every command
+        if config is None:
+            config = infer_model_config(sd, preset, overrides)
+            _warn_assumed_config(path, config, preset, overrides)
+        model = MiniMindForCausalLM(config)
+        load_weights(model, sd)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     del sd
     return model.to(device)
 

@@ -85,13 +85,23 @@ class MiniMindTokenizer:
         json_path = path / TOKENIZER_FILE
         if not json_path.is_file():
             raise FileNotFoundError(f"no {TOKENIZER_FILE} in tokenizer folder {path}")
-        tokenizer = Tokenizer.from_file(str(json_path))
+        try:
+            tokenizer = Tokenizer.from_file(str(json_path))
+        except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception for any parse error
+            raise ValueError(f"{json_path} is not a readable tokenizer file ({e}); re-copy it or train one "
+                             f"with `minimind tokenizer train`") from None
 
         template: str | None = None
         config_path = path / CONFIG_FILE
         if config_path.is_file():
-            with open(config_path, encoding="utf-8") as f:
-                template = _template_from_config(json.load(f))
+            try:
+                with open(config_path, encoding="utf-8") as f:
+                    config = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{config_path} is not valid JSON ({e})") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+            template = _template_from_config(config)
         jinja_path = path / TEMPLATE_FILE
         if jinja_path.is_file():
             template = jinja_path.read_text(encoding="utf-8") or template

@@ -8,6 +8,7 @@ a temporary name and renamed, and read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -58,5 +59,28 @@ def save_resume(path: str | Path, *, model_state: dict[str, torch.Tensor],
     return Path(path)
 
 
+#: What :func:`save_resume` always writes; a file without these is not one of our resume files.
+RESUME_KEYS = ("model", "optimizer", "step", "epoch", "world_size", "config")
+
+
 def load_resume(path: str | Path) -> dict[str, Any]:
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    """The saved state, or a one-line ``ValueError`` naming the file: a truncated copy (a kill
+    during ``cp``, a full disk), a file of pickled objects that ``weights_only`` refuses to run, or
+    some other ``.pt`` are all refused with what to do instead."""
+    path = Path(path)
+    advice = "delete it (or move it away) to start over, or pass --from_resume 0"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only: the file holds objects other than tensors/containers
+        raise ValueError(f"resume checkpoint {path} holds pickled Python objects, which are not loaded "
+                         f"(weights_only); it was not written by minimind: {advice}") from None
+    except OSError:
+        raise  # permissions, a folder: the OS message says it
+    except Exception as e:  # noqa: BLE001 - zip/pickle readers raise RuntimeError, EOFError, KeyError ...
+        reason = str(e).splitlines()[0].split(". ")[0][:160] if str(e) else type(e).__name__
+        raise ValueError(f"resume checkpoint {path} is unreadable (truncated or corrupt: {reason}); "
+                         f"{advice}") from None
+    missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{path} is not a minimind resume checkpoint (no {', '.join(missing)}); {advice}")
+    return state
