@@ -1,13 +1,10 @@
-"""Grouped-query attention with per-head q/k RMSNorm, RoPE and one SDPA call for every path.
+"""Grouped-query attention with per-head q/k RMSNorm and RoPE; every path ends in :func:`attend`.
 
-Training on packed rows, padded batches, prefill and decode all go through
-``F.scaled_dot_product_attention``; they differ only in the boolean mask they pass (see
-:mod:`minimind.model.masks`) and in whether a KV cache supplies the keys.
-
-One exception, for speed: a single query per row on the CPU (the decode step) is computed as
-``softmax(q kᵀ / sqrt(d) + mask) v`` with two small batched matmuls, the query heads grouped by their
-KV head.  PyTorch's CPU SDPA kernel is built for long queries; for one query in bf16 it costs several
-times these two matmuls, and the decode step runs once per generated token.
+Training on packed rows, padded batches, prefill and decode differ only in the mask they hand to
+:func:`attend` (see :mod:`minimind.model.masks`) and in whether a KV cache supplies the keys.
+Grouped-query attention never copies K/V per query head: SDPA and FlexAttention take ``enable_gqa``,
+and where a kernel does not (CUDA's masked SDPA kernel), the query heads of a group are folded into
+the query length so that each KV head is read once, as it is stored.
 """
 
 from __future__ import annotations
@@ -20,9 +17,62 @@ from torch import nn
 
 from minimind.config import ModelConfig
 from minimind.model.layers import RMSNorm, apply_rope
+from minimind.model.masks import BlockMask, compiled_flex_attention
 
 if TYPE_CHECKING:
     from minimind.model.kv_cache import KVCache, SlotView
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: "torch.Tensor | BlockMask | None",
+           dropout_p: float = 0.0) -> torch.Tensor:
+    """``softmax(q kᵀ / sqrt(d) + mask) v`` for ``q [B, H, T, d]``, ``k, v [B, KV, S, d]`` with
+    ``H`` a multiple of ``KV``; returns ``[B, H, T, d]``.
+
+    ``mask`` is ``None`` (causal over the call's own tokens: flash on CUDA), a FlexAttention block
+    mask (document-causal packed rows on CUDA), or a bool tensor ``[B, 1, T, S]``, True = attend.
+    """
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa)
+    if BlockMask is not None and isinstance(mask, BlockMask):
+        if dropout_p:
+            raise ValueError("attention dropout is not supported with FlexAttention block masks")
+        return compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
+    if q.shape[2] == 1 and q.device.type == "cpu" and not dropout_p:
+        # Decode step on the CPU: two small batched matmuls beat SDPA's CPU kernel, which is built
+        # for long queries (for one bf16 query it costs several times these two matmuls).
+        return _grouped_matmul_attention(q, k, v, mask)
+    if gqa and q.device.type == "cuda":
+        return _folded_gqa_sdpa(q, k, v, mask, dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+
+
+def _folded_gqa_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     dropout_p: float) -> torch.Tensor:
+    """Masked GQA without K/V copies: the ``r = H / KV`` query heads of a group become ``r * T``
+    queries of one head ``[B, KV, r*T, d]`` over that group's own K/V; only the (bool) mask is
+    repeated, ``[B, 1, r*T, S]``.  For the kernels that take a mask but not ``enable_gqa``."""
+    b, h, t, d = q.shape
+    kv = k.shape[1]
+    r = h // kv
+    folded_mask = mask.unsqueeze(2).expand(b, mask.shape[1], r, t, mask.shape[-1])
+    folded_mask = folded_mask.reshape(b, mask.shape[1], r * t, mask.shape[-1])
+    out = F.scaled_dot_product_attention(q.reshape(b, kv, r * t, d), k, v, attn_mask=folded_mask,
+                                         dropout_p=dropout_p)
+    return out.view(b, h, t, d)
+
+
+def _grouped_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              mask: torch.Tensor) -> torch.Tensor:
+    """``softmax(q kᵀ / sqrt(d) + mask) v`` for one query per row, ``q [B, H, 1, d]``, ``k, v
+    [B, KV, S, d]``, ``mask [B, 1, 1, S]``; the ``H / KV`` query heads of a group share their K/V
+    without copies.  Scores and softmax in float32.  Returns ``[B, H, 1, d]``."""
+    b, h, _, d = q.shape
+    kv = k.shape[1]
+    scores = torch.matmul(q.view(b, kv, h // kv, d), k.transpose(-1, -2)).float() * d ** -0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)  # [B, KV, H/KV, d]
+    return out.view(b, h, 1, d)
 
 
 class Attention(nn.Module):
@@ -43,10 +93,10 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None, position_ids: torch.Tensor,
+                attn_mask: "torch.Tensor | BlockMask | None", position_ids: torch.Tensor,
                 kv_cache: "KVCache | SlotView | None" = None) -> torch.Tensor:
-        """x ``[B, T, H]``; cos/sin ``[B, T, 1, d]``; attn_mask bool ``[B, 1, T, S]`` (True = attend)
-        or None for plain causal attention over this call's own tokens."""
+        """x ``[B, T, H]``; cos/sin ``[B, T, 1, d]``; ``attn_mask`` as :func:`attend` takes it (a
+        bool mask ``[B, 1, T, S]`` when a KV cache supplies ``S`` keys)."""
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim))
@@ -54,33 +104,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, d]
         if kv_cache is not None:
-            kv_len = attn_mask.shape[-1] if attn_mask is not None else None
+            kv_len = attn_mask.shape[-1] if isinstance(attn_mask, torch.Tensor) else None
             k, v = kv_cache.update(self.layer_idx, k, v, position_ids, kv_len)
-        if t == 1 and attn_mask is not None and q.device.type == "cpu" and not self.training:
-            out = _single_query_attention(q, k, v, attn_mask)
-            return self.resid_dropout(self.o_proj(out.reshape(b, 1, self.n_heads * self.head_dim)))
-        # enable_gqa avoids materialising repeated KV heads; CUDA's masked (mem-efficient) kernel
-        # does not take it, so there the heads are expanded instead.
-        use_gqa = self.n_kv != self.n_heads
-        if use_gqa and attn_mask is not None and q.device.type == "cuda":
-            rep = self.n_heads // self.n_kv
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            use_gqa = False
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=use_gqa)
-        out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
-        return self.resid_dropout(self.o_proj(out))
-
-
-def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            mask: torch.Tensor) -> torch.Tensor:
-    """``softmax(q kᵀ / sqrt(d) + mask) v`` for ``q [B, H, 1, d]``, ``k, v [B, KV, S, d]``,
-    ``mask [B, 1, 1, S]`` (True = attend); the ``H / KV`` query heads of a group share their K/V
-    without copies.  Scores and softmax in float32.  Returns ``[B, H, 1, d]``."""
-    b, h, _, d = q.shape
-    kv = k.shape[1]
-    scores = torch.matmul(q.view(b, kv, h // kv, d), k.transpose(-1, -2)).float() * d ** -0.5
-    scores = scores.masked_fill(~mask, float("-inf"))
-    out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)  # [B, KV, H/KV, d]
-    return out.view(b, h, 1, d)
+        out = attend(q, k, v, attn_mask, self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)))

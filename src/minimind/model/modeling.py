@@ -15,7 +15,7 @@ from minimind.config import ModelConfig
 from minimind.model.attention import Attention
 from minimind.model.kv_cache import KVCache, SlotView
 from minimind.model.layers import RMSNorm, SwiGLU, rope_tables
-from minimind.model.masks import document_causal_mask
+from minimind.model.masks import BlockMask, document_attention_mask
 from minimind.model.moe import MoEFeedForward
 
 
@@ -36,7 +36,7 @@ class DecoderBlock(nn.Module):
             config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None, position_ids: torch.Tensor,
+                attn_mask: "torch.Tensor | BlockMask | None", position_ids: torch.Tensor,
                 kv_cache: KVCache | SlotView | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, position_ids, kv_cache)
         mlp_out = self.mlp(self.post_attention_layernorm(x))
@@ -62,7 +62,7 @@ class MiniMindModel(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                attn_mask: torch.Tensor | None, kv_cache: KVCache | SlotView | None
+                attn_mask: "torch.Tensor | BlockMask | None", kv_cache: KVCache | SlotView | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.dropout(self.embed_tokens(input_ids))
         cos = self.rope_cos[position_ids].unsqueeze(2).to(x.dtype)
@@ -90,14 +90,15 @@ class MiniMindForCausalLM(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                attn_mask: "torch.Tensor | BlockMask | None" = None, doc_ids: torch.Tensor | None = None,
                 kv_cache: KVCache | SlotView | None = None,
                 logits_to_keep: int | torch.Tensor = 0) -> CausalLMOutput:
         """Run the decoder.
 
         * ``position_ids [B, T]``: default ``0..T-1``; packed rows restart them per document.
-        * ``attn_mask [B, 1, T, S]`` bool, or ``doc_ids [B, T]`` to build the document-causal mask,
-          or neither for plain causal attention.
+        * ``attn_mask [B, 1, T, S]`` bool, or ``doc_ids [B, T]`` for document-causal attention (a
+          FlexAttention block mask on CUDA, a dense mask on the CPU: see :mod:`minimind.model.masks`),
+          or neither for plain causal attention (SDPA ``is_causal``).
         * ``kv_cache``: keys/values are written at ``position_ids`` (see :class:`KVCache`).
         * ``logits_to_keep``: only the last n positions get logits (0 = all), e.g. 1 when decoding;
           or a ``[B]`` tensor of positions, one per row (the last prompt token of right-padded
@@ -106,7 +107,7 @@ class MiniMindForCausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if attn_mask is None and doc_ids is not None:
-            attn_mask = document_causal_mask(doc_ids)
+            attn_mask = document_attention_mask(doc_ids)
         hidden, aux = self.model(input_ids, position_ids, attn_mask, kv_cache)
         if isinstance(logits_to_keep, torch.Tensor):
             h = hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_to_keep].unsqueeze(1)

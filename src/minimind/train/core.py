@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from minimind.config import ModelConfig, TrainConfig
+from minimind.data.batch import Batch
 from minimind.model import MiniMindForCausalLM, load_model, load_weights
 from minimind.train import checkpoint as ckpt
 from minimind.train.device import autocast, pick_device, pick_dtype
@@ -211,8 +212,7 @@ class Trainer:
         metrics: dict[str, torch.Tensor] = {}
         tokens = useful = 0
         for i, batch in enumerate(micro_batches):
-            if hasattr(batch, "to"):
-                batch = batch.to(self.device)
+            batch = self.on_device(batch)
             frac = weights[i] / denom
             with no_sync(self.model, i < len(micro_batches) - 1), autocast(self.device, self.dtype):
                 out = loss_fn(self.model, batch)
@@ -234,6 +234,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return StepStats(loss=loss_sum, grad_norm=grad_norm, metrics=metrics, weight=local_w,
                          tokens=tokens, useful_tokens=useful)
+
+    def on_device(self, batch: Any) -> Any:
+        """``batch`` on the run's device (non-blocking: a pinned batch's copy overlaps compute), in
+        the run's attention mode: ``--attention causal`` drops the document mask of packed
+        :class:`Batch` rows (pair batches keep theirs: a pair's rows must not see each other)."""
+        if hasattr(batch, "to"):
+            batch = batch.to(self.device, non_blocking=True)
+        if self.cfg.attention == "causal" and isinstance(batch, Batch):
+            batch = batch.plain_causal()
+        return batch
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def save(self, weights_out: Path, resume_out: Path, *, step: int, epoch: int,

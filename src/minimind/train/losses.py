@@ -17,25 +17,71 @@ from torch import Tensor
 
 from minimind.data.batch import IGNORE_INDEX
 
-__all__ = ["token_logps", "sequence_logps", "DPO_LOSS_TYPES", "dpo_loss", "distill_loss"]
+__all__ = ["token_nll", "token_logps", "sequence_logps", "DPO_LOSS_TYPES", "dpo_loss", "distill_loss"]
 
 #: Supported DPO objectives (see :func:`dpo_loss`).
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
+#: Elements of one fp32 logits chunk (64 MiB): bounds the fp32 memory of :func:`token_nll`.
+CHUNK_ELEMENTS = 1 << 24
+
+
+class _ChunkedNLL(torch.autograd.Function):
+    """``nll_i = logsumexp(z_i) - z_i[y_i]`` (0 where ``y_i`` is ignored) for logits ``z [N, V]``,
+    computed ``rows`` at a time in fp32.
+
+    Backward: ``d nll_i / d z_i = softmax(z_i) - onehot(y_i)``, recomputed per chunk from the saved
+    logits (in their own dtype) and the fp32 ``logsumexp`` ``[N]``; the gradient is written in the
+    logits' dtype.  So neither pass ever holds fp32 ``[N, V]``: autograd through ``z.float()`` and
+    ``F.cross_entropy`` would keep the fp32 copy (and its log-softmax) alive until backward.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, rows: int) -> Tensor:
+        valid = targets != IGNORE_INDEX
+        safe = torch.where(valid, targets, torch.zeros_like(targets))
+        lse = torch.cat([torch.logsumexp(logits[s:s + rows].float(), dim=-1)
+                         for s in range(0, logits.shape[0], rows)])
+        picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1).float()
+        ctx.save_for_backward(logits, safe, valid, lse)
+        ctx.rows = rows
+        return torch.where(valid, lse - picked, torch.zeros_like(lse))
+
+    @staticmethod
+    def backward(ctx, grad_nll: Tensor) -> tuple[Tensor, None, None]:
+        logits, safe, valid, lse = ctx.saved_tensors
+        rows = ctx.rows
+        scale = torch.where(valid, grad_nll, torch.zeros_like(grad_nll)).unsqueeze(1)
+        parts = []
+        for s in range(0, logits.shape[0], rows):
+            probs = torch.exp(logits[s:s + rows].float() - lse[s:s + rows].unsqueeze(1))
+            probs = probs.scatter_add(1, safe[s:s + rows].unsqueeze(1),
+                                      -torch.ones_like(probs[:, :1]))  # softmax - onehot
+            parts.append((probs * scale[s:s + rows]).to(logits.dtype))
+        return torch.cat(parts), None, None
+
+
+def token_nll(logits: Tensor, targets: Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
+    """Per-position cross-entropy ``-log p(target)``, fp32 with the shape of ``targets``, 0 where
+    ``target == IGNORE_INDEX``; equal to ``F.cross_entropy(logits.float(), targets, reduction='none')``
+    in value and gradient, but the fp32 softmax lives only ``chunk_elements / V`` rows at a time
+    (see :class:`_ChunkedNLL`).  No host sync: usable inside ``torch.compile(fullgraph=True)``."""
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)}")
+    vocab = logits.shape[-1]
+    rows = max(1, chunk_elements // vocab)
+    nll = _ChunkedNLL.apply(logits.reshape(-1, vocab), targets.reshape(-1), rows)
+    return nll.view(targets.shape)
+
+
 def token_logps(logits: Tensor, targets: Tensor) -> Tensor:
     """``log p(target)`` per position, ``[B, T]`` fp32, 0 where ``target == IGNORE_INDEX``.
 
-    ``log p(y) = -CE(logits, y)``: cross-entropy with ``reduction='none'`` yields exactly the
-    per-token log-probabilities, and unlike ``log_softmax(...).gather(...)`` it never hands a full
-    ``[B, T, V]`` log-softmax tensor back to the caller (the vocab-sized intermediate lives only
-    inside the fused kernel and its backward).
+    ``log p(y) = -CE(logits, y)``, computed by :func:`token_nll` in fp32 chunks, so no full
+    ``[B, T, V]`` fp32 tensor is ever held, neither for the caller nor for the backward pass.
     """
-    if logits.shape[:-1] != targets.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)}")
-    flat = logits.reshape(-1, logits.shape[-1]).float()
-    nll = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
-    return -nll.view(targets.shape)
+    return -token_nll(logits, targets)
 
 
 def sequence_logps(logits: Tensor, targets: Tensor, seq_index: Tensor, n_seq: int) -> Tensor:

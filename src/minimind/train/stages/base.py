@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from minimind.config import TrainConfig
+from minimind.model.masks import document_attention_mask
 from minimind.train.device import autocast
 from minimind.train.distributed import DistInfo
+from minimind.train.losses import token_nll
 
 
 @dataclass
@@ -154,13 +155,17 @@ def next_token_loss(model: nn.Module, batch: Any) -> LossOutput:
     """Mean cross-entropy over target tokens, plus the MoE load-balancing loss.
 
     ``L = -(1/N) * sum_{i: y_i != -100} log p(y_i | x_<=i) + aux``; ``N`` = number of targets.
+
+    The document mask is built here, outside the (possibly compiled) model, once per micro-batch;
+    a batch without ``doc_ids`` (``--attention causal``) runs plain causal attention.  The
+    cross-entropy never upcasts the whole ``[N, V]`` logits to fp32 (:func:`token_nll`), and nothing
+    here reads a device value back to the host.
     """
-    out = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
-    logits = out.logits.float()
+    attn_mask = None if batch.doc_ids is None else document_attention_mask(batch.doc_ids)
+    out = model(batch.input_ids, position_ids=batch.position_ids, attn_mask=attn_mask)
     # sum / max(N, 1) rather than "mean": a batch whose rows are all truncated prompts (no target)
     # contributes zero loss and zero gradient instead of NaN.
-    ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), batch.targets.view(-1), ignore_index=-100,
-                         reduction="sum") / max(int(batch.num_target_tokens), 1)
+    ce = token_nll(out.logits, batch.targets).sum() / max(int(batch.num_target_tokens), 1)
     return LossOutput(loss=ce + out.aux_loss, weight=float(batch.num_target_tokens),
                       metrics={"ce": ce.detach(), "aux_loss": out.aux_loss.detach()})
 
