@@ -14,11 +14,22 @@ The activations stay in floating point (bf16 on the CPU kernel), so the only err
 rounding: ``|W_ji - s_j q_ji| <= s_j / 2``, i.e. at most 0.4% of the row's largest weight.  Rows are
 quantized independently, so a row's codes do not depend on which other rows share its matrix.
 
-**Kernel.**  On the CPU the product is ``torch._weight_int8pack_mm`` (the kernel torchao's int8
-weight-only mode calls there), which converts the int8 codes to floats inside the GEMV and applies
-the scales to the output; it has a vectorised path for bf16 activations only (fp32 inputs take a much
-slower one), so fp32 activations are cast to bf16 for the product and back.  Elsewhere (CUDA, or a
-build without the op) the fallback ``linear(x, q.to(dtype)) * s`` computes the same numbers.
+**Kernels** (CPU), by the number of rows ``M`` in the call, each the fastest measured there:
+
+* ``M <= 4`` (decode of a few rows): ``torch._weight_int8pack_mm``, the GEMV torchao's int8
+  weight-only mode calls on the CPU: it converts the codes to floats inside the product and scales the
+  output.  Its fast path takes bf16 activations only (fp32 takes a much slower one), so activations are
+  cast to bf16 for it.  Its cost grows linearly with ``M`` (it re-reads the weights per row).
+* ``4 < M <= 32`` (batched decode): ``torch._int_mm`` (oneDNN's int8 GEMM, VNNI/AMX), whose cost is
+  nearly flat in ``M``.  It needs int8 activations, but quantizing them would change the numbers, so
+  each row is written in two base-254 int8 digits: ``u = x / a`` with ``a = max|x| / 127``,
+  ``hi = round(u)``, ``lo = round(254 (u - hi))``, so ``x = a (hi + lo / 254) + e`` with
+  ``|e| <= a / 508`` (1/64516 of the row maximum; one digit alone would err by up to 1/254 of it).
+  Both digit rows go through one product: ``y = a s (x_hi qᵀ + x_lo qᵀ / 254)``, exact in int32.
+* ``M > 32`` (prefill): the codes are dequantized to bf16 once per call and multiplied with the dense
+  bf16 GEMM, whose cost per row is far lower than either int8 kernel's at this size.
+
+Elsewhere (CUDA, or a build without the ops) ``linear(x, q.to(dtype)) * s`` computes the same numbers.
 
 **What is quantized.**  The seven matrices of every block (q/k/v/o, gate/up/down; for MoE every
 expert's three) and, by default, the LM head.  Embeddings, norms and the MoE router stay in floating
@@ -43,6 +54,22 @@ __all__ = ["QUANT_MODES", "Int8Linear", "quantize_int8_", "quantize_model_", "qu
 QUANT_MODES = ("int8",)
 _KERNEL_DTYPE = torch.bfloat16  # the activation dtype of the CPU kernel's fast path
 _HAS_INT8PACK = hasattr(torch, "_weight_int8pack_mm")
+_HAS_INT_MM = hasattr(torch, "_int_mm")
+GEMV_MAX_ROWS = 4  # rows up to which _weight_int8pack_mm is the fastest kernel (see module doc)
+INT_MM_MAX_ROWS = 32  # rows up to which the two-digit _int_mm beats dequantize + bf16 GEMM
+
+
+def _two_digit_int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x (codes * scale)ᵀ`` in float32 through one int8 GEMM, ``x`` split into two int8 digits
+    per element (module doc): ``y = a s (hi qᵀ + lo qᵀ / 254)``.  ``x [M, K]``, ``codes [N, K]``."""
+    xf = x.float()
+    a = xf.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 127.0
+    u = xf / a
+    hi = torch.round(u)
+    lo = torch.round((u - hi) * 254.0)
+    acc = torch._int_mm(torch.cat([hi, lo]).to(torch.int8), codes.t())  # int32 [2M, N], exact
+    m = x.shape[0]
+    return (acc[:m].float() + acc[m:].float() * (1.0 / 254.0)) * a * scale.float()
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,10 +127,15 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if _HAS_INT8PACK and x2.device.type == "cpu":
-            y = torch._weight_int8pack_mm(x2.to(_KERNEL_DTYPE).contiguous(), self.qweight, self.scale)
-        else:
+        rows = x2.shape[0]
+        if x2.device.type != "cpu" or not _HAS_INT8PACK:
             y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scale.to(x2.dtype)
+        elif rows <= GEMV_MAX_ROWS:
+            y = torch._weight_int8pack_mm(x2.to(_KERNEL_DTYPE).contiguous(), self.qweight, self.scale)
+        elif rows <= INT_MM_MAX_ROWS and _HAS_INT_MM:
+            y = _two_digit_int8_mm(x2, self.qweight, self.scale)
+        else:
+            y = F.linear(x2.to(_KERNEL_DTYPE), self.qweight.to(_KERNEL_DTYPE)) * self.scale
         return y.to(self.out_dtype).view(*shape[:-1], self.out_features)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any,
