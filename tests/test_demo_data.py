@@ -201,3 +201,35 @@ def test_heldout_documents_do_not_depend_on_the_training_mix(corpus: tuple[Path,
     assert (tmp_path / "pretrain.jsonl").read_bytes() != (out_a / "pretrain.jsonl").read_bytes()
     assert stats["sft"]["by_kind"] == {"arithmetic": 40, "tool_call": 80}
     assert stats["sources"]["task_facts"]["chars"] > stats_a["sources"]["task_facts"]["chars"]
+
+
+def test_think_share_puts_reasoning_into_that_share_of_reasoning_kind_rows(corpus: tuple[Path, dict],
+                                                                          tmp_path: Path) -> None:
+    """``think_share`` of the arithmetic/date rows carry a reasoning (rendered in the think block),
+    no other row does, and the draws leave every other file byte-identical."""
+    from minimind.demo.corpus import build_demo_corpus
+    from minimind.tasks.generators import REASONING_KINDS
+
+    out_a, _ = corpus
+    stats = build_demo_corpus(tmp_path, seed=0, think_share=0.5, **SMALL)
+    rows = _read_jsonl(tmp_path / "sft.jsonl")
+    plain = _read_jsonl(out_a / "sft.jsonl")
+    assert len(rows) == len(plain)
+    reasoned, eligible = 0, 0
+    for row, base in zip(rows, plain):
+        final = row["conversations"][-1]
+        # the answers of the kinds with a reasoning: "7 + 5 = 12" and next-day sentences
+        kind_eligible = bool(re.fullmatch(r"\d+ [+-] \d+ = \d+", final["content"] or "")) or any(
+            k in (final["content"] or "") for k in ("的后一天是", "The day after"))
+        if final.get("reasoning_content"):
+            assert kind_eligible, final
+            reasoned += 1
+            assert {k: v for k, v in final.items() if k != "reasoning_content"} == base["conversations"][-1]
+        else:
+            assert row == base
+        eligible += kind_eligible
+    assert stats["sft"]["with_reasoning"] == reasoned
+    assert 0.3 * eligible < reasoned < 0.7 * eligible
+    assert all(k in ("arithmetic", "date_fact") for k in REASONING_KINDS)
+    for name in ("pretrain.jsonl", "pretrain_heldout.jsonl", "eval_tasks.jsonl"):
+        assert (out_a / name).read_bytes() == (tmp_path / name).read_bytes(), name

@@ -8,6 +8,7 @@ measures. Tests that need an optional source package skip when it is missing.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import re
 import subprocess
@@ -34,6 +35,7 @@ from minimind.tasks import (
     task_to_sft_row,
     tool_call_reward,
 )
+from minimind.tasks.generators import task_reasoning
 from minimind.tasks.toolset import WEATHER, execute_tool, format_number, parse_tool_calls, safe_calculate
 
 
@@ -548,3 +550,108 @@ def test_evaluate_tasks_reports_tool_exactness_and_multi_round_answers() -> None
     assert "accuracy_knowledge" not in res
     assert res["accuracy_non_knowledge"] == pytest.approx((16 + len(good)) / 24)
     assert all(s["correct"] for s in res["tool_final_samples"])
+
+
+# --------------------------------------------------------------------------- reasoning for thinking
+
+
+def test_arithmetic_reasoning_is_a_chain_of_true_unit_steps() -> None:
+    """Every expression of the chain equals the answer, each step moves both operands by one (after an
+    optional swap that puts the larger addend first), the chain ends at ``x op 0 = answer``."""
+    tasks = generate_tasks(300, seed=5, kinds=["arithmetic"], level="easy")
+    seen_long = False
+    for t in tasks:
+        parts = task_reasoning(t).split(" = ")
+        assert parts[-1] == t.gt[0], t.key
+        exprs = [tuple(int(x) for x in re.split(r" [+-] ", p)) for p in parts[:-1]]
+        op = "+" if "+" in parts[0] else "-"
+        values = [a + b if op == "+" else a - b for a, b in exprs]
+        assert all(v == int(t.gt[0]) for v in values), parts
+        assert exprs[-1][1] == 0
+        chain = exprs[1:] if op == "+" and exprs[0][1] > exprs[0][0] else exprs
+        if chain is not exprs:
+            assert chain[0] == exprs[0][::-1]
+        step = 1 if op == "+" else -1
+        assert all(b == (a0 + step, b0 - 1) for (a0, b0), b in itertools.pairwise(chain)), parts
+        assert len(chain) <= 10
+        seen_long |= len(chain) >= 5
+    assert seen_long
+
+
+def test_next_day_reasoning_names_the_carry_and_the_date() -> None:
+    """The reasoning states the month's real length, says "last day" exactly at month ends, and its
+    last date is the answer (the checker accepts it as a reply on its own)."""
+    import calendar
+    tasks = generate_tasks(400, seed=6, kinds=["date_fact"], level="easy")
+    carries = 0
+    for t in tasks:
+        text = task_reasoning(t)
+        d = dt.date.fromisoformat(t.key.rsplit(":", 1)[1])
+        last = calendar.monthrange(d.year, d.month)[1]
+        assert (f"有{last}天" if t.lang == "zh" else f"has {last} days") in text
+        is_last = (f"{d.day}日是月末" in text) if t.lang == "zh" else ("is the last day" in text)
+        assert is_last == (d.day == last), text
+        carries += is_last
+        assert check_answer("date_fact", t.gt, text), text
+    assert carries > 0
+    standard = generate_tasks(60, seed=6, kinds=["date_fact"], level="standard")
+    assert any(task_reasoning(t) is None for t in standard)  # weekday / month-length questions have none
+
+
+def test_sft_row_with_thinking_renders_the_reasoning_in_the_think_block() -> None:
+    """With thinking the final assistant turn renders ``<think>\\nREASONING\\n</think>\\n\\nANSWER``;
+    without it (and for kinds without reasoning) the empty block of the non-thinking generation
+    prompt, so a prompt rendered either way is a prefix of some training text."""
+    from minimind.tokenizer.chat_template import render_chat
+    arith = generate_tasks(1, seed=1, kinds=["arithmetic"], level="easy")[0]
+    unit = generate_tasks(1, seed=1, kinds=["unit_conversion"], level="easy")[0]
+    on = render_chat(task_to_sft_row(arith, thinking=True)["conversations"])
+    off = render_chat(task_to_sft_row(arith)["conversations"])
+    prompt_on = render_chat(arith.prompt_messages, add_generation_prompt=True, open_thinking=True)
+    prompt_off = render_chat(arith.prompt_messages, add_generation_prompt=True)
+    assert on == prompt_on + task_reasoning(arith) + "\n</think>\n\n" + arith.answer + "<|im_end|>\n"
+    assert off == prompt_off + arith.answer + "<|im_end|>\n"
+    assert render_chat(task_to_sft_row(unit, thinking=True)["conversations"]) == \
+        render_chat(task_to_sft_row(unit)["conversations"])
+    assert task_reasoning(unit) is None
+
+
+def test_evaluate_tasks_with_open_thinking_grades_the_answer_after_the_think_block() -> None:
+    """Prompts are rendered with ``open_thinking``; a reply that reasons and closes the block is graded
+    on its answer, one that never closes it is wrong (a chat client shows only reasoning), and
+    ``think_closed`` / ``reasoning_per_kind`` count both."""
+    from types import SimpleNamespace
+
+    from minimind.eval.tasks import evaluate_tasks
+
+    tasks = generate_tasks(12, seed=3, kinds=["arithmetic", "unit_conversion"], level="easy")
+    by_q = {t.prompt_messages[-1]["content"]: t for t in tasks}
+    rendered_with: list[bool] = []
+
+    class Tok(_EchoTokenizer):
+        def apply_chat_template(self, msgs, tools=None, add_generation_prompt=True, tokenize=True,
+                                open_thinking=False):
+            rendered_with.append(open_thinking)
+            return json.dumps(msgs, ensure_ascii=False)
+
+    class Engine:
+        def generate(self, prompts, params):
+            out = []
+            for p in prompts:
+                t = by_q[json.loads(p)[-1]["content"]]
+                if t.kind == "arithmetic":  # reasons, closes the block, answers
+                    text = f"{task_reasoning(t)}\n</think>\n\n{t.answer}"
+                else:  # the right answer, but inside a block that is never closed
+                    text = f"{t.answer}"
+                out.append(SimpleNamespace(text=text, token_ids=[]))
+            return out
+
+    res = evaluate_tasks(Engine(), Tok(), [t.to_dict() for t in tasks], check_answer, open_thinking=True)
+    assert rendered_with and all(rendered_with)
+    assert res["open_thinking"] is True
+    assert res["per_kind"] == {"arithmetic": 1.0, "unit_conversion": 0.0}
+    assert res["think_closed"] == pytest.approx(0.5)
+    assert res["reasoning_per_kind"] == {"arithmetic": 1.0, "unit_conversion": 1.0}
+    off = evaluate_tasks(Engine(), Tok(), [t.to_dict() for t in tasks], check_answer)
+    assert off["open_thinking"] is False and "think_closed" not in off and off["accuracy"] == 1.0
+    assert rendered_with.count(False) == len(tasks)

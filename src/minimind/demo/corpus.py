@@ -251,6 +251,7 @@ def build_demo_corpus(
     fact_pool_share: float = 0.5,
     sft_kinds: Sequence[str] | None = None,
     fact_kinds: Sequence[str] = ("arithmetic", "unit_conversion", "date_fact", "tool_call"),
+    think_share: float = 0.0,
 ) -> dict[str, Any]:
     """Build the demo corpus under ``out_dir`` and return its statistics.
 
@@ -263,7 +264,13 @@ def build_demo_corpus(
     computed facts); ``sft_kinds`` lists the SFT task kinds round robin, a kind named twice getting
     twice the rows (default: every available kind once); ``fact_kinds`` likewise for the computed
     facts of the pretraining text (a tool task becomes its question, call, result and answer).
+    ``think_share`` of the SFT rows whose kind has a reasoning (:data:`~minimind.tasks.generators.
+    REASONING_KINDS`) carry it in ``<think>…</think>``; the rest of them, and every other row, keep the
+    empty think block, so one model answers both with thinking on and off.  Its draws come from a
+    generator of their own: the other files do not change with it.
     """
+    if not 0.0 <= think_share <= 1.0:
+        raise ValueError(f"think_share must be in [0, 1], got {think_share}")
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -329,7 +336,9 @@ def build_demo_corpus(
     n_generic = round(n_sft * generic_share)
     sft_tasks = generate_tasks(n_sft - n_generic, seed, kinds=sft_kinds, split="train", level=level)
     # Rows carry only "conversations": the reference loader declares its columns explicitly.
-    sft_pairs: list[tuple[str, dict[str, Any]]] = [(t.kind, task_to_sft_row(t, json_strings)) for t in sft_tasks]
+    think_rng = random.Random(f"{seed}:think")
+    sft_pairs: list[tuple[str, dict[str, Any]]] = [
+        (t.kind, task_to_sft_row(t, json_strings, thinking=think_rng.random() < think_share)) for t in sft_tasks]
     sft_pairs += [("open_qa", {"conversations": c}) for c in _generic_qa(rng, n_generic)]
     rng.shuffle(sft_pairs)
     sft_rows = [row for _, row in sft_pairs]
@@ -354,6 +363,8 @@ def build_demo_corpus(
     bar.close()
 
     stats = _stats(seed, train_docs, heldout_docs, skipped, sft_kinds, eval_tasks, pretrain, heldout)
+    stats["sft"]["with_reasoning"] = sum(
+        any(m.get("reasoning_content") for m in row["conversations"]) for row in sft_rows)
     # The file is location- and time-independent so identical seeds give identical bytes.
     (out / "corpus_stats.json").write_text(json.dumps(stats, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     stats["out_dir"] = str(out)

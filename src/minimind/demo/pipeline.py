@@ -64,6 +64,11 @@ class DemoSettings:
     # The generation prompt ends with an empty think block; keep it in every SFT sample so a tiny
     # model sees one consistent format (the reference drops it from 80% of samples).
     empty_think_ratio: float = 1.0
+    # Thinking: this share of the SFT rows of the kinds with a step-by-step reasoning (arithmetic,
+    # next-day dates; minimind.tasks.generators.task_reasoning) carry it in <think>...</think>, the others
+    # keep the empty block; so the model answers both ways and open_thinking works in chat and server.
+    sft_think_share: float = 0.5
+    think_max_new_tokens: int = 128  # held-out replies with thinking on: reasoning + answer
     # DPO after SFT on checkable preference pairs (chosen = the SFT answer, rejected = a wrong or
     # malformed one); see minimind.demo.preferences.
     # A 2.7M model drifts fast under DPO (its tool calls and answer endings break first): a small lr
@@ -86,8 +91,11 @@ class DemoSettings:
     grpo_prompts: int = 8  # prompts per step
     grpo_generations: int = 8  # samples per prompt (a GRPO group)
     grpo_lr: float = 2e-4
-    grpo_kinds: tuple[str, ...] = ("date_fact", "unit_conversion")
-    grpo_max_gen_len: int = 40  # the answers are one short sentence
+    grpo_kinds: tuple[str, ...] = ("arithmetic", "date_fact")
+    # share of rollout prompts that open <think> (the model reasons before it answers): the reasoning
+    # is what RL can improve; the held-out sampled accuracy is measured in the mode trained most
+    grpo_thinking_ratio: float = 1.0
+    grpo_max_gen_len: int = 96  # reasoning (<= 9 counting steps or one date sentence) and the answer
 
     @classmethod
     def quick(cls, out_dir: Path) -> DemoSettings:
@@ -95,7 +103,8 @@ class DemoSettings:
         return cls(out_dir=out_dir, vocab_size=1024, seq_len=128, sft_seq_len=256, batch_size=8, pretrain_steps=30,
                    sft_epochs=1, eval_tasks=24, pretrain_chars=120_000, n_sft=200, n_eval=40,
                    n_dpo=120, n_dpo_eval=40, n_dpo_probe=40, dpo_epochs=2, dpo_lr=5e-4,
-                   grpo_steps=4, grpo_prompts=4, grpo_generations=4, grpo_max_gen_len=24)
+                   grpo_steps=4, grpo_prompts=4, grpo_generations=4, grpo_max_gen_len=48,
+                   think_max_new_tokens=64)
 
 
 @dataclass
@@ -138,7 +147,7 @@ class BuildCorpus:
         stats = build_demo_corpus(ctx.out / "data", seed=s.seed, level=s.task_level,
                                   pretrain_chars=s.pretrain_chars, n_sft=s.n_sft, n_eval=s.n_eval,
                                   mix=s.pretrain_mix, fact_pool_share=s.fact_pool_share, sft_kinds=s.sft_kinds,
-                                  fact_kinds=s.fact_kinds,
+                                  fact_kinds=s.fact_kinds, think_share=s.sft_think_share,
                                   generic_share=s.generic_share)
         ctx.results[self.name] = stats
         for name in ("pretrain", "pretrain_heldout", "sft", "eval_tasks"):
@@ -309,19 +318,26 @@ class ReinforcementLearning:
                                min_lr_ratio=1.0, weight_decay=0.0, batch_size=s.grpo_prompts, log_interval=1,
                                max_seq_len=s.sft_seq_len, progress=0, optimizer="adamw")
         opts = GRPOOptions(loss_type="grpo", num_generations=s.grpo_generations, beta=0.0, reward="task:1",
-                           max_gen_len=s.grpo_max_gen_len, temperature=1.0, thinking_ratio=0.0)
+                           max_gen_len=s.grpo_max_gen_len, temperature=1.0, thinking_ratio=s.grpo_thinking_ratio)
         heldout = [row for row in _read_jsonl(ctx.artifacts["eval_tasks"]) if row["kind"] in s.grpo_kinds]
-        before = _sampled_accuracy(ctx, start, heldout, s.grpo_generations, s.grpo_max_gen_len)
+        thinking = s.grpo_thinking_ratio >= 0.5
+        sample = {"n": s.grpo_generations, "max_new_tokens": s.grpo_max_gen_len, "open_thinking": thinking}
+        before = _sampled_accuracy(ctx, start, heldout, **sample)
         res = GRPOStage(opts).run(cfg, ctx.tokenizer)
         ctx.artifacts["grpo_weights"] = res.weights_path
         ctx.artifacts["grpo_metrics"] = res.metrics_path
-        after = _sampled_accuracy(ctx, res.weights_path, heldout, s.grpo_generations, s.grpo_max_gen_len)
+        after = _sampled_accuracy(ctx, res.weights_path, heldout, **sample)
         r = res.rewards
         k = max(1, min(10, len(r) // 2))
         sec = sorted(rec["sec_per_step"] for rec in res.records)
         ctx.results[self.name] = {
             # held-out items of the GRPO kinds, sampled as in training (temperature 1): what GRPO optimises
-            "heldout_sampled_accuracy": [before, after], "heldout_items": len(heldout),
+            "heldout_sampled_accuracy": [before["mean"], after["mean"]], "heldout_items": len(heldout),
+            # share of items with at least one right sample among n: the headroom RL can turn into greedy
+            "heldout_pass_at_n": [before["pass_at_n"], after["pass_at_n"]],
+            "heldout_sampled_per_kind": {k: [before["per_kind"][k], after["per_kind"].get(k)]
+                                         for k in before["per_kind"]},
+            "sampled_with_thinking": thinking, "thinking_ratio": s.grpo_thinking_ratio,
             "steps": res.steps, "seconds": round(res.seconds, 1), "prompts_per_step": s.grpo_prompts,
             "generations": s.grpo_generations, "kinds": list(s.grpo_kinds), "lr": s.grpo_lr,
             "from": Path(start).name, "train_reward_first": round(sum(r[:k]) / k, 4),
@@ -331,20 +347,31 @@ class ReinforcementLearning:
 
 class TaskEval:
     """Same held-out prompts, same greedy decoding: pretrained, SFT and (when trained) DPO and GRPO
-    models."""
+    models.
+
+    The chat-tuned models are scored twice: with the default generation prompt (an empty, closed
+    think block: thinking off) and with ``open_thinking`` (an open ``<think>`` block: the model
+    writes its reasoning, closes the block and answers); the second is under ``[label]["thinking"]``.
+    """
 
     name = "task_eval"
 
     def run(self, ctx: DemoContext) -> None:
         from minimind.eval.tasks import evaluate_tasks
         from minimind.tasks.checks import check_answer, check_format
-        rows = _read_jsonl(ctx.artifacts["eval_tasks"])[: ctx.settings.eval_tasks]
+        s = ctx.settings
+        rows = _read_jsonl(ctx.artifacts["eval_tasks"])[: s.eval_tasks]
         out = {}
         for label in ("pretrain", "sft", "dpo", "grpo"):
             if f"{label}_weights" not in ctx.artifacts:
                 continue
             engine = _engine(ctx, ctx.artifacts[f"{label}_weights"])
             out[label] = evaluate_tasks(engine, ctx.tokenizer, rows, check_answer, format_checker=check_format)
+            if label != "pretrain" and s.think_max_new_tokens > 0:
+                on = evaluate_tasks(engine, ctx.tokenizer, rows, check_answer, format_checker=check_format,
+                                    max_new_tokens=s.think_max_new_tokens, open_thinking=True)
+                on["samples"] = on["samples"][:60]
+                out[label]["thinking"] = on
         ctx.results[self.name] = out
 
 
@@ -426,22 +453,30 @@ def _unigram(ctx: DemoContext, cfg: TrainConfig, heldout) -> float:
     return round(unigram_bpb(ids, heldout, ctx.tokenizer), 4)
 
 
-def _sampled_accuracy(ctx: DemoContext, weights: Path, rows: list[dict], n: int, max_new_tokens: int) -> float:
-    """Mean task reward of ``n`` temperature-1 samples per held-out row (the RL objective on new items)."""
+def _sampled_accuracy(ctx: DemoContext, weights: Path, rows: list[dict], n: int, max_new_tokens: int,
+                      open_thinking: bool = False) -> dict[str, Any]:
+    """``n`` temperature-1 samples per held-out row: the mean task reward (the RL objective on new
+    items), overall and per kind, and pass@n (the share of rows with at least one right sample)."""
     from minimind.eval.tasks import prompt_of
     from minimind.infer import SamplingParams
     from minimind.tasks.checks import check_answer
     if not rows:
-        return float("nan")
+        return {"mean": float("nan"), "pass_at_n": float("nan"), "per_kind": {}}
     engine = _engine(ctx, weights)
-    prompts = [ctx.tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=True)
+    prompts = [ctx.tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=True,
+                                                 open_thinking=open_thinking)
                for msgs, tools in map(prompt_of, rows)]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
                             stop_token_ids=(ctx.tokenizer.eos_id,), seed=ctx.settings.seed)
     results = engine.generate(prompts, params, n=n)
     ok = [check_answer(rows[i // n]["kind"], rows[i // n]["gt"], res.text if res.text is not None
                        else ctx.tokenizer.decode(res.token_ids)) for i, res in enumerate(results)]
-    return round(sum(ok) / len(ok), 4)
+    per_row = [ok[i * n:(i + 1) * n] for i in range(len(rows))]
+    kinds: dict[str, list[bool]] = {}
+    for row, oks in zip(rows, per_row):
+        kinds.setdefault(row["kind"], []).extend(oks)
+    return {"mean": round(sum(ok) / len(ok), 4), "pass_at_n": round(sum(map(any, per_row)) / len(rows), 4),
+            "per_kind": {k: round(sum(v) / len(v), 4) for k, v in sorted(kinds.items())}}
 
 
 def _engine(ctx: DemoContext, weights: Path):

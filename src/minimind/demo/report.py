@@ -103,19 +103,64 @@ def _grpo_section(ctx: Any, g: dict[str, Any], task_eval: dict[str, Any]) -> lis
             return sum(v["per_kind"].get(k, 0) * v["n_per_kind"].get(k, 0) for k in g["kinds"]) / max(n, 1)
         label = "dpo" if "dpo" in task_eval else "sft"
         lines += [f"| held-out, kinds trained by GRPO | {label.upper()} model | GRPO model |", "|---|---|---|"]
+        mode = "thinking on" if g.get("sampled_with_thinking") else "thinking off"
         if "heldout_sampled_accuracy" in g:
             b, a = g["heldout_sampled_accuracy"]
-            lines.append(f"| {g['heldout_items']} items × {g['generations']} samples at temperature 1 (what GRPO "
-                         f"optimises): share exactly right | {b:.3f} | **{a:.3f}** |")
-        lines.append(f"| greedy decoding: exact accuracy | {kinds_acc(before):.3f} | **{kinds_acc(after):.3f}** |")
-        lines += [f"| … {k} | {before['per_kind'].get(k, 0):.3f} | {after['per_kind'].get(k, 0):.3f} |"
-                  for k in g["kinds"]]
+            lines.append(f"| {g['heldout_items']} items × {g['generations']} samples at temperature 1, {mode} (what "
+                         f"GRPO optimises): share exactly right | {b:.3f} | **{a:.3f}** |")
+        if "heldout_pass_at_n" in g:
+            b, a = g["heldout_pass_at_n"]
+            lines.append(f"| … items with at least one right sample (pass@{g['generations']}) | {b:.3f} | {a:.3f} |")
+        n_items = sum(before["n_per_kind"].get(k, 0) for k in g["kinds"])
+        modes = [("thinking off", before, after)]
+        if "thinking" in before and "thinking" in after:
+            modes.append(("thinking on", before["thinking"], after["thinking"]))
+        for name, b, a in modes:
+            lines.append(f"| greedy, {name}: exact accuracy ({n_items} items) | {kinds_acc(b):.3f} | "
+                         f"**{kinds_acc(a):.3f}** |")
+            lines += [f"| … {k} | {b['per_kind'].get(k, 0):.3f} | {a['per_kind'].get(k, 0):.3f} |" for k in g["kinds"]]
+        others = [k for k in after["per_kind"] if k not in g["kinds"]]
+        if others:
+            drops = ", ".join(f"{k} {before['per_kind'].get(k, 0):.2f} → {after['per_kind'][k]:.2f}" for k in others)
+            lines.append(f"| kinds GRPO did not train, greedy, thinking off | {drops} | |")
         lines.append("")
     metrics = ctx.artifacts.get("grpo_metrics")
     if metrics is not None and Path(metrics).exists():
         png = plot_metrics([metrics], ctx.out / "grpo.png", keys=("reward", "completion_len", "entropy"),
                            title="GRPO: mean reward of the sampled answers per step")
         lines += [f"![GRPO reward]({png.name})", ""]
+    return lines
+
+
+def _thinking_table(t: dict[str, Any]) -> list[str]:
+    """Held-out exact accuracy per kind with thinking off (empty think block) and on (open ``<think>``)."""
+    labels = [label for label, v in t.items() if "thinking" in v]
+    if not labels:
+        return []
+    intro = ("The same held-out prompts, greedy, rendered with the default generation prompt (an empty, closed "
+             "think block) and with `open_thinking` (an open `<think>` block: the model writes its reasoning, "
+             "closes the block and answers; graded on the answer after `</think>`).")
+    lines = ["### Thinking off vs on", "", intro, "",
+             "| kind | " + " | ".join(f"{lb} off | {lb} on" for lb in labels) + " |",
+             "|---|" + "---:|---:|" * len(labels)]
+    kinds = sorted({k for lb in labels for k in t[lb]["per_kind"]})
+    for k in kinds:
+        cells = [f"{t[lb]['per_kind'].get(k, 0):.2f} | {t[lb]['thinking']['per_kind'].get(k, 0):.2f}" for lb in labels]
+        lines.append(f"| {k} (n={t[labels[0]]['n_per_kind'].get(k, 0)}) | " + " | ".join(cells) + " |")
+    lines.append("| **all** | " + " | ".join(f"**{t[lb]['accuracy']:.2f}** | **{t[lb]['thinking']['accuracy']:.2f}**"
+                                          for lb in labels) + " |")
+    lines.append("| think block closed (on) | " + " | ".join(f"– | {t[lb]['thinking']['think_closed']:.2f}"
+                                                          for lb in labels) + " |")
+    lines.append("")
+    for lb in labels[:1]:
+        shown: set[str] = set()
+        for smp in t[lb]["thinking"]["samples"]:
+            if smp["kind"] in shown:
+                continue
+            shown.add(smp["kind"])
+            mark = "✓" if smp["correct"] else "✗"
+            lines.append(f"- {lb}, thinking on: {mark} `{smp['kind']}` — {smp['prompt'][:100]!r} → {smp['output'][:200]!r}")
+        lines.append("")
     return lines
 
 
@@ -178,6 +223,7 @@ def write_report(ctx: Any) -> Path:
                 lines.append(f"| {k} | " + " | ".join(f"{v['format_per_kind'].get(k, 0):.2f}" for v in t.values()) + " |")
             lines.append("| **all** | " + " | ".join(f"**{v['format_rate']:.2f}**" for v in t.values()) + " |")
             lines.append("")
+        lines += _thinking_table(t)
         bars = {f"{label} correct": v["per_kind"] for label, v in t.items()}
         bars.update({f"{label} well-formed": v["format_per_kind"] for label, v in t.items()
                      if "format_per_kind" in v})

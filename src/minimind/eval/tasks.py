@@ -41,18 +41,26 @@ def prompt_of(row: dict[str, Any]) -> tuple[list[dict], list | None]:
 def evaluate_tasks(engine: GenerationEngine, tokenizer: Any, rows: Sequence[dict[str, Any]],
                    checker: Callable[[str, Any, str], bool], max_new_tokens: int = 96,
                    batch_size: int = 16,
-                   format_checker: Callable[[str, str], bool] | None = None) -> dict[str, Any]:
+                   format_checker: Callable[[str, str], bool] | None = None,
+                   open_thinking: bool = False) -> dict[str, Any]:
     """Greedy-decode every row (chat template, generation prompt) and report accuracy overall and
     per ``kind``; with ``format_checker(kind, text)`` also the share of well-formed answers.
 
     Every model gets the same rendered prompts, so comparing a pretrained and an SFT model
-    isolates what SFT taught, not prompt engineering.
+    isolates what SFT taught, not prompt engineering.  ``open_thinking`` renders the generation
+    prompt with an open ``<think>`` block (the model reasons, closes the block, then answers) instead
+    of the closed empty one; the reply is graded on what follows ``</think>``, and ``think_closed``
+    is the share of replies that closed the block (an unclosed one has no answer: a reader of the
+    reply sees only reasoning), ``reasoning_per_kind`` the share with a non-empty reasoning.
     """
     params = SamplingParams(max_new_tokens=max_new_tokens, greedy=True, temperature=0.0,
                             stop_token_ids=(tokenizer.eos_id,))
+    thinking = {"open_thinking": True} if open_thinking else {}  # templates without the flag render as before
     per_kind: dict[str, list[bool]] = defaultdict(list)
     tool_turns: list[tuple[dict[str, Any], str]] = []
     fmt_kind: dict[str, list[bool]] = defaultdict(list)
+    closed: list[bool] = []
+    reasoned: dict[str, list[bool]] = defaultdict(list)
     samples = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
@@ -60,13 +68,18 @@ def evaluate_tasks(engine: GenerationEngine, tokenizer: Any, rows: Sequence[dict
         for row in chunk:
             msgs, tools = prompt_of(row)
             prompts.append(tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True,
-                                                         tokenize=True))
+                                                         tokenize=True, **thinking))
         results = engine.generate(prompts, params)
         for row, res in zip(chunk, results):
             text = res.text if res.text is not None else tokenizer.decode(res.token_ids)
+            if open_thinking:
+                closed.append("</think>" in text)
+                head = text.split("</think>", 1)[0] if "</think>" in text else text
+                reasoned[row.get("kind", "")].append(bool(head.replace("<think>", "").strip()))
             if row.get("kind") == "tool_call" and row.get("tool_calls"):
                 tool_turns.append((row, text))
-            ok = bool(checker(row.get("kind", ""), row.get("gt"), text))
+            # with thinking on, a reply that never closes its think block has no answer outside it
+            ok = bool(checker(row.get("kind", ""), row.get("gt"), text)) and (not open_thinking or "</think>" in text)
             per_kind[row.get("kind", "")].append(ok)
             if format_checker is not None:
                 fmt_kind[row.get("kind", "")].append(bool(format_checker(row.get("kind", ""), text)))
@@ -76,14 +89,18 @@ def evaluate_tasks(engine: GenerationEngine, tokenizer: Any, rows: Sequence[dict
     acc = {k: sum(v) / len(v) for k, v in sorted(per_kind.items())}
     total = sum(len(v) for v in per_kind.values())
     out = {"accuracy": sum(sum(v) for v in per_kind.values()) / max(total, 1), "per_kind": acc,
-           "n": total, "n_per_kind": {k: len(v) for k, v in sorted(per_kind.items())}, "samples": samples}
+           "n": total, "n_per_kind": {k: len(v) for k, v in sorted(per_kind.items())}, "samples": samples,
+           "open_thinking": open_thinking}
+    if open_thinking:
+        out["think_closed"] = sum(closed) / max(len(closed), 1)
+        out["reasoning_per_kind"] = {k: sum(v) / len(v) for k, v in sorted(reasoned.items())}
     for group, keep in (("non_knowledge", lambda k: k not in KNOWLEDGE_KINDS),
                         ("knowledge", lambda k: k in KNOWLEDGE_KINDS)):
         oks = [ok for k, v in per_kind.items() if keep(k) for ok in v]
         if oks:
             out[f"accuracy_{group}"] = sum(oks) / len(oks)
     if tool_turns:
-        out.update(_tool_rounds(engine, tokenizer, tool_turns, params, batch_size))
+        out.update(_tool_rounds(engine, tokenizer, tool_turns, params, batch_size, open_thinking))
     if format_checker is not None:
         out["format_rate"] = sum(sum(v) for v in fmt_kind.values()) / max(total, 1)
         out["format_per_kind"] = {k: sum(v) / len(v) for k, v in sorted(fmt_kind.items())}
@@ -91,7 +108,7 @@ def evaluate_tasks(engine: GenerationEngine, tokenizer: Any, rows: Sequence[dict
 
 
 def _tool_rounds(engine: GenerationEngine, tokenizer: Any, turns: Sequence[tuple[dict[str, Any], str]],
-                 params: SamplingParams, batch_size: int) -> dict[str, Any]:
+                 params: SamplingParams, batch_size: int, open_thinking: bool = False) -> dict[str, Any]:
     """Tool-call exactness of the first turns, then a second round on the model's own calls.
 
     Each first turn's parsed calls are executed by :func:`minimind.tasks.toolset.execute_tool` (pure
@@ -112,7 +129,8 @@ def _tool_rounds(engine: GenerationEngine, tokenizer: Any, turns: Sequence[tuple
         msgs = msgs + [{"role": "assistant", "content": "", "tool_calls": calls}]
         msgs += [{"role": "tool", "content": json.dumps(r, ensure_ascii=False)} for r in results]
         followups.append((row, tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True,
-                                                             tokenize=True)))
+                                                             tokenize=True,
+                                                             **({"open_thinking": True} if open_thinking else {}))))
     final_ok: list[bool] = []
     final_samples = []
     for start in range(0, len(followups), batch_size):

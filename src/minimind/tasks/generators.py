@@ -46,6 +46,7 @@ __all__ = [
     "GENERATORS",
     "KINDS",
     "LEVELS",
+    "REASONING_KINDS",
     "Task",
     "available_kinds",
     "dictionary_answer",
@@ -55,6 +56,7 @@ __all__ = [
     "idiom_pool",
     "split_of",
     "task_fact_text",
+    "task_reasoning",
     "task_to_rl_row",
     "task_to_sft_row",
 ]
@@ -532,10 +534,85 @@ def _as_json_strings(msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def task_to_sft_row(task: Task, json_strings: bool = False) -> dict[str, Any]:
-    """Reference SFT row ``{"conversations": [...]}``; ``json_strings`` for the reference loader."""
+def task_to_sft_row(task: Task, json_strings: bool = False, thinking: bool = False) -> dict[str, Any]:
+    """Reference SFT row ``{"conversations": [...]}``; ``json_strings`` for the reference loader.
+
+    ``thinking=True`` puts :func:`task_reasoning` (when the kind has one) into the final assistant
+    turn's ``reasoning_content``, which the chat template renders inside ``<think>…</think>``; without
+    it (or for kinds without reasoning) the template renders the empty think block
+    ``<think>\\n\\n</think>\\n\\n`` that the non-thinking generation prompt ends with.
+    """
     msgs = copy.deepcopy(task.messages)
+    reasoning = task_reasoning(task) if thinking else None
+    if reasoning is not None:
+        msgs[-1]["reasoning_content"] = reasoning
     return {"conversations": _as_json_strings(msgs) if json_strings else msgs}
+
+
+# --------------------------------------------------------------------------- short reasoning
+
+#: Kinds whose answers get a step-by-step reasoning from :func:`task_reasoning` (others: ``None``).
+REASONING_KINDS: tuple[str, ...] = ("arithmetic", "date_fact")
+_ARITH_KEY_RE = re.compile(r"arithmetic:(\d+)([+\-])(\d+)$")
+_NEXT_KEY_RE = re.compile(r"date:next:(\d{4}-\d{2}-\d{2})$")
+
+
+def task_reasoning(task: Task) -> str | None:
+    """Short step-by-step reasoning that leads to the task's answer, or ``None`` when the kind has none.
+
+    Why these steps: a tiny model cannot look up a sum it never saw, but it can apply two local rules
+    it sees in every example.  Addition and subtraction therefore move one unit at a time, each step
+    an equality that stays true, until the second operand is 0 (the larger addend goes first, so the
+    chain is at most 9 steps)::
+
+        7 + 5 = 8 + 4 = 9 + 3 = 10 + 2 = 11 + 1 = 12 + 0 = 12
+        9 - 4 = 8 - 3 = 7 - 2 = 6 - 1 = 5 - 0 = 5
+
+    A next-day question states the month's length and whether the day is its last, i.e. whether the
+    date carries over into the next month (or year), and ends with the resulting date.
+    Multiplication and the other date questions have no reasoning here.
+    """
+    if task.kind == "arithmetic":
+        m = _ARITH_KEY_RE.match(task.key)
+        return _counting_chain(int(m.group(1)), m.group(2), int(m.group(3))) if m else None
+    if task.kind == "date_fact":
+        m = _NEXT_KEY_RE.match(task.key)
+        return _next_day_reasoning(dt.date.fromisoformat(m.group(1)), task.lang) if m else None
+    return None
+
+
+def _counting_chain(a: int, op: str, b: int) -> str:
+    """``a op b`` rewritten one unit at a time until the second operand is 0 (see :func:`task_reasoning`)."""
+    if op == "+" and b > a:
+        parts = [f"{a} + {b}"]
+        a, b = b, a
+    else:
+        parts = []
+    step = 1 if op == "+" else -1
+    while True:
+        parts.append(f"{a} {op} {b}")
+        if b == 0:
+            break
+        a, b = a + step, b - 1
+    parts.append(str(a))
+    return " = ".join(parts)
+
+
+def _next_day_reasoning(d: dt.date, lang: str) -> str:
+    """Month length, whether ``d`` is the month's last day (the carry), and the next day."""
+    last = calendar.monthrange(d.year, d.month)[1]
+    nxt = d + dt.timedelta(days=1)
+    if lang == "zh":
+        head = f"{d.year}年{d.month}月有{last}天，"
+        if d.day == last:
+            carry = "进到下一年" if d.month == 12 else "进到下个月"
+            return f"{head}{d.day}日是月末，{carry}，所以是{_zh_date(nxt)}。"
+        return f"{head}{d.day}日不是月末，日加一，所以是{_zh_date(nxt)}。"
+    head = f"{_EN_MONTHS[d.month - 1]} {d.year} has {last} days; "
+    if d.day == last:
+        carry = "the next year" if d.month == 12 else "the next month"
+        return f"{head}{d.day} is the last day, so it carries into {carry}: {_en_date(nxt)}."
+    return f"{head}{d.day} is not the last day, so add one: {_en_date(nxt)}."
 
 
 def task_to_rl_row(task: Task, json_strings: bool = False) -> dict[str, Any]:
