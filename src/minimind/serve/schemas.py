@@ -69,7 +69,9 @@ def find_lone_surrogate(value: Any, path: str = "", depth: int = 0) -> str | Non
     else:
         return None
     for key, item in items:
-        where = f"{path}.{key}" if path else str(key)
+        # The location is quoted in the error message, so the key is written with \\udXXX escapes.
+        name = str(key).encode("utf-8", "backslashreplace").decode("utf-8")
+        where = f"{path}.{name}" if path else name
         if isinstance(key, str) and find_lone_surrogate(key, where, depth + 1):
             return where
         found = find_lone_surrogate(item, where, depth + 1)

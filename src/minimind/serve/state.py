@@ -135,14 +135,19 @@ class ServerState:
                                 f"({prompt_len + requested} in total). Shorten the {what} or lower max_tokens.",
                            what, "context_length_exceeded")
         temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
+        top_p = DEFAULT_TOP_P if req.top_p is None else req.top_p
         if temperature < MIN_TEMPERATURE:
             # Dividing logits by a denormal temperature overflows to inf/NaN; such a temperature means greedy.
+            temperature = 0.0
+        if top_p < 1.0 / self.engine.model.config.vocab_size:
+            # The most likely token has probability >= 1/V, so a nucleus this small is that token alone:
+            # greedy, exactly (and 1e-46 would round to 0 in float32 inside the sampler).
             temperature = 0.0
         try:
             return SamplingParams(
                 max_new_tokens=requested, temperature=temperature,
                 top_k=max(req.top_k or 0, 0),
-                top_p=DEFAULT_TOP_P if req.top_p is None else req.top_p,
+                top_p=1.0 if temperature == 0 else top_p,
                 repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
                 stop_token_ids=() if req.ignore_eos else (self.tokenizer.eos_id,),
                 stop_strings=req.stop_strings(), greedy=temperature == 0, seed=req.seed)
