@@ -23,10 +23,10 @@ def tiny_model(use_moe: bool = False, seed: int = 0, **over) -> MiniMindForCausa
     """H=64 random model with large weights: greedy outputs vary (a 0.02-std tied model just
     repeats its input token, which would make every comparison trivially true)."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=256,
-                      tie_word_embeddings=False, use_moe=use_moe, num_experts=4,
-                      num_experts_per_tok=2 if use_moe else 1, **over)
+    shape = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "vocab_size": 300, "max_position_embeddings": 256, "tie_word_embeddings": False,
+             "use_moe": use_moe, "num_experts": 4, "num_experts_per_tok": 2 if use_moe else 1}
+    cfg = ModelConfig(**{**shape, **over})
     model = MiniMindForCausalLM(cfg)
     with torch.no_grad():
         for p in model.parameters():

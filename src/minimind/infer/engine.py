@@ -243,7 +243,8 @@ class GenerationEngine:
         return GenerationResult(token_ids=list(row.ids), text=text,
                                 finish_reason=row.finish_reason or "length",
                                 prompt_tokens=row.prompt_len, completion_tokens=len(row.ids),
-                                stop=row.stop, logprobs=list(row.logprobs) if row.logprobs is not None else None)
+                                stop=row.stop, logprobs=list(row.logprobs) if row.logprobs is not None else None,
+                                error=row.error)
 
     # ---- synchronous drivers -------------------------------------------------------------------
     def run(self, requests: Sequence[Request]) -> None:

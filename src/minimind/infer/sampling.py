@@ -1,4 +1,4 @@
-"""Next-token sampling: repetition penalty, temperature, top-k, top-p, multinomial.
+"""Next-token sampling: repetition penalty, temperature, top-k, top-p, and a seeded draw per row.
 
 The steps run in the order HF ``transformers`` uses, on purpose:
 
@@ -8,28 +8,61 @@ The steps run in the order HF ``transformers`` uses, on purpose:
    temperature both orders give the same numbers (dividing by T > 0 keeps the sign), but only
    penalty-first also works when there is no temperature to divide by: greedy decoding sees the
    penalised logits, and temperature 0 never enters the arithmetic.
-2. **Greedy short-circuit**: ``greedy=True`` or ``temperature == 0`` takes the argmax of the
+2. **Greedy short-circuit**: ``greedy=True`` or ``temperature < 1e-5`` takes the argmax of the
    penalised logits.  The reference divided by the temperature before its argmax, so temperature 0
    produced ``inf/inf = NaN`` logits.
-3. **Temperature**: ``logits / T``.
+3. **Temperature**: ``(z' - max z') / T``.  Subtracting the row's maximum first changes no
+   probability but keeps every tempered logit ``<= 0``, so no temperature overflows to ``inf``.
 4. **Top-k**: keep exactly the k largest logits (ties at the k-th value do not widen the set).
 5. **Top-p** (nucleus): keep the smallest set of most likely tokens whose probability sums to at
    least ``top_p``; the most likely token is always kept, so the set is never empty.
-6. **Multinomial** draw from the renormalised distribution, with an optional ``torch.Generator`` so
-   that a seed reproduces the samples.
+6. **Draw** from the renormalised distribution by the Gumbel-max trick:
+   ``argmax_i (logit_i / T + g_i)`` with ``g_i = -log(-log u_i)`` and ``u_i`` uniform on (0, 1) is a
+   draw from ``softmax(logit / T)`` restricted to the kept tokens, with no normalisation and one
+   ``argmax`` for the whole batch.
+
+**Log-probs** (``sample_rows(..., logprobs=True)``) are ``log_softmax(z' / T)`` at the sampled token,
+where ``z'`` are the logits after the repetition penalty and ``T`` the row's temperature (``T = 1``
+for greedy rows): the *tempered, full-support* distribution.  Top-k and top-p are not applied to the
+reported log-prob: the sample comes from the renormalised truncated distribution, but we report the
+tempered full-vocabulary log-prob, which is exactly what a training forward computing
+``log_softmax(logits / T)`` reproduces.  With ``top_k=0`` and ``top_p=1`` (the RL defaults) the two
+coincide.
+
+**Random streams** are counter-based, so a row's draws depend on nothing but its own seed and
+position: the uniform for candidate token ``v`` at the row's ``t``-th sampled token is a hash of
+``(row_seed, t, v)`` (splitmix64's mixer, see :func:`counter_uniforms`), computed with integer tensor
+ops for every row at once.  A seeded row therefore draws the same tokens whatever else shares its
+batch and however many candidates the other rows keep; rows without a seed take a fresh random
+``row_seed`` per step from the global torch RNG (or the ``generator`` passed in).  A request's
+sample ``i`` uses ``derive_seed(seed, i)`` as its row seed, so samples of one request, and requests
+whose seeds differ by one, are unrelated streams.
 
 Everything is batched over rows, and every row may have its own settings (:class:`RowKnobs`): the
 continuous-batching engine decodes requests with different temperatures, filters and penalties in one
 step.  Top-k and top-p work on the ``k_max`` best logits only (``torch.topk`` instead of a full sort of
-the vocabulary) unless some row disables top-k.
+the vocabulary) unless some row disables top-k; when no row filters at all, nothing is sorted.
+
+**Bad rows.**  A row whose logits are not usable (a NaN anywhere, ``+inf``, or nothing finite) is
+flagged in :attr:`Sampled.bad` instead of failing the batch; the engine ends that row alone.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+MAX_TEMPERATURE = 100.0
+PENALTY_RANGE = (0.01, 100.0)
+GREEDY_BELOW = 1e-5  # temperatures below this are argmax (logits / T would overflow to inf)
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment: 2^64 / golden ratio, odd
+_MUL1 = 0xBF58476D1CE4E5B9
+_MUL2 = 0x94D049BB133111EB
 
 
 @dataclass
@@ -39,8 +72,17 @@ class SamplingParams:
     ``top_k=0`` and ``top_p=1.0`` disable those filters; ``repetition_penalty=1.0`` disables the
     penalty.  ``stop_token_ids`` end a row (the token is kept in ``token_ids`` but not in the text);
     ``stop_strings`` end a row when its decoded text contains one (the text is cut before it).
-    ``seed`` makes sampling reproducible for a given batch (the draws of all rows share one
-    generator, so the same prompt in a different batch may get different samples).
+
+    Accepted ranges (a ``ValueError`` names every violation): ``0 <= temperature <= 100`` (below
+    ``1e-5`` is greedy; OpenAI caps at 2, vLLM has no cap, and at 100 a distribution is already flat),
+    ``0 < top_p <= 1``, ``top_k >= 0``, ``0.01 <= repetition_penalty <= 100`` (HF and vLLM only ask
+    for > 0, but a penalty of 1e-38 turns a logit into ``inf``; useful values are 1 to 2).
+
+    ``seed`` (any int) makes sampling reproducible: sample ``i`` of a request draws from the stream
+    ``derive_seed(seed, i)``, which depends on nothing else, so the request gets the same tokens alone
+    or in any batch.  Requests that must be independent need different seeds, e.g. RL derives one per
+    request with ``derive_seed(step_seed, prompt_index, turn, episode)``; never use ``seed + i`` for
+    related requests' seeds yourself when ``derive_seed`` can mix them.
     """
 
     max_new_tokens: int = 512
@@ -62,32 +104,95 @@ class SamplingParams:
         problems = []
         if int(self.max_new_tokens) < 1:
             problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature >= 0:  # also rejects NaN
-            problems.append(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:  # also rejects NaN
+            problems.append(f"temperature must be in [0, {MAX_TEMPERATURE:g}] (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
         if int(self.top_k) < 0:
             problems.append(f"top_k must be >= 0 (0 = disabled), got {self.top_k}")
-        if not self.repetition_penalty > 0:
-            problems.append(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        low, high = PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            problems.append(f"repetition_penalty must be in [{low:g}, {high:g}] (1 = off), "
+                            f"got {self.repetition_penalty}")
         if any(t < 0 for t in self.stop_token_ids):
             problems.append(f"stop_token_ids must be non-negative, got {self.stop_token_ids}")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             problems.append(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            problems.append(f"seed must be an integer or None, got {self.seed!r}")
         if problems:
             raise ValueError("invalid sampling params: " + "; ".join(problems))
 
     @property
     def is_greedy(self) -> bool:
         # Below 1e-5, logits / T overflows to inf and the softmax turns to NaN: that *is* argmax.
-        return self.greedy or self.temperature < 1e-5
+        return self.greedy or self.temperature < GREEDY_BELOW
 
 
+# ---- seeds and counter-based random numbers ------------------------------------------------------
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser on a Python int: a bijection of 64-bit words in which every input bit
+    flips each output bit with probability ~1/2."""
+    x &= _MASK64
+    x = ((x ^ (x >> 30)) * _MUL1) & _MASK64
+    x = ((x ^ (x >> 27)) * _MUL2) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seed(*values: int) -> int:
+    """A seed in ``[0, 2**63)`` mixed from any integers (negative or wider than 64 bits included).
+
+    Each value goes through splitmix64's mixer before it is folded in, so nearby inputs (``s`` and
+    ``s + 1``, ``(a, b)`` and ``(b, a)``, ``(s, 1)`` and ``(s + 1, 0)``) give unrelated seeds; the
+    result is non-negative and fits ``torch.manual_seed``, an int64 tensor and JSON.  Use it to give
+    related requests independent streams: ``derive_seed(step_seed, prompt_index, turn, episode)``.
+    """
+    h = _GOLDEN
+    for v in values:
+        h = _mix64(h + _GOLDEN + _mix64(operator.index(v)))
+    return h >> 1
+
+
+def _signed(c: int) -> int:
+    """The int64 with the same bits as the 64-bit word ``c`` (torch multiplies int64 modulo 2^64)."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 words (torch's ``>>`` is arithmetic: it copies the sign bit)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64_tensor(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_mix64` elementwise on int64 tensors (wrapping multiplication)."""
+    x = (x ^ _shr(x, 30)) * _signed(_MUL1)
+    x = (x ^ _shr(x, 27)) * _signed(_MUL2)
+    return x ^ _shr(x, 31)
+
+
+def counter_uniforms(row_seeds: torch.Tensor, steps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Float64 uniforms on (0, 1), one per ``tokens[b, j]``: a pure function of (seed, step, token).
+
+    ``u = top 53 bits of mix(mix(seed + (step + 1) G) + (token + 1) G)``, ``G`` splitmix64's odd
+    increment: the inner mix is output ``step + 1`` of the splitmix64 stream seeded with ``seed``, the
+    outer one output ``token + 1`` of the stream seeded with that.  ``row_seeds``/``steps`` are int64
+    ``[B]``, ``tokens`` int64 ``[B, K]``.
+    """
+    golden = _signed(_GOLDEN)
+    row = _mix64_tensor(row_seeds + (steps + 1) * golden)
+    h = _mix64_tensor(row.unsqueeze(-1) + (tokens + 1) * golden)
+    return (_shr(h, 11).double() + 0.5) * 2.0 ** -53
+
+
+# ---- per-row settings ----------------------------------------------------------------------------
 @dataclass
 class RowKnobs:
     """Per-row sampling settings as tensors ``[B]``, plus host-side flags that let a step skip work.
 
-    ``top_k`` holds ``V`` for rows without a top-k filter; ``k_max`` is the largest of them.
+    ``temperature`` is 1 for greedy rows (their log-probs are of the untempered distribution);
+    ``top_k`` holds ``V`` for rows without a top-k filter and ``k_max`` is the largest among sampled
+    rows.  ``seed`` is each row's stream seed (meaningful where ``seeded``) and ``step`` how many
+    tokens the row has sampled (the counter of its random stream; :func:`sample_rows` advances it).
     """
 
     temperature: torch.Tensor
@@ -95,27 +200,58 @@ class RowKnobs:
     top_p: torch.Tensor
     penalty: torch.Tensor
     greedy: torch.Tensor
+    seed: torch.Tensor
+    seeded: torch.Tensor
+    step: torch.Tensor
     k_max: int
     any_penalty: bool
     all_greedy: bool
+    all_seeded: bool
+    truncate: bool
 
     @classmethod
-    def build(cls, params: Sequence[SamplingParams], vocab_size: int,
-              device: torch.device | str = "cpu") -> RowKnobs:
+    def build(cls, params: Sequence[SamplingParams], vocab_size: int, device: torch.device | str = "cpu",
+              seeds: Sequence[int | None] | None = None, steps: Sequence[int] | None = None) -> RowKnobs:
+        """Knobs of rows with ``params``; ``seeds`` are the rows' stream seeds (e.g.
+        ``derive_seed(request_seed, sample_index)``, ``None`` = global RNG), ``steps`` their counters."""
+        n = len(params)
+        seeds = list(seeds) if seeds is not None else [None] * n
+        steps = list(steps) if steps is not None else [0] * n
         ks = [int(p.top_k) if 0 < int(p.top_k) < vocab_size else vocab_size for p in params]
         greedy = [p.is_greedy for p in params]
+        sampled = [i for i in range(n) if not greedy[i]]
+
+        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(device)
+
         return cls(
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32).to(device),
-            top_k=torch.tensor(ks, dtype=torch.long).to(device),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device),
-            penalty=torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32).to(device),
-            greedy=torch.tensor(greedy, dtype=torch.bool).to(device),
-            k_max=max((k for k, g in zip(ks, greedy) if not g), default=1),
+            temperature=tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32),
+            top_k=tensor(ks, torch.long),
+            top_p=tensor([p.top_p for p in params], torch.float32),
+            penalty=tensor([p.repetition_penalty for p in params], torch.float32),
+            greedy=tensor(greedy, torch.bool),
+            seed=tensor([s if s is not None else 0 for s in seeds], torch.long),
+            seeded=tensor([s is not None for s in seeds], torch.bool),
+            step=tensor(steps, torch.long),
+            k_max=max((ks[i] for i in sampled), default=1),
             any_penalty=any(p.repetition_penalty != 1.0 for p in params),
-            all_greedy=all(greedy),
+            all_greedy=not sampled,
+            all_seeded=all(seeds[i] is not None for i in sampled),
+            truncate=any(ks[i] < vocab_size or params[i].top_p < 1.0 for i in sampled),
         )
 
 
+@dataclass
+class Sampled:
+    """One step's outcome per row: ``tokens`` long ``[B]``, ``logprobs`` float32 ``[B]`` (or ``None``
+    when not asked for) and ``bad`` bool ``[B]`` (the row's logits were unusable; its token is 0)."""
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor | None
+    bad: torch.Tensor
+
+
+# ---- filters -------------------------------------------------------------------------------------
 def seen_token_mask(token_ids: torch.Tensor, vocab_size: int,
                     valid: torch.Tensor | None = None) -> torch.Tensor:
     """Bool ``[B, V]``: which tokens occur in each row of ``token_ids [B, S]``.
@@ -156,7 +292,8 @@ def top_p_filter(logits: torch.Tensor, top_p: float | torch.Tensor) -> torch.Ten
     """Keep the smallest set of most likely tokens with total probability ``>= top_p``.
 
     A token is dropped when the probability mass strictly before it (in descending order) already
-    reaches ``top_p``; the first token has zero mass before it, so at least one token survives.
+    reaches ``top_p``; the most likely token is always kept, so at least one token survives (even for
+    a ``top_p`` that rounds to 0 in float32).
     """
     if not isinstance(top_p, torch.Tensor) and top_p >= 1.0:
         return logits
@@ -167,64 +304,68 @@ def top_p_filter(logits: torch.Tensor, top_p: float | torch.Tensor) -> torch.Ten
 
 
 def _nucleus_drop(sorted_logits: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
-    """Which of the descending-sorted logits fall outside the nucleus (rows with top_p = 1 keep all)."""
+    """Which of the descending-sorted logits fall outside the nucleus (rows with top_p = 1 keep all;
+    rank 0 is always kept)."""
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs
+    not_first = torch.arange(probs.shape[-1], device=probs.device) > 0
     if isinstance(top_p, torch.Tensor):
         top_p = top_p.unsqueeze(-1)
-        return (mass_before >= top_p) & (top_p < 1.0)  # cumsum rounding must not cut a top_p=1 row
-    return mass_before >= top_p
+        return (mass_before >= top_p) & (top_p < 1.0) & not_first  # rounding must not cut a top_p=1 row
+    return (mass_before >= top_p) & not_first
 
 
+# ---- the draw ------------------------------------------------------------------------------------
 def sample_rows(logits: torch.Tensor, knobs: RowKnobs, seen: torch.Tensor | None = None,
-                generators: Sequence[torch.Generator | None] | torch.Generator | None = None
-                ) -> torch.Tensor:
-    """One token per row of ``logits [B, V]``, each row with its own settings; ``LongTensor [B]``.
+                generator: torch.Generator | None = None, logprobs: bool = False) -> Sampled:
+    """One token per row of ``logits [B, V]``, each row with its own settings, all rows at once.
 
-    ``generators`` is one generator for the whole batch, or one per row (``None`` = the global RNG),
-    so a seeded request draws the same tokens whatever else shares its batch.
+    ``generator`` feeds the row seeds of unseeded rows (default: the global RNG).  With ``logprobs``
+    the result carries ``log_softmax(z' / T)`` of each sampled token (see the module docstring for
+    what that means under top-k/top-p).  Advances ``knobs.step`` by one.  Nothing here reads a value
+    back to the host.
     """
-    logits = logits.float()
+    z = logits.float()
     if knobs.any_penalty:
         if seen is None:
             raise ValueError("repetition_penalty != 1 needs the seen-token mask")
-        logits = apply_repetition_penalty(logits, seen, knobs.penalty)
-    best = logits.argmax(dim=-1)
+        z = apply_repetition_penalty(z, seen, knobs.penalty)
+    top, best = z.max(dim=-1)  # a NaN anywhere in a row propagates into its max
+    bad = ~torch.isfinite(top)
+    shift = torch.where(bad, 0.0, top).unsqueeze(-1)
+    scaled = (z - shift) / knobs.temperature.unsqueeze(-1)  # <= 0 in good rows: no overflow
     if knobs.all_greedy:
-        return best
-    scaled = logits / torch.where(knobs.greedy, 1.0, knobs.temperature).unsqueeze(-1)
-    if knobs.k_max < logits.shape[-1]:
-        vals, idx = torch.topk(scaled, knobs.k_max, dim=-1)
+        tokens = best
     else:
-        vals, idx = torch.sort(scaled, dim=-1, descending=True)
-    rank = torch.arange(vals.shape[-1], device=vals.device)
-    vals = vals.masked_fill(rank >= knobs.top_k.unsqueeze(-1), float("-inf"))
-    vals = vals.masked_fill(_nucleus_drop(vals, knobs.top_p), float("-inf"))
-    probs = torch.softmax(vals, dim=-1)
-    choice = _multinomial(probs, generators, knobs.top_k)
-    picked = idx.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
-    return torch.where(knobs.greedy, best, picked)
+        tokens = torch.where(knobs.greedy, best, _draw(scaled, knobs, generator))
+    tokens = tokens.masked_fill(bad, 0)
+    lp = None
+    if logprobs:
+        lp = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
+    knobs.step += 1
+    return Sampled(tokens, lp, bad)
 
 
-def _multinomial(probs: torch.Tensor, generators: Sequence[torch.Generator | None] | torch.Generator | None,
-                 top_k: torch.Tensor) -> torch.Tensor:
-    """Draw one index per row of the descending ``probs``.
-
-    A row with its own generator draws from its own ``top_k`` entries only, so the draw does not
-    depend on how many candidates the batch's other rows needed (``torch.multinomial`` consumes
-    random numbers differently for vectors of different lengths).
-    """
-    if generators is None or isinstance(generators, torch.Generator):
-        return torch.multinomial(probs, 1, generator=generators).squeeze(-1)
-    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
-    shared = [i for i, g in enumerate(generators) if g is None]
-    if shared:
-        rows = torch.tensor(shared, device=probs.device)
-        out[rows] = torch.multinomial(probs[rows], 1).squeeze(-1)
-    for i, g in enumerate(generators):
-        if g is not None:
-            out[i] = torch.multinomial(probs[i, : int(top_k[i])], 1, generator=g)[0]
-    return out
+def _draw(scaled: torch.Tensor, knobs: RowKnobs, generator: torch.Generator | None) -> torch.Tensor:
+    """Gumbel-max over each row's kept candidates of the tempered logits ``scaled``."""
+    if knobs.truncate:
+        if knobs.k_max < scaled.shape[-1]:
+            vals, idx = torch.topk(scaled, knobs.k_max, dim=-1)
+        else:
+            vals, idx = torch.sort(scaled, dim=-1, descending=True)
+        rank = torch.arange(vals.shape[-1], device=vals.device)
+        vals = vals.masked_fill(rank >= knobs.top_k.unsqueeze(-1), float("-inf"))
+        vals = vals.masked_fill(_nucleus_drop(vals, knobs.top_p), float("-inf"))
+    else:
+        vals = scaled
+        idx = torch.arange(scaled.shape[-1], device=scaled.device).expand_as(scaled)
+    seeds = knobs.seed
+    if not knobs.all_seeded:
+        fresh = torch.randint(0, 2 ** 62, seeds.shape, generator=generator, device=seeds.device)
+        seeds = torch.where(knobs.seeded, seeds, fresh)
+    u = counter_uniforms(seeds, knobs.step, idx)
+    choice = (vals.double() - torch.log(-torch.log(u))).argmax(dim=-1, keepdim=True)
+    return idx.gather(-1, choice).squeeze(-1)
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
@@ -232,8 +373,15 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor
     """Pick one token per row from ``logits [B, V]`` with one setting for all rows.
 
     ``seen [B, V]`` (see :func:`seen_token_mask`) lists the tokens of prompt and generation so far;
-    it is only needed when ``params.repetition_penalty != 1``.  The steps and their order are
-    described in the module docstring.
+    it is only needed when ``params.repetition_penalty != 1``.  With ``params.seed`` row ``i`` draws
+    from ``derive_seed(seed, i)`` (as sample ``i`` of an engine request does at its first token);
+    otherwise from ``generator`` or the global RNG.  Raises ``ValueError`` for rows whose logits are
+    not finite.  The steps and their order are described in the module docstring.
     """
-    knobs = RowKnobs.build([params] * logits.shape[0], logits.shape[-1], logits.device)
-    return sample_rows(logits, knobs, seen, generator)
+    n = logits.shape[0]
+    seeds = [derive_seed(params.seed, i) for i in range(n)] if params.seed is not None else None
+    knobs = RowKnobs.build([params] * n, logits.shape[-1], logits.device, seeds=seeds)
+    out = sample_rows(logits, knobs, seen, generator)
+    if bool(out.bad.any()):
+        raise ValueError(f"non-finite logits in rows {out.bad.nonzero().flatten().tolist()}")
+    return out.tokens

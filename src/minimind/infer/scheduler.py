@@ -11,8 +11,10 @@ in one KV-cache slot from admission to its last token.  One :meth:`Scheduler.ste
    forward pass (one row per request), the prompt's keys/values are copied into the slots of the
    request's other samples, and every sample draws its first token from the prompt's logits.
 
-Every row keeps its own sampling settings, generator and stop rules; the per-row knobs are tensors
-rebuilt only when the set of running rows changes.  Events reach their owners through the request's
+Every row keeps its own sampling settings, random stream and stop rules; the per-row knobs are
+tensors rebuilt only when the set of running rows changes.  A step samples every row at once and
+reads tokens, log-probs and per-row error flags back to the host in one transfer.  A row whose
+logits go bad (NaN or inf) ends alone with ``finish_reason == "error"``; the others carry on.  Events reach their owners through the request's
 ``on_event`` callback, so any caller may drive :meth:`step` (the synchronous ``generate`` or the
 server's background thread) and every request still hears about its own tokens.
 """
@@ -27,12 +29,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from minimind.infer.sampling import RowKnobs, SamplingParams, sample_rows
+from minimind.infer.sampling import RowKnobs, SamplingParams, derive_seed, sample_rows
 
 if TYPE_CHECKING:
     from minimind.infer.engine import GenerationEngine
 
-FinishReason = Literal["stop", "length", "interrupted", "cancelled"]  # interrupted: Ctrl-C in chat
+# interrupted: Ctrl-C in chat; error: this row's numbers went bad (see GenerationResult.error)
+FinishReason = Literal["stop", "length", "interrupted", "cancelled", "error"]
 
 
 @dataclass
@@ -42,8 +45,16 @@ class GenerationResult:
     ``token_ids`` are all sampled ids, including a terminating stop token (RL needs to score the
     decision to stop); ``text`` excludes that token and is cut before a matched stop string
     (``None`` without a tokenizer).  ``stop`` is the stop token id or stop string that ended the row.
-    ``logprobs[i]`` is ``log p(token_ids[i])`` under the model's own distribution (temperature 1, no
-    filtering) when the request asked for log-probs.
+    ``logprobs[i]`` (when the request asked for log-probs) is ``log p(token_ids[i])`` under the
+    distribution the token was sampled from, before truncation: ``log_softmax(z' / T)`` with ``z'`` the
+    logits after the repetition penalty and ``T`` the temperature (``T = 1`` for greedy requests).
+    Top-k/top-p are not applied to it: the sample comes from the renormalised truncated distribution,
+    the reported value is the tempered full-vocabulary log-prob, which is what a training forward
+    computing ``log_softmax(logits / T)`` reproduces (with ``top_k=0``, ``top_p=1`` and no penalty,
+    the RL defaults, the two are the same distribution).
+
+    ``finish_reason == "error"`` means this row's logits became unusable (NaN or inf); ``error`` then
+    says why, and ``token_ids`` hold the tokens sampled before it.  Other rows are not affected.
     """
 
     token_ids: list[int]
@@ -53,6 +64,7 @@ class GenerationResult:
     completion_tokens: int
     stop: int | str | None = None
     logprobs: list[float] | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -61,7 +73,8 @@ class TokenEvent:
 
     ``text`` is the text that became final with this token: ``""`` while it is held back (an
     incomplete UTF-8 character, or a possible start of a stop string).  The last event of a sample
-    has ``finish_reason`` and ``result`` set.
+    has ``finish_reason`` and ``result`` set.  When that is ``"error"`` no token was sampled:
+    ``token_id`` is -1 and ``logprob`` ``None``.
     """
 
     index: int
@@ -89,7 +102,10 @@ class Row:
         self.text = ""
         self.safe_len = 0  # text[:safe_len] is final: it can no longer become part of a stop string
         self.sent = 0  # characters already reported in events
-        self.generator: torch.Generator | None = None
+        self.error: str | None = None
+        # Sample i of a seeded request draws from its own stream (see SamplingParams.seed).
+        seeded = params.seed is not None and not params.is_greedy
+        self.seed: int | None = derive_seed(params.seed, index) if seeded else None
         self._stop_ids = frozenset(params.stop_token_ids)
         self._stop_strings = params.stop_strings
         self._hold = max((len(s) for s in self._stop_strings), default=1) - 1
@@ -117,6 +133,11 @@ class Row:
             self.safe_len = len(self.text) - self._stop_prefix_len()
         if len(self.ids) >= self.budget:
             self.finish("length", None)
+
+    def fail(self, message: str) -> None:
+        """End this row alone: its numbers went bad, the rest of the batch is unharmed."""
+        self.error = message
+        self.finish("error", None)
 
     def finish(self, reason: FinishReason, stop: int | str | None) -> None:
         self.finish_reason, self.stop = reason, stop
@@ -216,23 +237,31 @@ class Scheduler:
         self._sample_and_push(rows, logits, 0, self._knobs)
 
     def _build_knobs(self, rows: list[Row], vocab: int) -> RowKnobs:
-        return RowKnobs.build([r.request.params for r in rows], vocab, self.engine.device)
+        return RowKnobs.build([r.request.params for r in rows], vocab, self.engine.device,
+                              seeds=[r.seed for r in rows], steps=[len(r.ids) for r in rows])
 
     def _sample_and_push(self, rows: list[Row], logits: torch.Tensor, first_slot: int, knobs: RowKnobs) -> None:
-        """Sample a token for ``rows`` (slots ``first_slot...``), record it and tell the owners."""
+        """Sample a token for ``rows`` (slots ``first_slot...``), record it and tell the owners.
+
+        Tokens, log-probs and error flags come back to the host in one read (float64 holds token
+        ids exactly and float32 log-probs without rounding)."""
         eng = self.engine
         seen = eng.seen[first_slot:first_slot + len(rows)] if knobs.any_penalty else None
-        gens = [r.generator for r in rows]
-        tok = sample_rows(logits, knobs, seen, gens if any(g is not None for g in gens) else None)
+        want_lp = any(r.logprobs is not None for r in rows)
+        out = sample_rows(logits, knobs, seen, logprobs=want_lp)
         if seen is not None:
-            seen[torch.arange(len(rows), device=tok.device), tok] = True
-        lps = None
-        if any(r.logprobs is not None for r in rows):
-            lps = torch.log_softmax(logits.float(), dim=-1).gather(-1, tok.unsqueeze(-1)).squeeze(-1).tolist()
-        for i, (row, t) in enumerate(zip(rows, tok.tolist())):
-            lp = lps[i] if lps is not None else None
-            row.push(t, lp)
-            self._emit(row, t, lp)
+            seen[torch.arange(len(rows), device=out.tokens.device), out.tokens] = True
+        parts = [out.tokens, out.bad] + ([out.logprobs] if out.logprobs is not None else [])
+        host = torch.stack([p.double() for p in parts]).tolist()
+        lps = host[2] if want_lp else [None] * len(rows)
+        for row, t, bad, lp in zip(rows, host[0], host[1], lps):
+            if bad:
+                row.fail(f"the model's logits for this row are not finite (NaN or inf) at generated "
+                         f"token {len(row.ids)}; the row was stopped")
+                self._emit(row, -1, None)
+                continue
+            row.push(int(t), lp)
+            self._emit(row, int(t), lp)
 
     def _emit(self, row: Row, token: int, logprob: float | None) -> None:
         req = row.request
@@ -286,8 +315,6 @@ class Scheduler:
             budget = min(req.params.max_new_tokens, eng.max_context - len(req.prompt_ids))
             for i in range(req.n):
                 row = Row(req, i, budget, eng.new_decoder() if req.track_text else None)
-                if req.params.seed is not None and not req.params.is_greedy:
-                    row.generator = torch.Generator(device=eng.device).manual_seed(req.params.seed + i)
                 req.rows.append(row)
                 rows.append(row)
         eng.reserve(first + len(rows), max(r.prompt_len + r.budget for r in rows))
