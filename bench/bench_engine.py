@@ -1,27 +1,38 @@
-"""Decode throughput of our GenerationEngine against the reference ``generate()`` loop.
+"""Decode throughput of our GenerationEngine against the reference ``generate()`` loop and llama.cpp.
 
-What is measured, for each dtype and batch size, in one run on the same random-weight model:
+What is measured, for each mode and batch size, in one run on the same random-weight model:
 
 * ``engine`` (and any other engine variant named with ``--variants``): our
-  :class:`~minimind.infer.GenerationEngine` with ``dtype=<dtype>``;
+  :class:`~minimind.infer.GenerationEngine`; mode ``float32`` / ``bfloat16`` is its ``dtype``, mode
+  ``int8`` is ``dtype=bfloat16, quantize="int8"`` (int8 block matrices and LM head, see
+  :mod:`minimind.infer.quant`);
 * ``reference``: the reference decoder and sampling loop rebuilt in ``bench/reference_decode.py``
   (growing ``torch.cat`` KV cache, ``repeat_kv``, manual attention per decode step, logits for every
-  prompt position), cast with ``model.to(dtype)`` as a user of that project would do;
+  prompt position), cast with ``model.to(dtype)`` as a user of that project would do (it has no int8
+  mode: the int8 rows compare with its bfloat16 row);
+* ``llama_cpp``: llama.cpp (through ``llama-cpp-python``) on the *same* weights exported with
+  :func:`minimind.export.gguf.export_gguf` as ``f32`` / ``bf16`` / ``q8_0`` (int8 blocks of 32 with an
+  f16 scale each: llama.cpp's int8), same prompt, same sampling settings, same thread count; batch 1
+  through ``Llama.generate``, larger batches as one multi-sequence ``llama_decode`` per step.  Skipped,
+  with the reason in the JSON, where ``llama-cpp-python`` or ``gguf`` is not installed;
 * ``matmul_floor``: one decode step's matrix products alone (q/k/v/o/gate/up/down for every layer
-  plus ``lm_head``, for the whole batch, in that dtype) timed in a tight loop.  ``batch / step time``
-  is an upper bound on decode tokens/s for any engine that does these products unfused.
+  plus ``lm_head``, for the whole batch, in that mode's weights) timed in a tight loop.  ``batch /
+  step time`` is an upper bound on decode tokens/s for any engine that does these products unfused.
 
-Why the floor matters: a 64M-parameter model does little arithmetic per token, so its decode speed
-is set by per-step overhead (Python, dispatch, small kernels, cache copies, host syncs) and by
-reading the weights, not by FLOPs.  The gap between an engine and the floor is that overhead.
+Every side also reports ``weight_bytes_per_step`` (the bytes of weights one decode step streams: all
+matrices and norms, not the embedding table unless it doubles as the LM head) and
+``weight_gb_s = weight_bytes_per_step * steps/s``: the memory bandwidth the side reaches.  A 64M-
+parameter model does little arithmetic per token, so decode speed is set by reading the weights and
+by per-step overhead (Python, dispatch, small kernels, cache copies, host syncs), not by FLOPs.
 
-Both sides sample with temperature 0.85, top-k 50, top-p 0.85 and no stop token (the reference gets
+All sides sample with temperature 0.85, top-k 50, top-p 0.85 and no stop token (the reference gets
 an EOS id that can never be sampled, so it still pays its per-step "all finished?" check), so every
 row decodes exactly ``--new_tokens`` tokens.  Prefill and decode are separated: the time to first
 token (TTFT) is a ``max_new_tokens=1`` call (prefill plus one sample), and
 ``decode tok/s = B * (N - 1) / (total - TTFT)``.  Each side is warmed up once before timing; the
-reported times are the best of ``--repeats`` runs (interference from other processes only ever
-adds time, so the fastest run is the least disturbed one; every run's time is kept in the JSON).
+reported times are the best of ``--repeats`` runs, the sides taking turns within each repeat
+(interference from other processes only ever adds time, so the fastest run is the least disturbed
+one; every run's time is kept in the JSON).  ``targets`` sums up the ratios the project aims at.
 Prints one JSON object (``--out`` also writes it).
 
 Run it on an otherwise idle machine: when other processes hold the cores, multi-threaded kernels
@@ -29,7 +40,7 @@ wait on each other and small matmuls get orders of magnitude slower.  The report
 average at start and end so such runs can be recognised (``--threads 1`` is the robust fallback).
 
     python bench/bench_engine.py                      # minimind-3, batches 1,8,32, fp32 and bf16
-    python bench/bench_engine.py --batches 1,8 --out runs/bench_engine.json
+    python bench/bench_engine.py --dtypes float32,bfloat16,int8 --batches 1,8 --threads 1
     python bench/bench_engine.py --quick              # tiny model, short lengths: a smoke test
 """
 
@@ -44,6 +55,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +67,7 @@ import torch.nn.functional as F
 
 from minimind.config import PRESETS, preset
 from minimind.infer import GenerationEngine, SamplingParams
+from minimind.infer.quant import Int8Linear, weight_bytes
 from minimind.model import MiniMindForCausalLM
 
 TEMPERATURE, TOP_K, TOP_P = 0.85, 50, 0.85
@@ -67,7 +80,23 @@ ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
     "engine_compiled": {"compile": True},
 }
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+class Mode:
+    """One row of the report: the engine's compute dtype and quantization, the GGUF type llama.cpp
+    runs, and the dtype the reference loop runs (``None``: it has no such mode)."""
+
+    def __init__(self, dtype: torch.dtype, quantize: str | None, gguf: str,
+                 reference: torch.dtype | None) -> None:
+        self.dtype, self.quantize, self.gguf, self.reference = dtype, quantize, gguf, reference
+
+
+MODES = {
+    "float32": Mode(torch.float32, None, "f32", torch.float32),
+    "bfloat16": Mode(torch.bfloat16, None, "bf16", torch.bfloat16),
+    "float16": Mode(torch.float16, None, "f16", torch.float16),
+    "int8": Mode(torch.bfloat16, "int8", "q8_0", None),
+}
+DTYPES = {name: m.dtype for name, m in MODES.items()}  # kept for callers of the old name
 
 FULL_DEFAULTS: dict[str, Any] = {"preset": "minimind-3", "batches": "1,8,32", "prompt_len": 100,
                                  "new_tokens": 200, "repeats": 3, "floor_iters": 20}
@@ -87,8 +116,11 @@ def load_reference() -> ModuleType:
     return module
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+
+
 def cpu_info() -> dict[str, Any]:
-    """CPU model and the instruction-set flags that decide how fast bf16 matmuls can be."""
+    """CPU model and the instruction-set flags that decide how fast bf16 / int8 matmuls can be."""
     info: dict[str, Any] = {"machine": platform.machine(), "model": platform.processor() or None}
     flags: set[str] = set()
     try:
@@ -101,7 +133,7 @@ def cpu_info() -> dict[str, Any]:
                 flags = set(value.split())
     except OSError:
         pass
-    info["flags"] = {f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")}
+    info["flags"] = {f: f in flags for f in CPU_FLAGS}
     try:
         info["mkldnn_bf16_supported"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -127,8 +159,8 @@ def measure(runs: dict[str, Callable[[int], int]], batch: int, prompt_len: int, 
             repeats: int, seed: int, device: torch.device) -> dict[str, dict[str, Any]]:
     """Time each side's ``run(max_new_tokens) -> completion tokens`` for TTFT and the full decode.
 
-    Sides take turns within each repeat (engine, reference, engine, ...) so that a change in
-    machine load hits all of them alike.  The warm-up is one short call per side; it pays one-off
+    Sides take turns within each repeat (engine, reference, llama.cpp, engine, ...) so that a change
+    in machine load hits all of them alike.  The warm-up is one short call per side; it pays one-off
     costs (allocator growth, kernel selection, lazy initialisation) a served model pays once.
     """
     for run in runs.values():
@@ -181,21 +213,135 @@ def make_reference_run(model: torch.nn.Module, prompts: torch.Tensor) -> Callabl
     return run
 
 
+# ---- llama.cpp -------------------------------------------------------------------------------------
+def llama_cpp_missing() -> str | None:
+    """Why the llama.cpp side cannot run here, or ``None``."""
+    for module, hint in (("llama_cpp", "pip install llama-cpp-python"), ("gguf", "pip install gguf")):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed ({hint})"
+    return None
+
+
+def export_for_llama_cpp(model: MiniMindForCausalLM, folder: Path, gguf_type: str) -> Path:
+    """The model as ``<folder>/bench-<type>.gguf`` with a small byte-level BPE tokenizer (ids below the
+    model's vocabulary; the benchmark feeds token ids, so the tokenizer's contents do not matter)."""
+    from minimind.export.gguf import export_gguf
+    from minimind.tokenizer import MiniMindTokenizer, train_tokenizer
+
+    tok_dir = folder / "tokenizer"
+    if (tok_dir / "tokenizer.json").exists():
+        tok = MiniMindTokenizer.from_dir(tok_dir)
+    else:
+        texts = ["decode speed of a small model on a laptop CPU, 0123456789"] * 20
+        tok = train_tokenizer(texts, tok_dir, vocab_size=300, show_progress=False)
+    return export_gguf(model, folder / f"bench-{gguf_type}.gguf", tok, dtype=gguf_type)
+
+
+def gguf_weight_bytes(path: Path) -> int:
+    """Bytes one llama.cpp decode step streams: every tensor of the file, without the embedding table
+    when a separate ``output.weight`` exists (with tied embeddings the table is the LM head)."""
+    import gguf
+
+    tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
+    if "output.weight" in tensors:
+        tensors.pop("token_embd.weight", None)
+    return sum(tensors.values())
+
+
+def make_llama_cpp_run(path: Path, prompts: list[list[int]], context: int, threads: int,
+                       seed: int) -> Callable[[int], int]:
+    """``run(n)``: ``n`` sampled tokens for every prompt.  One prompt: ``Llama.generate`` (what a
+    llama-cpp-python user calls).  Several: one ``llama_decode`` per step over all sequences of a
+    shared KV cache, sampled with llama.cpp's own sampler chain (top-k, top-p, temperature, dist)."""
+    import llama_cpp
+
+    n = len(prompts)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=context * n, n_batch=max(512, context * n),
+                          n_threads=threads, n_threads_batch=threads, n_seq_max=n, seed=seed,
+                          verbose=False)
+    if n == 1:
+        def run_one(count: int) -> int:
+            llm.reset()  # no prefix reuse between runs: every run pays its prefill
+            made = 0
+            for _ in llm.generate(prompts[0], top_k=TOP_K, top_p=TOP_P, temp=TEMPERATURE, reset=True):
+                made += 1
+                if made >= count:
+                    break
+            return made
+        run_one.llm = llm  # type: ignore[attr-defined]  # keeps the model alive with the closure
+        return run_one
+    return _batched_llama_run(llama_cpp, llm, prompts, seed)
+
+
+def _batched_llama_run(llama_cpp: ModuleType, llm: Any, prompts: list[list[int]],
+                       seed: int) -> Callable[[int], int]:
+    ctx, n = llm.ctx, len(prompts)
+    width = sum(len(p) for p in prompts)
+    batch = llama_cpp.llama_batch_init(max(width, n), 0, n)
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    for s in (llama_cpp.llama_sampler_init_top_k(TOP_K), llama_cpp.llama_sampler_init_top_p(TOP_P, 1),
+              llama_cpp.llama_sampler_init_temp(TEMPERATURE), llama_cpp.llama_sampler_init_dist(seed)):
+        llama_cpp.llama_sampler_chain_add(chain, s)
+    memory = llama_cpp.llama_get_memory(ctx)
+
+    def fill(items: list[tuple[int, int, int, bool]]) -> None:
+        batch.n_tokens = len(items)
+        for i, (token, pos, seq, want) in enumerate(items):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
+            batch.seq_id[i][0], batch.logits[i] = seq, want
+
+    def decode(items: list[tuple[int, int, int, bool]]) -> None:
+        fill(items)
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def run(count: int) -> int:
+        llama_cpp.llama_memory_clear(memory, True)
+        decode([(t, i, seq, i == len(p) - 1) for seq, p in enumerate(prompts) for i, t in enumerate(p)])
+        last = [sum(len(p) for p in prompts[:seq + 1]) - 1 for seq in range(n)]  # logit rows
+        lengths = [len(p) for p in prompts]
+        made = 0
+        for step in range(count):
+            tokens = [llama_cpp.llama_sampler_sample(chain, ctx, last[seq]) for seq in range(n)]
+            made += n
+            if step == count - 1:
+                break
+            decode([(tokens[seq], lengths[seq] + step, seq, True) for seq in range(n)])
+            last = list(range(n))
+        return made
+
+    run.keep = (llm, batch, chain)  # type: ignore[attr-defined]
+    return run
+
+
+# ---- matmul floor --------------------------------------------------------------------------------
 @torch.inference_mode()
 def matmul_floor(model: MiniMindForCausalLM, batch: int, dtype: torch.dtype, iters: int,
-                 device: torch.device) -> dict[str, float]:
+                 device: torch.device, quantize: str | None = None) -> dict[str, float]:
     """Time one decode step's projections for ``batch`` rows: every layer's seven weight matrices
-    and the LM head, each a separate tensor so the weights stream from memory as in a real step."""
+    and the LM head, each a separate tensor so the weights stream from memory as in a real step
+    (int8 modules with ``quantize``)."""
     sd = model.state_dict()
     names = [f"model.layers.{i}.{m}.weight" for i in range(model.config.num_hidden_layers)
              for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")] + ["lm_head.weight"]
     weights = [sd[n].detach().to(device=device, dtype=dtype).clone() for n in names]
     inputs = {w.shape[1]: torch.randn(batch, w.shape[1], device=device, dtype=dtype) for w in weights}
+    if quantize is not None:
+        layers = [Int8Linear.from_linear(torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=device,
+                                                         dtype=dtype).requires_grad_(False), dtype)
+                  for w in weights]
+        for layer, w in zip(layers, weights):
+            layer.set_weight(w)
+        calls = [(layer, inputs[layer.in_features]) for layer in layers]
+        weight_total = sum(weight_bytes(layer) for layer in layers)
+    else:
+        calls = [((lambda x, w=w: F.linear(x, w)), inputs[w.shape[1]]) for w in weights]
+        weight_total = sum(w.numel() * w.element_size() for w in weights)
 
     def step() -> None:
-        for w in weights:
-            F.linear(inputs[w.shape[1]], w)
+        for fn, x in calls:
+            fn(x)
 
     for _ in range(2):
         step()
@@ -207,9 +353,8 @@ def matmul_floor(model: MiniMindForCausalLM, batch: int, dtype: torch.dtype, ite
         sync(device)
         times.append(time.perf_counter() - t0)
     step_s = min(times)
-    weight_bytes = sum(w.numel() * w.element_size() for w in weights)
     return {"step_s": step_s, "step_s_median": sorted(times)[len(times) // 2], "tok_s": batch / step_s,
-            "tok_s_per_row": 1.0 / step_s, "weight_gb_s": weight_bytes / step_s / 1e9}
+            "tok_s_per_row": 1.0 / step_s, "weight_gb_s": weight_total / step_s / 1e9}
 
 
 def engine_variant_kwargs(name: str) -> tuple[dict[str, Any] | None, str | None]:
@@ -232,17 +377,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8,32)")
     p.add_argument("--prompt_len", type=int, default=None, help="prompt tokens per row (default 100)")
     p.add_argument("--new_tokens", type=int, default=None, help="decoded tokens per row (default 200)")
-    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32,bfloat16,float16")
+    p.add_argument("--dtypes", default="float32,bfloat16",
+                   help=f"comma-separated modes: {', '.join(MODES)} (int8 = bf16 compute, int8 weights)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed runs per measurement (default 3); the fastest is reported")
     p.add_argument("--floor_iters", type=int, default=None, help="decode steps timed for the matmul floor")
     p.add_argument("--variants", default="engine",
                    help=f"comma-separated engine variants: {', '.join(ENGINE_VARIANTS)}")
     p.add_argument("--no_reference", action="store_true", help="skip the reference loop")
+    p.add_argument("--no_llama_cpp", action="store_true", help="skip llama.cpp")
     p.add_argument("--max_positions", type=int, default=0,
                    help="override max_position_embeddings (0 = the preset's; sizes the RoPE tables)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default); "
+                   "llama.cpp gets the same count")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="tiny model and short lengths (about a minute on 2 CPU cores)")
@@ -254,6 +402,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.prompt_len < 1 or args.new_tokens < 2 or args.repeats < 1 or args.floor_iters < 1:
         p.error("--prompt_len and --repeats, --floor_iters must be >= 1 and --new_tokens >= 2 "
                 "(decode speed needs tokens after the first)")
+    for d in args.dtypes.split(","):
+        if d and d not in MODES:
+            p.error(f"--dtypes: unknown mode {d!r}; choose from {', '.join(MODES)}")
     return args
 
 
@@ -279,22 +430,26 @@ def load_average() -> list[float] | None:
 def _bench(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     batches = [int(b) for b in args.batches.split(",") if b]
-    dtype_names = [d for d in args.dtypes.split(",") if d]
-    for d in dtype_names:
-        if d not in DTYPES:
-            raise SystemExit(f"unknown dtype {d!r}; choose from {sorted(DTYPES)}")
+    mode_names = [d for d in args.dtypes.split(",") if d]
     variants = [v for v in args.variants.split(",") if v]
     overrides = {"max_position_embeddings": args.max_positions} if args.max_positions else {}
     cfg = preset(args.preset, **overrides)
     if args.prompt_len + args.new_tokens > cfg.max_position_embeddings:
         raise SystemExit("prompt_len + new_tokens exceeds max_position_embeddings")
     reference = load_reference()
+    llama_skip = "--no_llama_cpp" if args.no_llama_cpp else llama_cpp_missing()
+    if llama_skip is None and device.type != "cpu":
+        llama_skip = "llama.cpp is measured on the CPU only"
 
     torch.manual_seed(args.seed)
     base = MiniMindForCausalLM(cfg).eval()
     gen = torch.Generator().manual_seed(args.seed)
     all_prompts = torch.randint(3, cfg.vocab_size, (max(batches), args.prompt_len), generator=gen)
 
+    llama_version = None
+    if llama_skip is None:
+        import llama_cpp
+        llama_version = getattr(llama_cpp, "__version__", None)
     report: dict[str, Any] = {
         "benchmark": "decode",
         "preset": args.preset,
@@ -302,65 +457,123 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
             "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
             "intermediate_size", "vocab_size", "max_position_embeddings", "tie_word_embeddings")}},
         "settings": {"batches": batches, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                     "dtypes": dtype_names, "repeats": args.repeats, "floor_iters": args.floor_iters,
+                     "dtypes": mode_names, "repeats": args.repeats, "floor_iters": args.floor_iters,
                      "variants": variants, "sampling": {"temperature": TEMPERATURE, "top_k": TOP_K,
                                                         "top_p": TOP_P, "stop": None},
                      "seed": args.seed, "quick": args.quick},
         "environment": {"cpu": cpu_info(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                         "python": platform.python_version(), "device": str(device),
                         "cpu_count": os.cpu_count(), "load_average_at_start": load_average(),
+                        "llama_cpp_python": llama_version, "llama_cpp_skipped": llama_skip,
                         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "results": {},
     }
     t_start = time.perf_counter()
-    for dname in dtype_names:
-        dtype = DTYPES[dname]
-        engines: dict[str, GenerationEngine | str] = {}
-        for v in variants:
-            kwargs, reason = engine_variant_kwargs(v)
-            engines[v] = reason if kwargs is None else GenerationEngine(
-                copy.deepcopy(base), device=device, dtype=dtype, **kwargs)
-        ref_model = None
-        if not args.no_reference:
-            ref_model = reference.ReferenceForCausalLM(reference.ReferenceConfig.from_config(cfg))
-            ref_model.load_state_dict(base.state_dict())
-            ref_model = ref_model.eval().to(device=device, dtype=dtype)
-        per_dtype: dict[str, Any] = {}
-        for b in batches:
-            prompts = all_prompts[:b]
-            cell: dict[str, Any] = {}
-            runs: dict[str, Callable[[int], int]] = {}
-            for v, engine in engines.items():
-                if isinstance(engine, str):
-                    cell[v] = {"skipped": engine}
-                else:
-                    runs[v] = make_engine_run(engine, prompts.tolist())
-            if ref_model is not None:
-                runs["reference"] = make_reference_run(ref_model, prompts.to(device))
-            print(f"[bench] {dname} batch {b}: {', '.join(runs)}", file=sys.stderr, flush=True)
-            cell.update(measure(runs, b, args.prompt_len, args.new_tokens, args.repeats, args.seed, device))
-            cell["matmul_floor"] = matmul_floor(base, b, dtype, args.floor_iters, device)
-            floor = cell["matmul_floor"]["tok_s"]
-            for side in [*engines, "reference"]:
-                if "decode_tok_s" in cell.get(side, {}):
-                    cell[side]["decode_fraction_of_floor"] = cell[side]["decode_tok_s"] / floor
-            ref = cell.get("reference")
-            for v in engines:
-                ours = cell[v]
-                if ref is None or "decode_tok_s" not in ours:
-                    continue
-                key = "engine_vs_reference" if v == "engine" else f"{v}_vs_reference"
-                cell[key] = {"decode": ours["decode_tok_s"] / ref["decode_tok_s"],
-                             "prefill": ours["prefill_tok_s"] / ref["prefill_tok_s"],
-                             "ttft_speedup": ref["ttft_s"] / ours["ttft_s"],
-                             "total_speedup": ref["total_s"] / ours["total_s"]}
-            per_dtype[str(b)] = cell
-        report["results"][dname] = per_dtype
-        del engines, ref_model
-        gc.collect()
+    with tempfile.TemporaryDirectory(prefix="bench_engine_") as tmp:
+        for mname in mode_names:
+            report["results"][mname] = _bench_mode(args, MODES[mname], base, all_prompts, batches, variants,
+                                                   reference, llama_skip, Path(tmp), device)
+            gc.collect()
+    report["targets"] = targets(report["results"])
     report["wall_s"] = time.perf_counter() - t_start
     report["environment"]["load_average_at_end"] = load_average()
     return emit(report, args.out)
+
+
+def _bench_mode(args: argparse.Namespace, mode: Mode, base: MiniMindForCausalLM, all_prompts: torch.Tensor,
+                batches: list[int], variants: list[str], reference: ModuleType, llama_skip: str | None,
+                tmp: Path, device: torch.device) -> dict[str, Any]:
+    """Every batch size of one mode: engine variants, the reference loop, llama.cpp, the floor."""
+    engines: dict[str, GenerationEngine | str] = {}
+    for v in variants:
+        kwargs, reason = engine_variant_kwargs(v)
+        if kwargs is not None and mode.quantize is not None:
+            kwargs, reason = ({**kwargs, "quantize": mode.quantize}, None) if "quantize" in inspect.signature(
+                GenerationEngine.__init__).parameters else (None, "GenerationEngine does not accept quantize")
+        engines[v] = reason if kwargs is None else GenerationEngine(
+            copy.deepcopy(base), device=device, dtype=mode.dtype, **kwargs)
+    ref_model = None
+    if not args.no_reference and mode.reference is not None:
+        ref_model = reference.ReferenceForCausalLM(reference.ReferenceConfig.from_config(base.config))
+        ref_model.load_state_dict(base.state_dict())
+        ref_model = ref_model.eval().to(device=device, dtype=mode.reference)
+    gguf_path, gguf_skip = None, llama_skip
+    if gguf_skip is None:
+        try:
+            gguf_path = export_for_llama_cpp(base, tmp, mode.gguf)
+        except (ValueError, RuntimeError, OSError) as err:
+            gguf_skip = f"GGUF export failed: {err}"
+    step_bytes = {v: weight_bytes(e.model) for v, e in engines.items() if not isinstance(e, str)}
+    if ref_model is not None:
+        step_bytes["reference"] = weight_bytes(ref_model)
+    if gguf_path is not None:
+        step_bytes["llama_cpp"] = gguf_weight_bytes(gguf_path)
+
+    per_batch: dict[str, Any] = {}
+    for b in batches:
+        prompts = all_prompts[:b]
+        cell: dict[str, Any] = {}
+        runs: dict[str, Callable[[int], int]] = {}
+        for v, engine in engines.items():
+            if isinstance(engine, str):
+                cell[v] = {"skipped": engine}
+            else:
+                runs[v] = make_engine_run(engine, prompts.tolist())
+        if ref_model is not None:
+            runs["reference"] = make_reference_run(ref_model, prompts.to(device))
+        if gguf_path is not None:
+            context = args.prompt_len + args.new_tokens + 8
+            runs["llama_cpp"] = make_llama_cpp_run(gguf_path, prompts.tolist(), context,
+                                                   torch.get_num_threads(), args.seed)
+        else:
+            cell["llama_cpp"] = {"skipped": gguf_skip}
+        print(f"[bench] {mode.gguf} batch {b}: {', '.join(runs)}", file=sys.stderr, flush=True)
+        cell.update(measure(runs, b, args.prompt_len, args.new_tokens, args.repeats, args.seed, device))
+        runs.clear()
+        gc.collect()  # frees the llama.cpp context of this batch size
+        cell["matmul_floor"] = matmul_floor(base, b, mode.dtype, args.floor_iters, device, mode.quantize)
+        floor = cell["matmul_floor"]["tok_s"]
+        for side, nbytes in step_bytes.items():
+            if "decode_tok_s" in cell.get(side, {}):
+                cell[side]["decode_fraction_of_floor"] = cell[side]["decode_tok_s"] / floor
+                cell[side]["weight_bytes_per_step"] = nbytes
+                cell[side]["weight_gb_s"] = nbytes * cell[side]["decode_tok_s"] / b / 1e9
+        for v in engines:
+            ours = cell[v]
+            if "decode_tok_s" not in ours:
+                continue
+            for other in ("reference", "llama_cpp"):
+                theirs = cell.get(other, {})
+                if "decode_tok_s" not in theirs:
+                    continue
+                key = f"{v}_vs_{other}"
+                cell[key] = {"decode": ours["decode_tok_s"] / theirs["decode_tok_s"],
+                             "prefill": ours["prefill_tok_s"] / theirs["prefill_tok_s"],
+                             "ttft_speedup": theirs["ttft_s"] / ours["ttft_s"],
+                             "total_speedup": theirs["total_s"] / ours["total_s"]}
+        per_batch[str(b)] = cell
+    return per_batch
+
+
+def targets(results: dict[str, Any]) -> dict[str, Any]:
+    """The issue's decode targets as measured ratios (``None`` where a side was not measured):
+    b1 int8 / llama.cpp q8_0 >= 1, b1 bf16 / llama.cpp bf16 >= 0.8, b8 best engine mode / the
+    reference loop's bf16 >= 3."""
+    def tok_s(mode: str, batch: str, side: str) -> float | None:
+        return results.get(mode, {}).get(batch, {}).get(side, {}).get("decode_tok_s")
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
+    best_b8 = max((t for m in results for t in [tok_s(m, "8", "engine")] if t), default=None)
+    return {
+        "b1_int8_vs_llama_cpp_q8_0": {"ratio": ratio(tok_s("int8", "1", "engine"),
+                                                     tok_s("int8", "1", "llama_cpp")), "target": 1.0},
+        "b1_bf16_vs_llama_cpp_bf16": {"ratio": ratio(tok_s("bfloat16", "1", "engine"),
+                                                     tok_s("bfloat16", "1", "llama_cpp")), "target": 0.8},
+        "b8_best_engine_vs_reference_bf16": {"ratio": ratio(best_b8, tok_s("bfloat16", "8", "reference")),
+                                             "target": 3.0},
+    }
 
 
 def emit(report: dict[str, Any], out: str | None) -> dict[str, Any]:
