@@ -655,3 +655,17 @@ def test_evaluate_tasks_with_open_thinking_grades_the_answer_after_the_think_blo
     off = evaluate_tasks(Engine(), Tok(), [t.to_dict() for t in tasks], check_answer)
     assert off["open_thinking"] is False and "think_closed" not in off and off["accuracy"] == 1.0
     assert rendered_with.count(False) == len(tasks)
+
+
+def test_task_reward_with_thinking_on_pays_only_for_a_closed_think_block() -> None:
+    """A prompt that opens ``<think>`` pays the right answer only after ``</think>``; the same text
+    without the open block (thinking off) is graded as before."""
+    t = generate_tasks(1, seed=2, kinds=["arithmetic"], level="easy")[0]
+    opened = "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    closed = "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    reasoning = task_reasoning(t)
+    assert task_reward(opened, f"{reasoning}\n</think>\n\n{t.answer}", **t.to_dict()) == 1.0
+    assert task_reward(opened, f"{reasoning}\n{t.answer}", **t.to_dict()) == 0.0  # never closed
+    assert task_reward(closed, t.answer, **t.to_dict()) == 1.0
+    wrong = f"{t.answer.rsplit('=', 1)[0]}= {int(t.gt[0]) + 1}"
+    assert task_reward(opened, f"{reasoning}\n</think>\n\n{wrong}", **t.to_dict()) == 0.0

@@ -300,8 +300,12 @@ def task_reward(prompt: str, completion: str, *, kind: str, gt: list[Any] | None
     """1.0 when ``completion`` answers a task of ``kind`` correctly (:func:`check_answer`), else 0.0.
 
     For ``tool_call`` tasks both turns earn it: a turn that ends in tool calls whose executed
-    results are the ``gt`` values, and a final answer that reports them.
+    results are the ``gt`` values, and a final answer that reports them.  When ``prompt`` ends with
+    an open think block (thinking on), the completion must close it: an answer left inside the
+    reasoning is not shown as the reply by a chat client or server, so it earns nothing.
     """
+    if prompt.rstrip("\n").endswith("<think>") and "</think>" not in completion:
+        return 0.0
     return 1.0 if check_answer(kind, gt, completion) else 0.0
 
 
