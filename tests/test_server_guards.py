@@ -215,8 +215,8 @@ def test_a_small_request_is_not_starved_by_a_big_one(stack: dict[str, Any]) -> N
     ("/v1/completions", b'{"prompt": "x", "stop": ["\\udfff"]}'),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}'),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "model": "\\ud800"}'),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function",'
-                             b' "function": {"name": "f", "description": "\\ud800"}}]}'),
+    ("/v1/chat/completions", (b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function",'
+                              b' "function": {"name": "f", "description": "\\ud800"}}]}')),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "user": {"\\ud800": 1}}'),
     ("/api/tools/call", b'{"name": "\\ud800", "arguments": {}}'),
     ("/api/tools/call", b'{"name": "calculate_math", "arguments": {"expression": "1+\\ud800"}}'),

@@ -167,7 +167,7 @@ def _exchange(port: int, data: bytes, close_after_send: bool = False, read: bool
         while read:
             try:
                 chunk = s.recv(65536)
-            except (ConnectionResetError, socket.timeout):
+            except (TimeoutError, ConnectionResetError):
                 break
             if not chunk:
                 break

@@ -14,7 +14,9 @@ screenshots (``webui_chat.png``, ``webui_tools.png``) into that folder.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import threading
 import time
@@ -294,6 +296,55 @@ def test_tool_round_runs_the_calculator(page: Any) -> None:
     (tool_call,) = second[1]["tool_calls"]
     assert tool_call["function"]["name"] == "calculate_math"
     assert second[2] == {"role": "tool", "tool_call_id": tool_call["id"], "content": CALC_RESULT}
+
+
+def _sse(*events: dict[str, Any]) -> str:
+    return "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+
+
+def _chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+def _call(index: int, name: str, arguments: str) -> dict[str, Any]:
+    return {"index": index, "id": f"call_{index}", "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
+def test_only_ticked_tools_run_and_failures_stay_marked(page: Any) -> None:
+    """The model may name any tool: an unticked one never reaches the server (its result is an error),
+    and a failed result is still marked failed after a reload. The replies are scripted by routing
+    the chat request, so the model cannot get in the way."""
+    expect = sync_api.expect
+    ran: list[dict[str, Any]] = []
+    page.on("request", lambda r: ran.append(r.post_data_json) if r.url.endswith("/api/tools/call") else None)
+    replies = [
+        _sse(_chunk({"role": "assistant", "content": ""}),
+             _chunk({"tool_calls": [_call(0, "get_current_time", "{}")]}),
+             _chunk({"tool_calls": [_call(1, "calculate_math", '{"expression": "1+1"}')]}),
+             _chunk({"tool_calls": [_call(2, "calculate_math", "{oops")]}),
+             _chunk({}, "tool_calls")),
+        _sse(_chunk({"role": "assistant", "content": "done"}), _chunk({}, "stop")),
+    ]
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, headers={"Content-Type": "text/event-stream"}, body=replies.pop(0)))
+    page.locator("#tool-calculate_math").check()
+    expect(page.locator("#tool-get_current_time")).not_to_be_checked()
+    _send(page, "use the tools")
+    expect(page.locator(".msg.assistant").last.locator(".content")).to_have_text("done")
+    _wait_idle(page)
+    results = page.locator(".tool-result")
+    expect(results).to_have_count(3)
+    expect(results.nth(0)).to_have_class(re.compile(r"\berror\b"))
+    expect(results.nth(0).locator(".tool-output")).to_contain_text("not enabled")
+    expect(results.nth(1)).not_to_have_class(re.compile(r"\berror\b"))
+    expect(results.nth(1).locator(".tool-output")).to_contain_text("2")
+    expect(results.nth(2)).to_have_class(re.compile(r"\berror\b"))
+    assert ran == [{"name": "calculate_math", "arguments": {"expression": "1+1"}}]
+    page.reload()
+    expect(page.locator(".tool-result")).to_have_count(3)
+    expect(page.locator(".tool-result.error")).to_have_count(2)
+    expect(page.locator(".tool-result").nth(1)).not_to_have_class(re.compile(r"\berror\b"))
 
 
 def test_html_in_a_reply_is_shown_as_text(page: Any, watch: Watch) -> None:

@@ -21,7 +21,7 @@ from minimind.serve.schemas import SamplingFields
 from minimind.tokenizer.byte_level import token_bytes
 
 __all__ = ["DEFAULT_TEMPERATURE", "DEFAULT_TOP_P", "Prepared", "ServerLimits", "ServerState",
-           "row_error", "generation_failed"]
+           "generation_failed", "row_error"]
 
 #: OpenAI's defaults, so a request means the same thing here as elsewhere.
 DEFAULT_TEMPERATURE = 1.0

@@ -367,7 +367,8 @@
         }
         if (msg.note) setNote(view, t(msg.note));
       } else if (msg.role === "tool") {
-        renderToolResult(names.get(msg.tool_call_id) || "tool", msg.content || "");
+        const shown = renderToolResult(names.get(msg.tool_call_id) || "tool", msg.content || "");
+        shown.card.classList.toggle("error", Boolean(msg.is_error)); // a failure stays marked after reload
       }
     }
     el.messages.scrollTop = el.messages.scrollHeight;
@@ -482,8 +483,16 @@
     return reply;
   }
 
+  /** Whether the user ticked this tool (the model may name any tool; only ticked ones run). */
+  function toolEnabled(name) {
+    return enabledToolSchemas().some((s) => s.function.name === name);
+  }
+
   /** Run one call on the server; resolves to {content, isError} (errors go back to the model too). */
   async function runTool(call, signal) {
+    if (!toolEnabled(call.function.name)) {
+      return { content: `error: the tool "${call.function.name}" is not enabled in this chat`, isError: true };
+    }
     let args = {};
     const raw = call.function.arguments;
     if (raw && raw.trim()) {
@@ -542,7 +551,9 @@
           shown.card.classList.remove("pending");
           shown.card.classList.toggle("error", isError);
           shown.pre.textContent = content;
-          history.push({ role: "tool", tool_call_id: call.id, content });
+          const toolMsg = { role: "tool", tool_call_id: call.id, content };
+          if (isError) toolMsg.is_error = true; // UI-only: not sent to the API (see apiMessages)
+          history.push(toolMsg);
           saveHistory();
           scrollToEnd();
         }
