@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     app = create_app(service, f"random-{args.preset}", max_tokens_cap=max(args.max_tokens, 1),
                      static_dir=None)
     server = ServerThread(app)
-    bodies = [{"model": "bench", "stream": True, "stream_options": {"include_usage": True},
+    bodies = [{"model": f"random-{args.preset}", "stream": True, "stream_options": {"include_usage": True},
                "messages": [{"role": "user", "content": random_words(rng, args.prompt_words)}],
                "max_tokens": args.max_tokens, "ignore_eos": True, "temperature": 0.85, "top_p": 0.85,
                "top_k": 50} for _ in range(64)]
