@@ -816,54 +816,68 @@ def make_backend(trainer: Trainer, tokenizer: Any, parts: RLParts, limit: int) -
     return EngineBackend(engine)
 
 
+@dataclass
+class RunFiles:
+    """Where a run writes: the exported weights, the resume file, the metrics log."""
+
+    weights: Path
+    resume: Path
+    metrics: Path
+
+
+def build_context(trainer: Trainer, stage: StageBase, tokenizer: Any) -> tuple[RLContext, RunFiles]:
+    """Data, model, optimizer, the stage's parts, rewards and the rollout backend of a run (no step
+    taken, nothing resumed); every rank calls it."""
+    cfg, info = trainer.cfg, trainer.info
+    dataset: PromptDataset = trainer.prepare_data()
+    model = trainer.setup_model()
+    parts: RLParts = stage.parts()  # type: ignore[attr-defined]
+    o = parts.options
+    mcfg = model.config
+    limit = o.max_total_len if parts.agentic else cfg.max_seq_len + o.max_gen_len
+    if limit > mcfg.max_position_embeddings:
+        raise ValueError(f"prompt + completion ({limit} positions) exceed the model's "
+                         f"max_position_embeddings {mcfg.max_position_embeddings}")
+    per_step = cfg.batch_size * info.world_size
+    steps_per_epoch = len(dataset) // per_step
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} prompts are fewer than one step's {per_step} (--batch_size x processes)")
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps > 0:
+        total = min(total, cfg.max_steps)
+    files = RunFiles(weights_path(cfg, mcfg), Path(cfg.checkpoint_dir) / f"{cfg.save_weight}_{mcfg.weight_suffix}_resume.pt",
+                     Path(cfg.metrics_path or Path(cfg.save_dir) / f"{cfg.save_weight}_{mcfg.weight_suffix}_metrics.jsonl"))
+    ctx = RLContext(trainer, parts, dataset, make_backend(trainer, tokenizer, parts, limit),
+                    make_reward(o, parts.agentic), tokenizer, total, cfg.warmup_steps, steps_per_epoch)
+    return ctx, files
+
+
 def train_rl(stage: StageBase, cfg: TrainConfig, tokenizer: Any,
              on_step: Callable[[int, dict[str, Any]], None] | None = None) -> RLResult:
     """Run an RL stage (:class:`minimind.train.stages.rl.RLStage`, which provides ``parts()``) with ``cfg``."""
     trainer = Trainer(stage, cfg, tokenizer)
-    info = trainer.info
     try:
-        dataset: PromptDataset = trainer.prepare_data()
-        model = trainer.setup_model()
-        parts: RLParts = stage.parts()  # type: ignore[attr-defined]
-        o = parts.options
-        reward_fn = make_reward(o, parts.agentic)
-        mcfg = model.config
-        limit = o.max_total_len if parts.agentic else cfg.max_seq_len + o.max_gen_len
-        if limit > mcfg.max_position_embeddings:
-            raise ValueError(f"prompt + completion ({limit} positions) exceed the model's "
-                             f"max_position_embeddings {mcfg.max_position_embeddings}")
-        out_path = weights_path(cfg, mcfg)
-        resume_path = Path(cfg.checkpoint_dir) / f"{cfg.save_weight}_{mcfg.weight_suffix}_resume.pt"
-        metrics_path = Path(cfg.metrics_path or Path(cfg.save_dir) /
-                            f"{cfg.save_weight}_{mcfg.weight_suffix}_metrics.jsonl")
-        per_step = cfg.batch_size * info.world_size
-        steps_per_epoch = len(dataset) // per_step
-        if steps_per_epoch == 0:
-            raise ValueError(f"{len(dataset)} prompts are fewer than one step's {per_step} "
-                             f"(--batch_size x processes)")
-        total = steps_per_epoch * cfg.epochs
-        if cfg.max_steps > 0:
-            total = min(total, cfg.max_steps)
+        ctx, files = build_context(trainer, stage, tokenizer)
+        o = ctx.o
         record = trainer.config_record()
-        step = resume_if_asked(trainer, cfg, resume_path, total)
-        if not step and info.is_main:
-            print(f"{model.describe()}  device={trainer.device} dtype={str(trainer.dtype).split('.')[-1]}  "
-                  f"{parts.name} loss_type={o.loss_type} G={o.num_generations} beta={o.beta} "
-                  f"mu={o.ppo_epochs} steps_per_generation={o.steps_per_generation}"
-                  f"{'  from ' + str(trainer.source) if trainer.source else ''}")
-        backend = make_backend(trainer, tokenizer, parts, limit)
+        step = resume_if_asked(trainer, cfg, files.resume, ctx.total)
         if step:
-            backend.refresh(model)
-        ctx = RLContext(trainer, parts, dataset, backend, reward_fn, tokenizer, total, cfg.warmup_steps,
-                        steps_per_epoch)
-        return _run(ctx, step, out_path, resume_path, metrics_path, record, on_step)
+            ctx.backend.refresh(trainer.base_model)
+        elif trainer.info.is_main:
+            print(f"{trainer.base_model.describe()}  device={trainer.device} "
+                  f"dtype={str(trainer.dtype).split('.')[-1]}  {ctx.parts.name} loss_type={o.loss_type} "
+                  f"G={o.num_generations} beta={o.beta} mu={o.ppo_epochs} steps_per_generation="
+                  f"{o.steps_per_generation}{'  from ' + str(trainer.source) if trainer.source else ''}")
+        return _run(ctx, step, files, record, on_step)
     finally:
-        cleanup(info)
+        cleanup(trainer.info)
 
 
-def _run(ctx: RLContext, step: int, out_path: Path, resume_path: Path, metrics_path: Path,
-         record: dict[str, Any], on_step: Callable[[int, dict[str, Any]], None] | None) -> RLResult:
+def _run(ctx: RLContext, step: int, files: RunFiles, record: dict[str, Any],
+         on_step: Callable[[int, dict[str, Any]], None] | None) -> RLResult:
+    """Steps until the end (or Ctrl-C: save and raise :class:`TrainingInterrupted`), logging and saving."""
     trainer, cfg, info, total = ctx.trainer, ctx.cfg, ctx.info, ctx.total
+    out_path, resume_path, metrics_path = files.weights, files.resume, files.metrics
     metrics = open_metrics(trainer, metrics_path, record, step)
     records: list[dict[str, Any]] = []
     t_run = time.perf_counter()
