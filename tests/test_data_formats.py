@@ -142,7 +142,8 @@ def test_dpo_pair() -> None:
         dpo_pair({"chosen": prompt + [{"role": "assistant", "content": "a"}]})
     with pytest.raises(ValueError, match="'rejected' must end with an assistant turn"):
         dpo_pair({"chosen": prompt + [{"role": "assistant", "content": "a"}],
-                  "rejected": prompt + [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]})
+                  "rejected": prompt + [{"role": "assistant", "content": "a"},
+                                        {"role": "user", "content": "b"}]})
     with pytest.raises(ValueError, match="same answer"):
         dpo_pair({"chosen": prompt + [{"role": "assistant", "content": "a"}],
                   "rejected": prompt + [{"role": "assistant", "content": "a"}]})

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from minimind.data.formats import chat_messages
+from minimind.data.jsonl import iter_jsonl_raw, parse_jsonl_line
 
 __all__ = ["REWARD_COLUMNS", "PromptDataset", "PromptRow"]
 
@@ -95,25 +96,28 @@ class PromptDataset:
             raise FileNotFoundError(f"RL data not found: {path}")
         rows: list[PromptRow] = []
         skipped = 0
-        with open(path, encoding="utf-8-sig") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
+        for n, raw, _ in iter_jsonl_raw(path):
+            try:
+                obj = parse_jsonl_line(raw, path, n)  # bad UTF-8, depth, lone surrogates: file:line
+                if obj is None:
                     continue
-                try:
-                    row = cls.parse(json.loads(line))
-                    for name in rewards:
-                        missing = [c for c in REWARD_COLUMNS.get(name, ()) if c not in row.columns]
-                        if missing:
-                            raise ValueError(f"reward {name!r} needs the column(s) {missing}; choose "
-                                             f"--reward to fit the data (e.g. format:1, or a reward model)")
-                except ValueError as e:  # json.JSONDecodeError is a ValueError
-                    if not skip_bad_lines:
-                        raise ValueError(f"{path}:{n}: {e}") from None
-                    skipped += 1
-                    continue
-                rows.append(row)
+                row = cls.parse(obj)
+                for name in rewards:
+                    missing = [c for c in REWARD_COLUMNS.get(name, ()) if c not in row.columns]
+                    if missing:
+                        raise ValueError(f"reward {name!r} needs the column(s) {missing}; choose "
+                                         f"--reward to fit the data (e.g. format:1, or a reward model)")
+            except ValueError as e:  # DataFormatError is a ValueError
+                if not skip_bad_lines:
+                    raise ValueError(f"{path}:{n}: {getattr(e, 'problem', e)}") from None
+                skipped += 1
+                continue
+            rows.append(row)
         if skipped:
             print(f"warning: skipped {skipped} bad lines of {path}", file=sys.stderr)
+        if not rows:
+            raise ValueError(f"{path}: no RL prompts: " + (f"all {skipped} non-blank line(s) were skipped as "
+                             "bad (--skip_bad_lines 1)" if skipped else "the file holds no data"))
         return cls(rows)
 
     def order(self, seed: int, epoch: int) -> list[int]:

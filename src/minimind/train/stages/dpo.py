@@ -83,7 +83,8 @@ class DPOStage(StageBase):
         gradient) while still counting in the batch mean.  It is dropped with one counted warning
         that names the flag to raise; a file where every pair is cut is refused."""
         info = self.prepare_data(cfg, tokenizer, progress=bool(cfg.progress) and rank == 0)
-        ds = DPODataset(ShardReader(info.out_dir), seq_len=cfg.max_seq_len, seed=cfg.seed, drop_cut_pairs=True)
+        ds = DPODataset(ShardReader(info.out_dir), seq_len=cfg.max_seq_len, seed=cfg.seed,
+                        drop_cut_pairs=True)
         dropped = ds.num_dropped_pairs
         if dropped == ds.num_pairs:
             raise ValueError(f"{cfg.data_path}: every one of the {dropped} pairs loses its whole chosen or "
