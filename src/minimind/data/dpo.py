@@ -41,8 +41,9 @@ from .jsonl import SkipStats
 from .packing import PAD_DOC, PackPlan, pack_rows, shifted_targets
 from .sft import MaskMarkers, assistant_mask, render_sft_text
 from .shards import (ShardInfo, _Chunk, _load_tokenizer, _source_fingerprint, _tokenized_chunks,
-                     _usable_cpus, check_usable, checked_chunks, render_lines, tokenizer_key)
-from .store import SHARD_VERSION, ShardReader, ShardWriter, files_match_meta, ids_dtype, read_meta
+                     _usable_cpus, check_usable, checked_chunks, render_lines, reuse_or_build,
+                     tokenizer_key)
+from .store import SHARD_VERSION, ShardReader, ShardWriter, ids_dtype
 
 __all__ = ["PairTokens", "tokenize_pair", "prepare_dpo_shards", "load_or_prepare_dpo_shards",
            "PairBatch", "DPODataset", "fit_pair_lengths"]
@@ -222,16 +223,12 @@ def load_or_prepare_dpo_shards(data_path: str | os.PathLike, out_dir: str | os.P
     """Reuse ``out_dir`` if built from the same source (path/size/mtime), tokenizer and settings,
     else rebuild it with :func:`prepare_dpo_shards` (same arguments)."""
     tok = _load_tokenizer(tokenizer)
-    meta = read_meta(out_dir)
     want = {"version": SHARD_VERSION, "kind": "dpo",
             "source": _source_fingerprint(Path(data_path)), "tokenizer": tokenizer_key(tok),
             "settings": _dpo_settings(skip_bad_lines, max_len)}
-    if (meta is not None and all(meta.get(k) == v for k, v in want.items())
-            and files_match_meta(out_dir, meta)):
-        return ShardInfo(Path(out_dir), "dpo", meta["n_docs"], meta["n_tokens"],
-                         meta.get("skipped_lines", 0), reused=True, meta=meta)
-    return prepare_dpo_shards(data_path, out_dir, tok, max_len, num_proc=num_proc,
-                              skip_bad_lines=skip_bad_lines, progress=progress)
+    return reuse_or_build(out_dir, "dpo", want, lambda: prepare_dpo_shards(
+        data_path, out_dir, tok, max_len, num_proc=num_proc, skip_bad_lines=skip_bad_lines,
+        progress=progress))
 
 
 # ------------------------------------------------------------------------------ pair batches

@@ -34,7 +34,7 @@ import numpy as np
 from .formats import pretrain_text, sft_conversation
 from .jsonl import DataFormatError, SkipStats, iter_jsonl_raw, parse_jsonl_line
 from .sft import MaskMarkers, assistant_mask, render_sft_text
-from .store import (SHARD_VERSION, ShardReader, ShardWriter, files_match_meta, ids_dtype,
+from .store import (SHARD_VERSION, BuildLock, ShardReader, ShardWriter, files_match_meta, ids_dtype,
                     read_meta)
 
 __all__ = ["ShardInfo", "ShardReader", "prepare_shards", "load_or_prepare_shards", "read_meta",
@@ -352,18 +352,37 @@ def load_or_prepare_shards(data_path: str | os.PathLike, out_dir: str | os.PathL
     would cost more than it saves).  Arguments are those of :func:`prepare_shards`.
     """
     tok = _load_tokenizer(tokenizer)
-    meta = read_meta(out_dir)
     want = {
         "version": SHARD_VERSION, "kind": kind, "source": _source_fingerprint(Path(data_path)),
         "tokenizer": tokenizer_key(tok),
         "settings": _settings(kind, seed, skip_bad_lines, max_len, add_system_ratio,
                               empty_think_ratio),
     }
-    fresh = meta is not None and all(meta.get(k) == v for k, v in want.items())
-    if fresh and files_match_meta(out_dir, meta):
-        return ShardInfo(Path(out_dir), kind, meta["n_docs"], meta["n_tokens"],
-                         meta.get("skipped_lines", 0), reused=True, meta=meta)
-    return prepare_shards(data_path, out_dir, tokenizer, kind, num_proc=num_proc, seed=seed,
-                          skip_bad_lines=skip_bad_lines, max_len=max_len,
-                          add_system_ratio=add_system_ratio, empty_think_ratio=empty_think_ratio,
-                          progress=progress)
+    return reuse_or_build(out_dir, kind, want, lambda: prepare_shards(
+        data_path, out_dir, tokenizer, kind, num_proc=num_proc, seed=seed, skip_bad_lines=skip_bad_lines,
+        max_len=max_len, add_system_ratio=add_system_ratio, empty_think_ratio=empty_think_ratio,
+        progress=progress))
+
+
+def reused_build(out_dir: str | os.PathLike, kind: str, want: dict) -> ShardInfo | None:
+    """The existing build at ``out_dir`` if its meta matches ``want`` and its files are whole."""
+    meta = read_meta(out_dir)
+    if meta is None or any(meta.get(k) != v for k, v in want.items()) or not files_match_meta(out_dir, meta):
+        return None
+    return ShardInfo(Path(out_dir), kind, meta["n_docs"], meta["n_tokens"], meta.get("skipped_lines", 0),
+                     reused=True, meta=meta)
+
+
+def reuse_or_build(out_dir: str | os.PathLike, kind: str, want: dict,
+                   build: Callable[[], ShardInfo]) -> ShardInfo:
+    """Reuse a matching build, else ``build()`` under a :class:`BuildLock`.
+
+    Within a node the training loop lets local rank 0 build while the others wait; across the nodes
+    of a shared filesystem the lock does the same for the nodes' rank 0s: the first builds, the
+    others wait for it and then find the build fresh and reuse it."""
+    info = reused_build(out_dir, kind, want)
+    if info is not None:
+        return info
+    with BuildLock(out_dir):
+        info = reused_build(out_dir, kind, want)  # built by another node while we waited
+        return info if info is not None else build()

@@ -11,6 +11,10 @@ Layout of a shard folder::
 on :meth:`ShardWriter.commit`; an exception (or Ctrl-C) removes the temporary folder, so a reader
 never sees a half-written build.  Document lengths go to a scratch file and become ``offsets.npy``
 by a chunked cumulative sum, so neither tokens nor the index are ever held in RAM as a whole.
+
+Temporary folders are named ``.<name>.tmp-<pid>-<random>@<host>`` so that, on a filesystem shared by
+several nodes, a build of another host is never mistaken for a dead local one, and
+:class:`BuildLock` lets only one node at a time build a given folder.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterable
@@ -53,6 +61,14 @@ def files_match_meta(out_dir: str | os.PathLike, meta: dict) -> bool:
         return False
 
 
+#: A temporary build folder (or build lock) untouched for this long belongs to a dead builder, on
+#: whatever host: a live build appends to its files every chunk, a live lock holder touches its
+#: lock every :data:`LOCK_HEARTBEAT_SECONDS`.
+STALE_BUILD_SECONDS = 3600.0
+STALE_LOCK_SECONDS = 300.0
+LOCK_HEARTBEAT_SECONDS = 30.0
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -63,10 +79,40 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_builds(out_dir: str | os.PathLike) -> int:
-    """Delete temporary siblings ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>-*`` of dead processes.
+def _host() -> str:
+    """This machine's name, as recorded in build names and locks (no ``/``: it is part of a file name)."""
+    return socket.gethostname().replace("/", "_") or "localhost"
 
-    They are what a killed build (SIGKILL, power loss) leaves behind; live builders are untouched.
+
+def _build_tag() -> str:
+    """``<pid>-<random>@<host>``: a folder on a shared filesystem says which process of which node owns it."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}@{_host()}"
+
+
+def _latest_mtime(path: Path) -> float:
+    """Newest modification time of a folder and the files directly in it (0 if it vanished)."""
+    try:
+        times = [path.stat().st_mtime] + [p.stat().st_mtime for p in path.iterdir()]
+    except OSError:
+        return 0.0
+    return max(times)
+
+
+def _is_stale(host: str | None, pid: int, mtime: float, max_age: float) -> bool:
+    """A builder is gone if it ran on this host and its pid is dead, or (any host: pids of other
+    nodes mean nothing here) if it has not touched its files for ``max_age`` seconds.  Names
+    without a host come from older versions, which only ever checked local pids."""
+    if (host is None or host == _host()) and not _pid_alive(pid):
+        return True
+    return time.time() - mtime > max_age
+
+
+def remove_stale_builds(out_dir: str | os.PathLike, max_age: float = STALE_BUILD_SECONDS) -> int:
+    """Delete temporary siblings ``.<name>.tmp-<pid>-<rnd>@<host>`` / ``.<name>.old-...`` of dead builders.
+
+    They are what a killed build (SIGKILL, power loss) leaves behind.  On a filesystem shared by
+    several nodes a pid says nothing about another host's processes, so another host's build is only
+    removed once it has been idle for ``max_age`` seconds; live builders anywhere are untouched.
     """
     out_dir = Path(out_dir)
     removed = 0
@@ -74,18 +120,111 @@ def remove_stale_builds(out_dir: str | os.PathLike) -> int:
         return 0
     for p in out_dir.parent.glob(f".{out_dir.name}.*-*-*"):
         tag, _, rest = p.name[len(out_dir.name) + 2:].partition("-")
-        pid = rest.partition("-")[0]
-        if tag in ("tmp", "old") and pid.isdigit() and not _pid_alive(int(pid)):
+        pid, _, rest = rest.partition("-")
+        host = rest.partition("@")[2] or None
+        if tag in ("tmp", "old") and pid.isdigit() and _is_stale(host, int(pid), _latest_mtime(p), max_age):
             shutil.rmtree(p, ignore_errors=True)
             removed += 1
     return removed
+
+
+class BuildLock:
+    """An exclusive lock on building ``out_dir``, valid across the nodes of a shared filesystem.
+
+    ``torchrun`` on several nodes starts one local rank 0 per node, and each would build the same
+    cache folder.  The lock is a sibling file ``.<name>.lock`` created with ``O_CREAT | O_EXCL``
+    (atomic on local filesystems and NFS v3+) holding ``{"host", "pid"}``; its holder touches it
+    every :data:`LOCK_HEARTBEAT_SECONDS` from a daemon thread.  A waiter takes the lock over when
+    the holder is a dead process of this host or has not touched it for ``stale_after`` seconds
+    (a crashed node), and otherwise polls until it is released.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, stale_after: float = STALE_LOCK_SECONDS,
+                 poll: float = 1.0, heartbeat: float = LOCK_HEARTBEAT_SECONDS) -> None:
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir.parent / f".{self.out_dir.name}.lock"
+        self.stale_after, self.poll, self.heartbeat = stale_after, poll, heartbeat
+        self.owner = {"host": _host(), "pid": os.getpid(), "id": uuid.uuid4().hex}
+        self.waited = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _try_create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(self.owner, f)
+        return True
+
+    def _read(self) -> tuple[dict | None, float]:
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8")), self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None, 0.0
+        except (OSError, ValueError):  # being written right now, or garbage: judge by age only
+            try:
+                return {}, self.path.stat().st_mtime
+            except OSError:
+                return None, 0.0
+
+    def _holder_gone(self, owner: dict, mtime: float) -> bool:
+        pid = owner.get("pid")
+        host = owner.get("host") if isinstance(owner.get("host"), str) else ""
+        if not isinstance(pid, int):
+            return time.time() - mtime > self.stale_after
+        return _is_stale(host, pid, mtime, self.stale_after)
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        told = False
+        while not self._try_create():
+            owner, mtime = self._read()
+            if owner is None:
+                continue  # released between our attempt and the read
+            if self._holder_gone(owner, mtime):
+                again, _ = self._read()
+                if again == owner:  # still the same dead holder: take it over
+                    self.path.unlink(missing_ok=True)
+                continue
+            if not told:
+                print(f"waiting for {owner.get('host', '?')}:{owner.get('pid', '?')} to finish building "
+                      f"{self.out_dir} (lock {self.path})", file=sys.stderr)
+                told = True
+            self.waited = True
+            time.sleep(self.poll)
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        owner, _ = self._read()
+        if owner == self.owner:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "BuildLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
     """Move the finished ``tmp`` folder to ``out_dir``, replacing an older build if there is one."""
     old = None
     if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        old = out_dir.parent / f".{out_dir.name}.old-{_build_tag()}"
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     if old is not None:
@@ -98,8 +237,7 @@ class ShardWriter:
     def __init__(self, out_dir: str | os.PathLike, dtype: np.dtype | str) -> None:
         self.out_dir = Path(out_dir)
         self.dtype = np.dtype(dtype)
-        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{tag}"
+        self.tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{_build_tag()}"
         self.n_tokens = 0
         self.committed = False
 
