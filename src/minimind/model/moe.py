@@ -1,8 +1,20 @@
 """Mixture-of-experts feed-forward (Qwen3-MoE / reference minimind-3 routing).
 
 Routing: ``p = softmax(W_g x)``; keep the top-k experts; if ``norm_topk_prob`` renormalise the kept
-weights to sum to 1.  Dispatch sorts the (token, slot) pairs by expert once and runs each expert on
-one contiguous slice, instead of a boolean-mask pass over all tokens per expert.
+weights to sum to 1.  ``y = sum_{e in topk(x)} w_e * SwiGLU_e(x)``.
+
+Dispatch sorts the (token, slot) pairs by expert once, so each expert's tokens are one contiguous
+slice, and then runs the experts in one of three ways, all computing the same ``y``:
+
+* grouped (training, and anything compiled): one ``torch._grouped_mm`` per projection over all
+  experts' slices, the slice ends given as a device tensor -- no host read, no graph break, and
+  every expert's weights take part in the graph (an expert that got no token still gets a zero
+  gradient, as DDP's reducer requires);
+* dense (where ``_grouped_mm`` is missing or cannot run: an fp32 compile on the CPU, GPUs before
+  sm90): every expert over every token, weighted by its (mostly zero) routing weight -- static
+  shapes, ``num_experts / top_k`` times the FLOPs;
+* loop (eager inference): the per-expert counts are read to the host once and each expert runs
+  on its own slice, so a decode step reads only the weights of the experts it uses.
 
 Load-balancing loss (as the reference computes it), per layer and summed over layers by the model:
 ``aux = coef * E * sum_{slot, e} f_{slot,e} * P_e`` with ``f_{slot,e}`` the fraction of tokens whose
@@ -17,6 +29,26 @@ from torch import nn
 
 from minimind.config import ModelConfig
 from minimind.model.layers import SwiGLU
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls of ``x`` run in: the autocast dtype when autocast is on (``_grouped_mm`` is
+    not covered by autocast, so the cast is made by hand), else ``x``'s own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def grouped_mm_usable(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` runs here: CPU eager in any float dtype, CPU compiled in bf16
+    (its shape function accepts bf16 only), CUDA in bf16 on sm90+."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+    if x.device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return False
 
 
 class MoEFeedForward(nn.Module):
@@ -39,23 +71,56 @@ class MoEFeedForward(nn.Module):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights.to(x.dtype)
 
-        flat_expert = experts.reshape(-1)
-        order = torch.argsort(flat_expert, stable=True)
-        token_of = order // self.top_k
-        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
-        chunks = x[token_of].split(counts)
-        outs = [expert(chunk) for expert, chunk in zip(self.experts, chunks)]
-        routed = torch.cat(outs) * weights.reshape(-1)[order].unsqueeze(-1)
-        y = torch.zeros_like(x).index_add_(0, token_of, routed)
+        dtype = compute_dtype(x)
+        if grouped_mm_usable(x, dtype) and (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            y = self._dispatch_grouped(x, weights, experts, dtype)
+        elif torch.is_grad_enabled() or torch.compiler.is_compiling():
+            y = self._dispatch_dense(x, weights, experts)
+        else:
+            y = self._dispatch_loop(x, weights, experts)
 
         aux = x.new_zeros((), dtype=torch.float32)
-        if self.training:
-            if self.aux_coef > 0:
-                load = F.one_hot(experts, self.num_experts).float().mean(0)  # [k, E]
-                aux = (load * probs.float().mean(0)).sum() * self.num_experts * self.aux_coef
-            # An expert that saw no token still has to produce a gradient so that DDP's reducer
-            # finds every parameter used; a zero-valued term does that without changing the output.
-            idle = [e for e, c in enumerate(counts) if c == 0]
-            if idle:
-                y = y + 0.0 * sum(p.sum() for e in idle for p in self.experts[e].parameters())
+        if self.training and self.aux_coef > 0:
+            chosen = experts.unsqueeze(-1) == torch.arange(self.num_experts, device=x.device)
+            load = chosen.float().mean(0)  # [k, E]: fraction of tokens whose slot-th choice is e
+            aux = (load * probs.float().mean(0)).sum() * self.num_experts * self.aux_coef
         return y.reshape(shape), aux
+
+    def _sort_by_expert(self, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(order, token_of, counts)``: the (token, slot) pairs sorted by expert, the token of each
+        sorted pair, and the number of pairs per expert (a device tensor)."""
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=flat.device)
+        counts = counts.index_add(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        return order, order // self.top_k, counts
+
+    def _dispatch_grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                          dtype: torch.dtype) -> torch.Tensor:
+        order, token_of, counts = self._sort_by_expert(experts)
+        ends = counts.cumsum(0, dtype=torch.int32)  # slice e is rows [ends[e-1], ends[e])
+
+        def grouped(inp: torch.Tensor, name: str) -> torch.Tensor:
+            # [E, out, in] -> [E, in, out]: _grouped_mm multiplies each slice by its expert's matrix
+            w = torch.stack([getattr(e, name).weight for e in self.experts]).to(dtype)
+            return torch._grouped_mm(inp, w.transpose(1, 2), offs=ends)
+
+        xs = x[token_of].to(dtype)
+        hidden = F.silu(grouped(xs, "gate_proj")) * grouped(xs, "up_proj")
+        routed = grouped(hidden, "down_proj") * weights.reshape(-1)[order].unsqueeze(-1)
+        return torch.zeros_like(x).index_add_(0, token_of, routed.to(x.dtype))
+
+    def _dispatch_dense(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        combine = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
+        combine = combine.scatter(1, experts, weights)  # [N, E]: the routing weight, 0 if not chosen
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            y = y + expert(x).to(x.dtype) * combine[:, e:e + 1]
+        return y
+
+    def _dispatch_loop(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        order, token_of, counts = self._sort_by_expert(experts)
+        chunks = x[token_of].split(counts.tolist())  # the one host read: slice lengths
+        outs = [expert(chunk) for expert, chunk in zip(self.experts, chunks) if chunk.shape[0]]
+        routed = torch.cat(outs) * weights.reshape(-1)[order].unsqueeze(-1)
+        return torch.zeros_like(x).index_add_(0, token_of, routed.to(x.dtype))
