@@ -10,11 +10,12 @@ slice, and then runs the experts in one of three ways, all computing the same ``
   experts' slices, the slice ends given as a device tensor -- no host read, no graph break, and
   every expert's weights take part in the graph (an expert that got no token still gets a zero
   gradient, as DDP's reducer requires);
-* dense (where ``_grouped_mm`` is missing or cannot run: an fp32 compile on the CPU, GPUs before
-  sm90): every expert over every token, weighted by its (mostly zero) routing weight -- static
-  shapes, ``num_experts / top_k`` times the FLOPs;
-* loop (eager inference): the per-expert counts are read to the host once and each expert runs
-  on its own slice, so a decode step reads only the weights of the experts it uses.
+* dense (compiled where ``_grouped_mm`` cannot run: an fp32 compile on the CPU, GPUs before sm90):
+  every expert over every token, weighted by its (mostly zero) routing weight -- static shapes,
+  ``num_experts / top_k`` times the FLOPs;
+* loop (eager inference, and eager training where ``_grouped_mm`` cannot run): the per-expert
+  counts are read to the host once and each expert runs on its own slice, so a decode step reads
+  only the weights of the experts it uses.
 
 Load-balancing loss (as the reference computes it), per layer and summed over layers by the model:
 ``aux = coef * E * sum_{slot, e} f_{slot,e} * P_e`` with ``f_{slot,e}`` the fraction of tokens whose
@@ -72,9 +73,10 @@ class MoEFeedForward(nn.Module):
         weights = weights.to(x.dtype)
 
         dtype = compute_dtype(x)
-        if grouped_mm_usable(x, dtype) and (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+        compiling = torch.compiler.is_compiling()
+        if grouped_mm_usable(x, dtype) and (torch.is_grad_enabled() or compiling):
             y = self._dispatch_grouped(x, weights, experts, dtype)
-        elif torch.is_grad_enabled() or torch.compiler.is_compiling():
+        elif compiling:
             y = self._dispatch_dense(x, weights, experts)
         else:
             y = self._dispatch_loop(x, weights, experts)
@@ -120,7 +122,14 @@ class MoEFeedForward(nn.Module):
 
     def _dispatch_loop(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         order, token_of, counts = self._sort_by_expert(experts)
-        chunks = x[token_of].split(counts.tolist())  # the one host read: slice lengths
+        sizes = counts.tolist()  # the one host read: slice lengths
+        chunks = x[token_of].split(sizes)
         outs = [expert(chunk) for expert, chunk in zip(self.experts, chunks) if chunk.shape[0]]
         routed = torch.cat(outs) * weights.reshape(-1)[order].unsqueeze(-1)
-        return torch.zeros_like(x).index_add_(0, token_of, routed.to(x.dtype))
+        y = torch.zeros_like(x).index_add_(0, token_of, routed.to(x.dtype))
+        idle = [e for e, n in enumerate(sizes) if n == 0]
+        if idle and torch.is_grad_enabled():
+            # DDP's reducer must find a gradient for every parameter: a zero-valued term gives the
+            # experts that saw no token one without changing the output.
+            y = y + 0.0 * sum(p.sum() for e in idle for p in self.experts[e].parameters())
+        return y
