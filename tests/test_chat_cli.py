@@ -87,6 +87,24 @@ def test_ctrl_c_stops_the_reply_keeps_history_and_session() -> None:
     assert "Hello" in out and "interrupted]" in out and "Fine." in out
 
 
+def test_empty_line_keeps_the_session_and_its_history() -> None:
+    """A stray Enter used to end the chat and lose the conversation; only /exit or Ctrl-D end it."""
+    engine = FakeEngine([["A"], ["B"]])
+    inputs = iter(["hi", "", "   ", "more"])
+
+    def input_fn(prompt: str) -> str:
+        try:
+            return next(inputs)
+        except StopIteration:
+            raise EOFError from None  # Ctrl-D
+
+    replies = run_chat(engine, FakeTokenizer(), None, history=4, params=SamplingParams(),
+                       console=Console(file=io.StringIO()), input_fn=input_fn)
+    assert [r.text for r in replies] == ["A", "B"]
+    assert engine.seen[1] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A"},
+                              {"role": "user", "content": "more"}]
+
+
 def test_ctrl_c_in_scripted_mode_drops_the_rest() -> None:
     engine = FakeEngine([["a"], None, ["never"]])
     buf = io.StringIO()
@@ -139,7 +157,7 @@ def test_real_engine_survives_an_interrupted_stream(tok_dir: Path, monkeypatch) 
     monkeypatch.setattr(model.lm_head, "forward", real_forward)
     inputs = iter(["hello", "world"])
     replies = run_chat(engine, tok, None, params=greedy, history=2, console=Console(file=buf),
-                       input_fn=lambda p: next(inputs, ""))
+                       input_fn=lambda p: next(inputs, "/exit"))
     assert [r.finish_reason for r in replies] == ["length", "length"]
 
 

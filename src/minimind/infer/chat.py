@@ -100,22 +100,25 @@ def load_prompts(path: str | Path) -> list[Prompt]:
 
 
 def _interactive(console: Console, input_fn: Callable[[str], str]) -> Iterable[str]:
+    """Typed prompts until ``/exit``, Ctrl-D or Ctrl-C.  An empty line is ignored: a stray Enter
+    must not end the session and lose the conversation."""
     while True:
         try:
             line = input_fn("> ")
         except (EOFError, KeyboardInterrupt):
             console.print()
             return
-        if not line.strip() or line.strip() == "/exit":
+        if line.strip() == "/exit":
             return
-        yield line
+        if line.strip():
+            yield line
 
 
 def run_chat(engine: GenerationEngine, tokenizer: Any, prompts: Sequence[Prompt] | None = None,
              history: int = 0, open_thinking: bool = False, params: SamplingParams | None = None,
              raw: bool = False, console: Console | None = None,
              input_fn: Callable[[str], str] = input) -> list[GenerationResult]:
-    """Chat loop: interactive when ``prompts`` is None (empty line, ``/exit`` or Ctrl-C quits,
+    """Chat loop: interactive when ``prompts`` is None (``/exit``, Ctrl-D or Ctrl-C quits,
     ``/clear`` drops the history), else the scripted prompts in order.  Returns the replies.
 
     ``history`` = number of past messages (user and assistant) sent as context; 0 = stateless.
@@ -273,7 +276,7 @@ def _chat_main(args: argparse.Namespace) -> int:
                   f"{' | raw (pretrain) mode' if raw else ''}", style="dim", markup=False)
     prompts = load_prompts(args.prompts) if args.prompts else None
     if prompts is None:
-        console.print("empty line, /exit or Ctrl-C quits, /clear resets the history, "
+        console.print("/exit or Ctrl-D quits, /clear resets the history, "
                       "Ctrl-C during a reply stops it", style="dim")
     run_chat(engine, tokenizer, prompts, history=args.historys, open_thinking=bool(args.open_thinking),
              params=params, raw=raw, console=console)
