@@ -1,64 +1,99 @@
-"""GRPO on the toy digit task: the reward curve of the RL driver, and seconds per GRPO step on CPU.
+"""Every RL loss_type on the toy digit task: the reward it reaches, how off-policy its updates are,
+and seconds per step split into rollout and update, printed as JSON.
 
 The prompt says "say <d>" (d in 0..3); the reward is 0.5 for a reply starting with a digit and 0.5
-more for the digit asked for.  A fresh 2-layer, 32-wide model starts near 0 (a digit is ~3% of its
-vocabulary).  Writes ``docs/img/grpo_toy_reward.png`` and prints the curve's summary::
+more for the digit asked for (:mod:`minimind.rl.toy`).  A fresh 2-layer, 32-wide model starts near 0
+(a digit is ~3% of its vocabulary).  Each loss type runs with its own defaults (the README table:
+KL weight, mu, mini-batches per rollout, DAPO's dynamic sampling and overlong shaping), on 64
+completions per step: 8 prompts x 8 samples for the group objectives, 64 prompts x 1 sample for SPO
+and PPO.  Writes the reward curves to ``--out`` and prints one JSON object::
 
-    OMP_NUM_THREADS=1 python bench/rl_toy.py [--steps 200] [--out docs/img/grpo_toy_reward.png]
+    OMP_NUM_THREADS=1 python bench/rl_toy.py [--steps 150] [--loss_types grpo,dapo] [--out docs/img/rl_toy_reward.png]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from minimind.config import TrainConfig
+from minimind.rl.objective import LOSS_TYPES
 from minimind.rl.toy import register_toy_reward, write_toy_task
 from minimind.tokenizer import MiniMindTokenizer
 from minimind.train.plots import plot_metrics
-from minimind.train.stages.rl import GRPOOptions, GRPOStage
+from minimind.train.stages.rl import GRPOOptions, GRPOStage, PPOOptions, PPOStage, SPOOptions, SPOStage
+
+
+def run_one(loss_type: str, root: Path, tok: MiniMindTokenizer, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Train one loss type from scratch and summarise its metrics."""
+    single = loss_type in ("spo", "ppo")
+    stage_cls, opt_cls = {"spo": (SPOStage, SPOOptions), "ppo": (PPOStage, PPOOptions)}.get(
+        loss_type, (GRPOStage, GRPOOptions))
+    cfg = TrainConfig(stage=stage_cls.name, save_weight=loss_type, data_path=str(data), tokenizer_path=str(root / "tok"),
+                      save_dir=str(root / "out"), checkpoint_dir=str(root / "ckpt"), from_weight="none",
+                      preset="tiny", hidden_size=32, num_hidden_layers=2, batch_size=64 if single else 8,
+                      max_seq_len=64, learning_rate=args.lr, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0,
+                      log_interval=1, save_interval=0, progress=0, device=args.device, dtype=args.dtype, seed=args.seed,
+                      epochs=100, max_steps=args.steps)
+    opts = opt_cls(loss_type=loss_type, num_generations=1 if single else 8, reward="toy_digit:1", max_gen_len=2,
+                   temperature=1.0, thinking_ratio=0.0)
+    t0 = time.perf_counter()
+    res = stage_cls(opts).run(cfg, tok)
+    wall = time.perf_counter() - t0
+    recs = res.records
+    k = min(20, len(recs) // 2)
+    o = opts.resolved()
+
+    def mean(key: str, rows: list[dict[str, Any]] = recs) -> float:
+        vals = [r[key] for r in rows if key in r]
+        return round(sum(vals) / max(len(vals), 1), 4)
+
+    def median(key: str) -> float:
+        return round(statistics.median(r[key] for r in recs), 4)
+
+    return {"loss_type": loss_type, "beta": o.beta, "ppo_epochs": o.ppo_epochs,
+            "steps_per_generation": o.steps_per_generation, "steps": len(recs),
+            "reward_first": mean("reward", recs[:k]), "reward_last": mean("reward", recs[-k:]),
+            "clip_frac": mean("clip_frac"), "approx_kl": mean("approx_kl"), "ratio_std": mean("ratio_std"),
+            "optimizer_steps": sum(r["optimizer_steps"] for r in recs), "truncated_rate": mean("truncated_rate"),
+            "sec_rollout": median("sec_rollout"), "sec_update": median("sec_update"),
+            "sec_per_step": median("sec_per_step"), "wall_s": round(wall, 1), "metrics": res.metrics_path}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=5e-3)
-    ap.add_argument("--out", default="docs/img/grpo_toy_reward.png")
+    ap.add_argument("--loss_types", default=",".join(LOSS_TYPES))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="docs/img/rl_toy_reward.png", help="reward curves ('' = no plot)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (the engine then samples from a bf16 copy)")
     ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 (training autocast)")
-    ap.add_argument("--tis_cap", type=float, default=0.0, help="truncated importance sampling cap (0 = off)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     register_toy_reward()
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         tok_dir, data = write_toy_task(root)
         tok = MiniMindTokenizer.from_dir(tok_dir)
-        cfg = TrainConfig(stage="grpo", save_weight="grpo_toy", data_path=str(data),
-                          tokenizer_path=str(tok_dir), save_dir=str(root / "out"),
-                          checkpoint_dir=str(root / "ckpt"), from_weight="none", preset="tiny", hidden_size=32,
-                          num_hidden_layers=2, batch_size=8, max_seq_len=64, learning_rate=args.lr,
-                          warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, log_interval=1, save_interval=0,
-                          progress=0, device=args.device, dtype=args.dtype, seed=0, epochs=100, max_steps=args.steps)
-        opts = GRPOOptions(loss_type="grpo", num_generations=8, beta=0.0, reward="toy_digit:1", max_gen_len=2,
-                           temperature=1.0, thinking_ratio=0.0, tis_cap=args.tis_cap)
-        t0 = time.perf_counter()
-        res = GRPOStage(opts).run(cfg, tok)
-        wall = time.perf_counter() - t0
-        out = plot_metrics([res.metrics_path], Path(args.out), keys=("reward", "entropy"),
-                           title="GRPO, toy digit task (8 prompts x 8 samples per step)")
-    r = res.rewards
-    k = min(20, len(r) // 2)
-    sec = [rec["sec_per_step"] for rec in res.records]
-    print(f"wrote {out}")
-    print(f"steps {len(r)}  mean reward first {k}: {sum(r[:k]) / k:.3f}  last {k}: {sum(r[-k:]) / k:.3f}  "
-          f"max {max(r):.3f}")
-    print(f"seconds per GRPO step: median {sorted(sec)[len(sec) // 2]:.3f}  (run {wall:.1f}s, 64 completions "
-          f"of <= 2 tokens per step, {args.device})")
+        for lt in args.loss_types.split(","):
+            results.append(run_one(lt.strip(), root, tok, data, args))
+        if args.out:
+            plot_metrics([r["metrics"] for r in results], Path(args.out), keys=("reward", "clip_frac"),
+                         title="toy digit task, every loss_type (64 completions per step)")
+    for r in results:
+        r.pop("metrics")
+    print(json.dumps({"task": "toy digit (say <d>), 2-layer 32-wide model from scratch, 64 completions/step, "
+                              "max_gen_len 2, T 1", "device": args.device, "dtype": args.dtype, "lr": args.lr,
+                      "results": results}, indent=1))
 
 
 if __name__ == "__main__":

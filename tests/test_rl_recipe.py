@@ -59,7 +59,8 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _cfg(ws: dict[str, Path], out: Path, stage: str = "grpo", **kw: Any) -> TrainConfig:
     base: dict[str, Any] = {
         "stage": stage, "save_weight": stage, "data_path": str(ws["data"]), "tokenizer_path": str(ws["tok"]),
-        "save_dir": str(out / "out"), "checkpoint_dir": str(out / "ckpt"), "from_weight": "none", "preset": "tiny",
+        "save_dir": str(out / "out"), "checkpoint_dir": str(out / "ckpt"), "from_weight": "none",
+        "preset": "tiny",
         "hidden_size": 32, "num_hidden_layers": 2, "batch_size": 4, "max_seq_len": 64, "learning_rate": 5e-2,
         "warmup_steps": 0, "min_lr_ratio": 1.0, "weight_decay": 0.0, "log_interval": 1, "save_interval": 0,
         "progress": 0, "device": "cpu", "dtype": "float32", "seed": 0, "max_steps": 3}
@@ -127,7 +128,8 @@ class _SeedSampler:
 
     def _result(self, text: str) -> GenerationResult:
         ids = list(self.tok.encode(text)) + [self.tok.eos_id]
-        return GenerationResult(ids, text, "stop", 1, len(ids), stop=self.tok.eos_id, logprobs=[-1.0] * len(ids))
+        return GenerationResult(ids, text, "stop", 1, len(ids), stop=self.tok.eos_id,
+                                logprobs=[-1.0] * len(ids))
 
     def generate(self, prompt_ids: list[list[int]], params: Any, n: int) -> list[GenerationResult]:
         per_prompt = [params] * len(prompt_ids) if isinstance(params, SamplingParams) else list(params)
@@ -178,7 +180,8 @@ GROUP_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "gspo", "cispo")
 def _fixed_update(ws: dict[str, Path], out: Path, loss_type: str) -> tuple[dict[str, torch.Tensor], Any]:
     """One rollout batch with fixed rewards, mu = 2 passes of 2 mini-batches; the weight change."""
     stage = GRPOStage(_opts(loss_type=loss_type, ppo_epochs=2, steps_per_generation=2, dynamic_sampling=0,
-                            overlong_buffer=0, epsilon=0.05, epsilon_high=0.05 if loss_type != "dapo" else 0.1))
+                            overlong_buffer=0, epsilon=0.05,
+                            epsilon_high=0.05 if loss_type != "dapo" else 0.1))
     ctx = _context(ws, out, stage, max_steps=1)
     scored = rollout_and_score(ctx, 0, pick_prompts(ctx, 0))
     scored.rewards = torch.linspace(0, 1, len(scored.batch)).roll(3) ** 2
@@ -209,11 +212,13 @@ def test_off_policy_steps_are_logged(ws: dict[str, Path], tmp_path: Path) -> Non
         _cfg(ws, tmp_path, max_steps=4, learning_rate=0.1), MiniMindTokenizer.from_dir(ws["tok"]))
     assert all(r["optimizer_steps"] + r["skipped_steps"] == 4 for r in res.records)
     moved = [r for r in res.records if r["optimizer_steps"] > 1]
-    assert moved and all(r["ratio_std"] > 0 and r["ratio_min"] < r["ratio_max"] and r["approx_kl"] > 0 for r in moved)
+    assert moved and all(r["ratio_std"] > 0 and r["ratio_min"] < r["ratio_max"] and r["approx_kl"] > 0
+                         for r in moved)
     assert all({"approx_kl", "clip_frac", "sec_rollout", "sec_update"} <= set(r) for r in res.records)
 
 
-def _grad(cfg: Any, logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _grad(cfg: Any, logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor,
+          mask: torch.Tensor) -> torch.Tensor:
     x = logp.clone().requires_grad_(True)
     loss, _ = policy_loss(cfg, x, old, adv, mask)
     loss.backward()
@@ -254,9 +259,9 @@ def test_a_batch_without_signal_costs_no_step(ws: dict[str, Path], tmp_path: Pat
     step that still decayed Adam's moments); with a KL term the step is taken."""
     for beta, steps in ((0.0, 0), (0.1, 2)):
         ctx = _context(ws, tmp_path / str(beta), GRPOStage(_opts(beta=beta, steps_per_generation=2)))
-        calls = []
+        calls: list[int] = []
         step = ctx.trainer.step
-        ctx.trainer.step = lambda *a, **kw: calls.append(1) or step(*a, **kw)
+        ctx.trainer.step = lambda *a, calls=calls, step=step, **kw: calls.append(1) or step(*a, **kw)
         scored = rollout_and_score(ctx, 0, pick_prompts(ctx, 0))
         scored.rewards = torch.ones(len(scored.batch))
         old = old_log_probs(ctx, scored.batch)
@@ -275,8 +280,8 @@ def test_value_loss_reaches_the_policy_only_with_a_shared_critic(ws: dict[str, P
     scored = rollout_and_score(ctx, 0, pick_prompts(ctx, 0))
     b = scored.batch
     mask = b.completion_mask
-    mb = RLMicroBatch(b.input_ids, b.position_ids, b.targets, mask, torch.zeros_like(mask), None, b.rollout_logp,
-                      old_values=torch.zeros_like(mask), returns=mask.clone(), max_tokens=3)
+    mb = RLMicroBatch(b.input_ids, b.position_ids, b.targets, mask, torch.zeros_like(mask), None,
+                      b.rollout_logp, old_values=torch.zeros_like(mask), returns=mask.clone(), max_tokens=3)
     head = ctx.parts.critic.head if critic == "separate" else ctx.parts.value_head
     torch.nn.init.normal_(head.proj.weight)  # a trained head (a zero one passes no gradient to any trunk)
     out = rl_loss(ctx.parts, ctx.trainer.model, mb)  # advantage 0: only the value loss has a gradient
@@ -315,8 +320,9 @@ def test_spo_draws_prompts_by_baseline_uncertainty() -> None:
     for p in range(50):
         for _ in range(30):
             base.update(p, 1.0)  # prompts 0..49 are solved; 50..99 unseen
-    ctx = SimpleNamespace(cfg=SimpleNamespace(batch_size=10, seed=0), info=SimpleNamespace(rank=0, world_size=1),
-                          parts=SimpleNamespace(baseline=base), o=SimpleNamespace(spo_prioritized=1),
+    ctx = SimpleNamespace(cfg=SimpleNamespace(batch_size=10, seed=0),
+                          info=SimpleNamespace(rank=0, world_size=1), parts=SimpleNamespace(baseline=base),
+                          o=SimpleNamespace(spo_prioritized=1),
                           dataset=list(range(100)), steps_per_epoch=10)
     drawn = [p for step in range(40) for p in pick_prompts(ctx, step)]
     assert sum(p < 50 for p in drawn) / len(drawn) < 0.3  # in order: 0.5; weights 0.14 vs 0.55: ~0.2
@@ -333,7 +339,8 @@ def _spo_worker(rank: int, world: int, port: int, cfg_kw: dict, out_dir: str) ->
     stage.run(TrainConfig(**cfg_kw), MiniMindTokenizer.from_dir(cfg_kw["tokenizer_path"]))
     state = stage.baseline.state_dict()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
-        {"alpha": sorted(state["alpha"].items()), "beta": sorted(state["beta"].items()), "clock": state["clock"]}))
+        {"alpha": sorted(state["alpha"].items()), "beta": sorted(state["beta"].items()),
+         "clock": state["clock"]}))
 
 
 @pytest.mark.slow  # two spawned ranks: ~30 s on a shared 2-core box
@@ -367,7 +374,8 @@ def _canned_scored(tok_eos: int, rewards: list[float], offset: int = 0) -> Score
 
 
 @pytest.mark.parametrize("rounds, spread_groups", [(2, 3), (0, 1)])
-def test_dynamic_sampling_fills_the_batch_with_groups_that_carry_signal(rounds: int, spread_groups: int) -> None:
+def test_dynamic_sampling_fills_the_batch_with_groups_that_carry_signal(rounds: int,
+                                                                        spread_groups: int) -> None:
     ctx = SimpleNamespace(o=SimpleNamespace(num_generations=2, dynamic_sampling=rounds),
                           cfg=SimpleNamespace(batch_size=3), tokenizer=SimpleNamespace(pad_id=0))
     first = _canned_scored(2, [1, 1, 0, 1, 0, 0])  # groups: flat, spread, flat
@@ -391,8 +399,9 @@ def test_loss_type_defaults_apply_unless_a_flag_is_set() -> None:
     assert PPOOptions().resolved().ppo_epochs == RECIPE_DEFAULTS["ppo"].ppo_epochs == 2
     assert PPOOptions().resolved().beta == 0.02 and PPOOptions().objective().kl == "none"  # KL in the reward
     # DAPO's soft overlong punishment rides along as the `length` reward over the last 25 tokens
-    fn = make_reward(GRPOOptions(loss_type="dapo", max_gen_len=100, reward="toy_digit:1").resolved(), agentic=False)
-    total, parts = fn(["p"] * 3, ["a", "b", "c"], [{"max_len": 100, "cache_len": 25, "completion_tokens": n,
+    dapo_toy = GRPOOptions(loss_type="dapo", max_gen_len=100, reward="toy_digit:1").resolved()
+    fn = make_reward(dapo_toy, agentic=False)
+    _, parts = fn(["p"] * 3, ["a", "b", "c"], [{"max_len": 100, "cache_len": 25, "completion_tokens": n,
                                                     "gt": ["1"]} for n in (50, 90, 100)])
     assert parts["length"].tolist() == pytest.approx([0.0, -0.6, -1.0])
 

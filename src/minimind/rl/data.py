@@ -38,6 +38,7 @@ class PromptRow:
 
 def _conversation(obj: Any) -> list[Any]:
     """The row's ``conversations`` as a list of message objects (JSON strings are decoded)."""
+    # bad rows raise ValueError (not TypeError): the loader reports every ValueError as file:line
     if not isinstance(obj, dict) or "conversations" not in obj:
         raise ValueError("expected an object with 'conversations'")
     conv = obj["conversations"]
@@ -47,7 +48,8 @@ def _conversation(obj: Any) -> list[Any]:
         except json.JSONDecodeError:
             raise ValueError("'conversations' is a string but not a JSON list of messages") from None
     if not isinstance(conv, list):
-        raise ValueError(f"'conversations' must be a list of messages, got {type(conv).__name__}")
+        kind = type(conv).__name__
+        raise ValueError(f"'conversations' must be a list of messages, got {kind}")  # noqa: TRY004
     conv = [json.loads(m) if isinstance(m, str) else m for m in conv]
     bad = [k for k, m in enumerate(conv) if not isinstance(m, dict)]
     if bad:

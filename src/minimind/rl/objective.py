@@ -34,7 +34,6 @@ from torch import Tensor
 
 __all__ = [
     "LOSS_TYPES",
-    "tempered_logps",
     "ObjectiveConfig",
     "SPOBaseline",
     "aggregate",
@@ -49,6 +48,7 @@ __all__ = [
     "policy_loss",
     "ppo_clip",
     "reinforce",
+    "tempered_logps",
     "tis_weight",
 ]
 
@@ -517,7 +517,8 @@ def compute_advantages(cfg: ObjectiveConfig, rewards: Tensor, *, group_size: int
 
     ``group``/``group_mean`` need ``group_size``; ``spo`` needs ``prompt_ids`` and the persistent
     ``baseline`` (``r - v(x)``, then z-scored over the batch as the SPO paper does); ``gae`` needs
-    ``values`` and ``mask`` ``[B, T]`` and takes ``rewards`` either per token ``[B, T]`` or per sequence ``[B]`` (then placed on each sequence's last masked token).
+    ``values`` and ``mask`` ``[B, T]`` and takes ``rewards`` either per token ``[B, T]`` or per
+    sequence ``[B]`` (then placed on each sequence's last masked token).
     Returns ``[B]`` (``[B, T]`` for ``gae``).
     """
     kind = cfg.advantage

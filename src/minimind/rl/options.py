@@ -15,8 +15,8 @@ from typing import Any
 
 from minimind.rl.objective import LOSS_TYPES, ObjectiveConfig
 
-__all__ = ["GROUP_ADVANTAGES", "RECIPE_DEFAULTS", "AgentOptions", "GRPOOptions", "LossTypeDefaults", "PPOOptions",
-           "RLOptions", "SPOOptions", "parse_reward_spec"]
+__all__ = ["GROUP_ADVANTAGES", "RECIPE_DEFAULTS", "AgentOptions", "GRPOOptions", "LossTypeDefaults",
+           "PPOOptions", "RLOptions", "SPOOptions", "parse_reward_spec"]
 
 #: Advantages computed within a prompt's group of samples (they need ``--num_generations >= 2``).
 GROUP_ADVANTAGES = ("group", "group_mean")
@@ -141,13 +141,16 @@ class RLOptions:
         if self.max_gen_len < 1:
             problems.append(f"--max_gen_len must be >= 1, got {self.max_gen_len}")
         for name in ("ppo_epochs", "steps_per_generation"):
-            if getattr(self, name) == 0 or getattr(self, name) < -1:
-                problems.append(f"--{name} must be >= 1 (-1 = the loss type's default), got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value == 0 or value < -1:
+                problems.append(f"--{name} must be >= 1 (-1 = the loss type's default), got {value}")
         for name in ("dynamic_sampling", "overlong_buffer"):
-            if getattr(self, name) < -1:
-                problems.append(f"--{name} must be >= 0 (-1 = the loss type's default), got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value < -1:
+                problems.append(f"--{name} must be >= 0 (-1 = the loss type's default), got {value}")
         if self.overlong_buffer > self.max_gen_len:
-            problems.append(f"--overlong_buffer {self.overlong_buffer} exceeds --max_gen_len {self.max_gen_len}")
+            problems.append(f"--overlong_buffer {self.overlong_buffer} exceeds --max_gen_len "
+                            f"{self.max_gen_len}")
         if self.micro_batch_size < 0:
             problems.append(f"--micro_batch_size must not be negative, got {self.micro_batch_size}")
         if self.target_kl < 0:
@@ -182,7 +185,8 @@ def parse_reward_spec(spec: str, allow_empty: bool = False) -> list[tuple[str, f
         name, _, weight = part.partition(":")
         name = name.strip()
         if name not in REWARD_FUNCTIONS:
-            raise ValueError(f"--reward: unknown reward {name!r}; registered: {', '.join(sorted(REWARD_FUNCTIONS))}")
+            raise ValueError(f"--reward: unknown reward {name!r}; registered: "
+                             f"{', '.join(sorted(REWARD_FUNCTIONS))}")
         try:
             out.append((name, float(weight) if weight.strip() else 1.0))
         except ValueError:
@@ -207,7 +211,8 @@ class SPOOptions(RLOptions):
     spo_rho_max: float = _opt(0.96, "upper bound of rho (rho_min = rho_max: a fixed discount)")
     spo_kl_half: float = _opt(0.06, "policy KL since a prompt's last visit that halves its old evidence")
     spo_prior: float = _opt(0.5, "baseline of an unseen prompt (success-rate prior)")
-    spo_prioritized: int = _opt(1, "draw each step's prompts by baseline uncertainty sqrt(v(1-v)) (0 = in order)")
+    spo_prioritized: int = _opt(1, "draw each step's prompts by baseline uncertainty sqrt(v(1-v)) "
+                                   "(0 = in the epoch's order)")
 
     def validate(self) -> None:
         super().validate()
@@ -235,8 +240,8 @@ class PPOOptions(RLOptions):
         super().validate()
         if self.critic not in ("separate", "shared"):
             raise ValueError(f"--critic must be separate or shared, got {self.critic!r}")
-        if self.vf_coef < 0 or self.cliprange_value < 0 or not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1 \
-                or self.critic_lr_scale <= 0:
+        if self.vf_coef < 0 or self.cliprange_value < 0 or not 0 <= self.gamma <= 1 \
+                or not 0 <= self.lam <= 1 or self.critic_lr_scale <= 0:
             raise ValueError("--vf_coef and --cliprange_value must be >= 0, --gamma and --lam in [0, 1], "
                              "--critic_lr_scale > 0")
 

@@ -437,7 +437,8 @@ def agent_rollouts(backend: RolloutBackend, tokenizer: Any, episodes: Sequence[S
         if not running:
             break
         if turn == 0:
-            results = backend.generate(prompts, [request_params(params, i, 0) for i in range(len(prompts))], n)
+            firsts = [request_params(params, i, 0) for i in range(len(prompts))]
+            results = backend.generate(prompts, firsts, n)
         else:  # each running sample alone: its own seed, so samples that meet one context still diverge
             keys = [(s.row.prompt_index, s.sample, turn) for s in running]
             results = backend.generate([list(s.row.ids) for s in running],

@@ -35,8 +35,8 @@ from minimind.rl.options import (
 )
 from minimind.train.stages.base import StageBase, StageContext
 
-__all__ = ["GROUP_ADVANTAGES", "AgentOptions", "AgentStage", "GRPOOptions", "GRPOStage", "PPOOptions", "PPOStage",
-           "RLOptions", "RLStage", "SPOOptions", "SPOStage", "ValueHead", "parse_reward_spec"]
+__all__ = ["GROUP_ADVANTAGES", "AgentOptions", "AgentStage", "GRPOOptions", "GRPOStage", "PPOOptions",
+           "PPOStage", "RLOptions", "RLStage", "SPOOptions", "SPOStage", "ValueHead", "parse_reward_spec"]
 
 
 class RLStage(StageBase):
@@ -87,8 +87,8 @@ class RLStage(StageBase):
             raise ValueError("--loss_type spo needs the persistent baseline: use `minimind spo`")
         rows = cfg.batch_size * o.num_generations
         if self.options.steps_per_generation > rows:
-            raise ValueError(f"--steps_per_generation {o.steps_per_generation} exceeds the {rows} completions "
-                             f"of a rollout batch (--batch_size x --num_generations)")
+            raise ValueError(f"--steps_per_generation {o.steps_per_generation} exceeds the {rows} "
+                             f"completions of a rollout batch (--batch_size x --num_generations)")
         if o.beta > 0 and o.ref_weight:  # resolve now: a missing file fails before any data is read
             from minimind.model.weights import resolve_weight_path
             mcfg = cfg.model_config()
@@ -163,7 +163,8 @@ class RLStage(StageBase):
             self.value_head.load_state_dict(state["value_head"])
 
     def parts(self) -> Any:
-        """What the recipe needs from this stage, explicitly (:class:`~minimind.train.stages.rl_recipe.RLParts`)."""
+        """What the recipe needs from this stage, explicitly
+        (:class:`~minimind.train.stages.rl_recipe.RLParts`)."""
         from minimind.train.stages.rl_recipe import RLParts
         return RLParts(name=self.name, options=self.settings, objective=self.objective, agentic=self.agentic,
                        reference=self.reference, critic=self.critic, value_head=self.value_head,
@@ -187,7 +188,8 @@ class SPOStage(RLStage):
 
     name = "spo"
     Options = SPOOptions
-    defaults: ClassVar[dict[str, Any]] = {**RLStage.defaults, "save_weight": "spo", "wandb_project": "MiniMind-SPO"}
+    defaults: ClassVar[dict[str, Any]] = {**RLStage.defaults, "save_weight": "spo",
+                                          "wandb_project": "MiniMind-SPO"}
 
     def validate(self, cfg: TrainConfig) -> None:
         if self.options.loss_type != "spo":
@@ -201,7 +203,8 @@ class PPOStage(RLStage):
 
     name = "ppo"
     Options = PPOOptions
-    defaults: ClassVar[dict[str, Any]] = {**RLStage.defaults, "save_weight": "ppo_actor", "wandb_project": "MiniMind-PPO"}
+    defaults: ClassVar[dict[str, Any]] = {**RLStage.defaults, "save_weight": "ppo_actor",
+                                          "wandb_project": "MiniMind-PPO"}
 
     def validate(self, cfg: TrainConfig) -> None:
         if self.options.loss_type != "ppo":

@@ -225,7 +225,8 @@ class RatioStats:
                 "approx_kl": float(sums[3]) / n, "ratio_mean": mean}
 
 
-def rl_loss(parts: RLParts, model: nn.Module, mb: RLMicroBatch, ratios: RatioStats | None = None) -> LossOutput:
+def rl_loss(parts: RLParts, model: nn.Module, mb: RLMicroBatch,
+            ratios: RatioStats | None = None) -> LossOutput:
     """``policy_loss`` of the micro-batch on ``log softmax(logits / T)`` (plus PPO's clipped value
     loss and the MoE aux loss)."""
     cfg = parts.objective
@@ -252,7 +253,8 @@ def rl_loss(parts: RLParts, model: nn.Module, mb: RLMicroBatch, ratios: RatioSta
     return LossOutput(loss=loss + out.aux_loss, weight=micro_batch_weight(cfg, mb), metrics=metrics)
 
 
-def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float) -> Tensor:
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+                       clip: float) -> Tensor:
     """``0.5 * mean_t max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)`` over the mask
     (``c = 0``: the plain squared error)."""
     err = (values - returns) ** 2
@@ -293,7 +295,8 @@ def _concat(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
 
     ids = cat("input_ids", pad_id)
     return replace(
-        batches[0], input_ids=ids, attention_mask=cat("attention_mask", 0), targets=cat("targets", IGNORE_INDEX),
+        batches[0], input_ids=ids, attention_mask=cat("attention_mask", 0),
+        targets=cat("targets", IGNORE_INDEX),
         position_ids=torch.arange(width).expand(ids.shape[0], width).contiguous(),
         completion_mask=cat("completion_mask", 0.0), rollout_logp=cat("rollout_logp", 0.0),
         **{k: torch.cat([getattr(b, k) for b in batches]) for k in
@@ -333,10 +336,10 @@ def rollout(parts: RLParts, backend: RolloutBackend, tokenizer: Any, rows: Seque
     out, order = [], []
     thinking = [rng.random() < o.thinking_ratio for _ in rows]
     for k, idx in enumerate(groups.values()):
-        part = agent_rollouts(backend, tokenizer, [rows[i].messages for i in idx], rows[idx[0]].tools,
-                              replace(params, seed=derive_seed(params.seed, k)) if params.seed is not None
-                              else params, max_turns=o.max_turns, n=g,
-                              open_thinking=[thinking[i] for i in idx], max_length=o.max_total_len, pad_id=pad)
+        seeded = replace(params, seed=derive_seed(params.seed, k)) if params.seed is not None else params
+        part = agent_rollouts(backend, tokenizer, [rows[i].messages for i in idx], rows[idx[0]].tools, seeded,
+                              max_turns=o.max_turns, n=g, open_thinking=[thinking[i] for i in idx],
+                              max_length=o.max_total_len, pad_id=pad)
         part.prompt_index = torch.tensor([idx[int(p)] for p in part.prompt_index.tolist()])
         out.append(part)
         order += part.prompt_index.tolist()
@@ -348,7 +351,8 @@ def rollout(parts: RLParts, backend: RolloutBackend, tokenizer: Any, rows: Seque
     return batch, texts
 
 
-def _sample_and_score(ctx: RLContext, idx: Sequence[int], params: SamplingParams, rng: random.Random) -> Scored:
+def _sample_and_score(ctx: RLContext, idx: Sequence[int], params: SamplingParams,
+                      rng: random.Random) -> Scored:
     """Roll out the dataset prompts ``idx`` and score every completion (each reward component kept)."""
     rows = [ctx.dataset.rows[i] for i in idx]
     batch, texts = rollout(ctx.parts, ctx.backend, ctx.tokenizer, rows, params, rng, ctx.cfg.max_seq_len)
@@ -407,8 +411,8 @@ def dynamic_sampling(ctx: RLContext, first: Scored, draw: Callable[[int], Scored
         flat += [offset + i for i, f in enumerate(flags) if not f]
         offset += len(flags)
     groups = (kept + flat)[:want]
-    merged = _merge(rounds, [gi * g + j for gi in groups for j in range(g)], int(getattr(ctx.tokenizer, "pad_id", 0)
-                                                                                or 0))
+    pad = int(getattr(ctx.tokenizer, "pad_id", 0) or 0)
+    merged = _merge(rounds, [gi * g + j for gi in groups for j in range(g)], pad)
     merged.rounds = len(rounds)
     first_flags = spread(first)
     merged.spread_share = sum(first_flags) / max(len(first_flags), 1)
@@ -581,7 +585,8 @@ def advantages(ctx: RLContext, scored: Scored, old: OldPass) -> Advantages:
         return Advantages(_spo_advantages(ctx, scored), mask)
     if obj.advantage == "batch":
         return Advantages(_global_zscore(rewards, None, ctx.info), mask)
-    return Advantages(group_advantages(rewards, o.num_generations, scale=obj.advantage == "group").to(dev), mask)
+    adv = group_advantages(rewards, o.num_generations, scale=obj.advantage == "group")
+    return Advantages(adv.to(dev), mask)
 
 
 # ---- the update ------------------------------------------------------------------------------------
@@ -597,25 +602,30 @@ class UpdateStats:
     ratio: dict[str, float] = field(default_factory=dict)
 
 
-def _micro_batches(ctx: RLContext, scored: Scored, old: OldPass, adv: Advantages, rows: Tensor) -> list[RLMicroBatch]:
+def _micro_batches(ctx: RLContext, scored: Scored, old: OldPass, adv: Advantages,
+                   rows: Tensor) -> list[RLMicroBatch]:
     """The rows of one mini-batch as micro-batches of ``--micro_batch_size`` rows, each cut to its
     longest row (right padding beyond it changes nothing: causal attention looks left)."""
     b, obj = scored.batch, ctx.obj
     size = ctx.o.micro_batch_size or len(rows)
     out = []
+
+    def cut(t: Tensor | None, part: Tensor, width: int) -> Tensor | None:
+        if t is None:
+            return None
+        t = t[part.to(t.device)]
+        return t[:, :width] if t.dim() == 2 else t
+
     for part in rows.split(size):
         w = int(b.sequence_lengths[part].max())
-        cols = slice(0, w)
 
-        def take(t: Tensor | None) -> Tensor | None:
-            if t is None:
-                return None
-            t = t[part.to(t.device)]
-            return t[:, cols] if t.dim() == 2 else t
+        def take(t: Tensor | None, part: Tensor = part, w: int = w) -> Tensor | None:
+            return cut(t, part, w)
 
         out.append(RLMicroBatch(
             input_ids=take(b.input_ids), position_ids=take(b.position_ids), targets=take(b.targets),
-            mask=take(adv.mask), adv=take(adv.adv), old_logp=take(old.old_logp), rollout_logp=take(b.rollout_logp),
+            mask=take(adv.mask), adv=take(adv.adv), old_logp=take(old.old_logp),
+            rollout_logp=take(b.rollout_logp),
             ref_logp=take(old.ref_logp) if obj.kl != "none" else None, old_values=take(old.values),
             returns=take(adv.returns), max_tokens=ctx.o.max_gen_len))
     return out
@@ -631,7 +641,8 @@ def _has_signal(ctx: RLContext, mbs: Sequence[RLMicroBatch]) -> bool:
     return all_reduce_sum(flag, ctx.info).item() > 0
 
 
-def update(ctx: RLContext, step: int, scored: Scored, old: OldPass, adv: Advantages, lr: float) -> UpdateStats:
+def update(ctx: RLContext, step: int, scored: Scored, old: OldPass, adv: Advantages,
+           lr: float) -> UpdateStats:
     """Phase 5: ``mu`` passes over the rollout batch, each split (shuffled) into
     ``steps_per_generation`` mini-batches of one :meth:`Trainer.step` each. A mini-batch without
     signal costs no forward, backward or optimizer step (no lr-0 step decaying Adam's moments);
@@ -673,8 +684,9 @@ def update(ctx: RLContext, step: int, scored: Scored, old: OldPass, adv: Advanta
         stats.metrics = {k: v / stats.steps for k, v in stats.metrics.items()}
         t = max(totals["tokens"], 1.0)
         mean = totals["ratio_sum"] / t
-        stats.ratio = {"ratio_mean": mean, "ratio_std": math.sqrt(max(totals["ratio_sq"] / t - mean ** 2, 0.0)),
-                       "ratio_min": lo, "ratio_max": hi, "approx_kl": totals["k3_sum"] / t}
+        std = math.sqrt(max(totals["ratio_sq"] / t - mean ** 2, 0.0))
+        stats.ratio = {"ratio_mean": mean, "ratio_std": std, "ratio_min": lo, "ratio_max": hi,
+                       "approx_kl": totals["k3_sum"] / t}
         ctx.backend.refresh(tr.base_model)
     return stats
 
@@ -687,8 +699,8 @@ def _spo_drift(ctx: RLContext, batch: RolloutBatch, old_logp: Tensor, mask: Tens
     model = tr.base_model
     model.eval()
     try:
-        new = policy_logps(model, batch, ctx.parts.temperature, ctx.o.micro_batch_size or len(batch), tr.device,
-                           tr.ctx.autocast)
+        new = policy_logps(model, batch, ctx.parts.temperature, ctx.o.micro_batch_size or len(batch),
+                           tr.device, tr.ctx.autocast)
     finally:
         model.train()
     lr = (new - old_logp) * mask
@@ -726,7 +738,8 @@ def step_metrics(ctx: RLContext, step: int, scored: Scored, old: OldPass, adv: A
         own["sampling_rounds"] = float(scored.rounds)
         own["spread_share"] = float(scored.spread_share)
     own_keys = sorted(own)
-    own_vals = (all_reduce_sum(torch.tensor([own[k] for k in own_keys], device=dev), info) / info.world_size).tolist()
+    own_vals = (all_reduce_sum(torch.tensor([own[k] for k in own_keys], device=dev), info)
+                / info.world_size).tolist()
     gen_tokens = all_reduce_sum(torch.tensor(float(batch.num_completion_tokens), device=dev), info).item()
     epoch = step // ctx.steps_per_epoch
     rec: dict[str, Any] = {"step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": round(upd.grad_norm, 4),
@@ -734,8 +747,8 @@ def step_metrics(ctx: RLContext, step: int, scored: Scored, old: OldPass, adv: A
                            "skipped_steps": upd.skipped, "early_stop": upd.early_stop}
     rec.update({k: round(x, 6) for k, x in zip(keys, step_vals)})
     rec.update({k: round(x, 6) for k, x in zip(own_keys, own_vals)})
-    rec.update({k: round(x, 6) for k, x in (upd.ratio or {"ratio_mean": 1.0, "ratio_std": 0.0, "ratio_min": 1.0,
-                                                          "ratio_max": 1.0, "approx_kl": 0.0}).items()})
+    no_update = {"ratio_mean": 1.0, "ratio_std": 0.0, "ratio_min": 1.0, "ratio_max": 1.0, "approx_kl": 0.0}
+    rec.update({k: round(x, 6) for k, x in (upd.ratio or no_update).items()})
     rec["rollout_tokens"] = int(gen_tokens)
     rec["rollout_tok_per_s"] = round(gen_tokens / max(seconds["rollout"], 1e-9), 1)
     rec.update({f"sec_{k}": round(x, 3) for k, x in seconds.items() if k != "step"})
@@ -805,7 +818,8 @@ def make_reward(o: RLOptions, agentic: bool) -> CombinedReward:
         specs.append(("length", 1.0))
     if o.reward_model_path:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        specs.append((MessagesRewardModel(RewardModel(o.reward_model_path, device=device)), o.reward_model_weight))
+        model = MessagesRewardModel(RewardModel(o.reward_model_path, device=device))
+        specs.append((model, o.reward_model_weight))
     return CombinedReward(specs)
 
 
@@ -841,12 +855,14 @@ def build_context(trainer: Trainer, stage: StageBase, tokenizer: Any) -> tuple[R
     per_step = cfg.batch_size * info.world_size
     steps_per_epoch = len(dataset) // per_step
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} prompts are fewer than one step's {per_step} (--batch_size x processes)")
+        raise ValueError(f"{len(dataset)} prompts are fewer than one step's {per_step} "
+                         f"(--batch_size x processes)")
     total = steps_per_epoch * cfg.epochs
     if cfg.max_steps > 0:
         total = min(total, cfg.max_steps)
-    files = RunFiles(weights_path(cfg, mcfg), Path(cfg.checkpoint_dir) / f"{cfg.save_weight}_{mcfg.weight_suffix}_resume.pt",
-                     Path(cfg.metrics_path or Path(cfg.save_dir) / f"{cfg.save_weight}_{mcfg.weight_suffix}_metrics.jsonl"))
+    stem = f"{cfg.save_weight}_{mcfg.weight_suffix}"
+    files = RunFiles(weights_path(cfg, mcfg), Path(cfg.checkpoint_dir) / f"{stem}_resume.pt",
+                     Path(cfg.metrics_path or Path(cfg.save_dir) / f"{stem}_metrics.jsonl"))
     ctx = RLContext(trainer, parts, dataset, make_backend(trainer, tokenizer, parts, limit),
                     make_reward(o, parts.agentic), tokenizer, total, cfg.warmup_steps, steps_per_epoch)
     return ctx, files
@@ -854,7 +870,7 @@ def build_context(trainer: Trainer, stage: StageBase, tokenizer: Any) -> tuple[R
 
 def train_rl(stage: StageBase, cfg: TrainConfig, tokenizer: Any,
              on_step: Callable[[int, dict[str, Any]], None] | None = None) -> RLResult:
-    """Run an RL stage (:class:`minimind.train.stages.rl.RLStage`, which provides ``parts()``) with ``cfg``."""
+    """Run an RL stage (:class:`minimind.train.stages.rl.RLStage`, which provides ``parts()``)."""
     trainer = Trainer(stage, cfg, tokenizer)
     try:
         ctx, files = build_context(trainer, stage, tokenizer)
