@@ -263,7 +263,8 @@ def make_llama_cpp_run(path: Path, prompts: list[list[int]], context: int, threa
         def run_one(count: int) -> int:
             llm.reset()  # no prefix reuse between runs: every run pays its prefill
             made = 0
-            for _ in llm.generate(prompts[0], top_k=TOP_K, top_p=TOP_P, temp=TEMPERATURE, reset=True):
+            for _ in llm.generate(prompts[0], top_k=TOP_K, top_p=TOP_P, min_p=0.0, temp=TEMPERATURE,
+                                  reset=True):
                 made += 1
                 if made >= count:
                     break

@@ -209,3 +209,28 @@ def test_refresh_requantizes_the_new_weights(chain: tuple[MiniMindForCausalLM, t
         want = quantize_int8_(copy.deepcopy(trained))(ids).logits
     assert torch.equal(fresh, want)
     assert rel_err(stale, want) > 0.1
+
+
+def test_bench_reports_int8_bandwidth_and_skips_a_missing_llama_cpp(monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]
+                                                                    ) -> None:
+    """bench/bench_engine.py: the int8 mode runs the quantized engine, reports the bytes a step
+    streams (int8 below bf16) and skips llama.cpp with a reason when llama-cpp-python is absent."""
+    import importlib.util
+
+    from tests.test_bench_reference import _load
+
+    bench = _load("bench_engine")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    report = bench.main(["--preset", "tiny", "--batches", "1", "--prompt_len", "6", "--new_tokens", "3",
+                         "--dtypes", "bfloat16,int8", "--repeats", "1", "--floor_iters", "1",
+                         "--max_positions", "64", "--threads", "1"])
+    capsys.readouterr()
+    bf16, int8 = report["results"]["bfloat16"]["1"], report["results"]["int8"]["1"]
+    assert "llama_cpp is not installed" in int8["llama_cpp"]["skipped"]
+    assert int8["engine"]["completion_tokens"] == 3 and "reference" not in int8
+    assert int8["engine"]["weight_bytes_per_step"] < 0.6 * bf16["engine"]["weight_bytes_per_step"]
+    assert int8["engine"]["weight_gb_s"] > 0 and bf16["engine_vs_reference"]["decode"] > 0
+    assert report["targets"]["b1_int8_vs_llama_cpp_q8_0"]["ratio"] is None
