@@ -16,10 +16,11 @@ The steps run in the order HF ``transformers`` uses, on purpose:
 4. **Top-k**: keep exactly the k largest logits (ties at the k-th value do not widen the set).
 5. **Top-p** (nucleus): keep the smallest set of most likely tokens whose probability sums to at
    least ``top_p``; the most likely token is always kept, so the set is never empty.
-6. **Draw** from the renormalised distribution by the Gumbel-max trick:
-   ``argmax_i (logit_i / T + g_i)`` with ``g_i = -log(-log u_i)`` and ``u_i`` uniform on (0, 1) is a
-   draw from ``softmax(logit / T)`` restricted to the kept tokens, with no normalisation and one
-   ``argmax`` for the whole batch.
+6. **Draw** from the renormalised distribution by inverting its CDF: with ``w_v = exp(logit_v / T)``
+   for kept tokens (0 for dropped ones) in vocabulary order and ``u`` uniform on [0, 1), the token is
+   the first ``v`` whose running sum ``w_0 + ... + w_v`` exceeds ``u * sum(w)`` — a draw from
+   ``softmax(logit / T)`` restricted to the kept tokens, one uniform per row and one
+   ``searchsorted`` for the whole batch (no normalisation, no per-row loop).
 
 **Log-probs** (``sample_rows(..., logprobs=True)``) are ``log_softmax(z' / T)`` at the sampled token,
 where ``z'`` are the logits after the repetition penalty and ``T`` the row's temperature (``T = 1``
@@ -30,13 +31,14 @@ tempered full-vocabulary log-prob, which is exactly what a training forward comp
 coincide.
 
 **Random streams** are counter-based, so a row's draws depend on nothing but its own seed and
-position: the uniform for candidate token ``v`` at the row's ``t``-th sampled token is a hash of
-``(row_seed, t, v)`` (splitmix64's mixer, see :func:`counter_uniforms`), computed with integer tensor
-ops for every row at once.  A seeded row therefore draws the same tokens whatever else shares its
-batch and however many candidates the other rows keep; rows without a seed take a fresh random
-``row_seed`` per step from the global torch RNG (or the ``generator`` passed in).  A request's
-sample ``i`` uses ``derive_seed(seed, i)`` as its row seed, so samples of one request, and requests
-whose seeds differ by one, are unrelated streams.
+position: the uniform of the row's ``t``-th sampled token is output ``t + 1`` of splitmix64 seeded
+with the row's seed (see :func:`counter_uniforms`), computed with integer tensor ops for every row at
+once.  The CDF runs over the vocabulary in token-id order (not in a sorted order that depends on the
+other rows' top-k), so a seeded row draws the same tokens whatever else shares its batch (exactly on
+CPU, where the running sums are sequential).  Rows without a seed take their uniform from the global
+torch RNG (or the ``generator`` passed in).  A request's sample ``i`` uses ``derive_seed(seed, i)``
+as its row seed, so samples of one request, and requests whose seeds differ by one, are unrelated
+streams.
 
 Everything is batched over rows, and every row may have its own settings (:class:`RowKnobs`): the
 continuous-batching engine decodes requests with different temperatures, filters and penalties in one
@@ -170,18 +172,15 @@ def _mix64_tensor(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shr(x, 31)
 
 
-def counter_uniforms(row_seeds: torch.Tensor, steps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Float64 uniforms on (0, 1), one per ``tokens[b, j]``: a pure function of (seed, step, token).
+def counter_uniforms(row_seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Float64 uniforms on [0, 1), one per row: a pure function of (seed, step).
 
-    ``u = top 53 bits of mix(mix(seed + (step + 1) G) + (token + 1) G)``, ``G`` splitmix64's odd
-    increment: the inner mix is output ``step + 1`` of the splitmix64 stream seeded with ``seed``, the
-    outer one output ``token + 1`` of the stream seeded with that.  ``row_seeds``/``steps`` are int64
-    ``[B]``, ``tokens`` int64 ``[B, K]``.
+    ``u = (mix(seed + (step + 1) G) >> 11) / 2^53`` with ``G`` splitmix64's odd increment: output
+    ``step + 1`` of the splitmix64 generator seeded with ``seed``, cut to the 53 bits a double holds
+    exactly.  ``row_seeds`` and ``steps`` are int64 ``[B]``.
     """
-    golden = _signed(_GOLDEN)
-    row = _mix64_tensor(row_seeds + (steps + 1) * golden)
-    h = _mix64_tensor(row.unsqueeze(-1) + (tokens + 1) * golden)
-    return (_shr(h, 11).double() + 0.5) * 2.0 ** -53
+    h = _mix64_tensor(row_seeds + (steps + 1) * _signed(_GOLDEN))
+    return _shr(h, 11).double() * 2.0 ** -53
 
 
 # ---- per-row settings ----------------------------------------------------------------------------
@@ -207,6 +206,7 @@ class RowKnobs:
     any_penalty: bool
     all_greedy: bool
     all_seeded: bool
+    any_seeded: bool
     truncate: bool
 
     @classmethod
@@ -237,6 +237,7 @@ class RowKnobs:
             any_penalty=any(p.repetition_penalty != 1.0 for p in params),
             all_greedy=not sampled,
             all_seeded=all(seeds[i] is not None for i in sampled),
+            any_seeded=any(seeds[i] is not None for i in sampled),
             truncate=any(ks[i] < vocab_size or params[i].top_p < 1.0 for i in sampled),
         )
 
@@ -320,7 +321,7 @@ def sample_rows(logits: torch.Tensor, knobs: RowKnobs, seen: torch.Tensor | None
                 generator: torch.Generator | None = None, logprobs: bool = False) -> Sampled:
     """One token per row of ``logits [B, V]``, each row with its own settings, all rows at once.
 
-    ``generator`` feeds the row seeds of unseeded rows (default: the global RNG).  With ``logprobs``
+    ``generator`` feeds the uniforms of unseeded rows (default: the global RNG).  With ``logprobs``
     the result carries ``log_softmax(z' / T)`` of each sampled token (see the module docstring for
     what that means under top-k/top-p).  Advances ``knobs.step`` by one.  Nothing here reads a value
     back to the host.
@@ -333,39 +334,69 @@ def sample_rows(logits: torch.Tensor, knobs: RowKnobs, seen: torch.Tensor | None
     top, best = z.max(dim=-1)  # a NaN anywhere in a row propagates into its max
     bad = ~torch.isfinite(top)
     shift = torch.where(bad, 0.0, top).unsqueeze(-1)
-    scaled = (z - shift) / knobs.temperature.unsqueeze(-1)  # <= 0 in good rows: no overflow
+    scaled = (z - shift) / knobs.temperature.unsqueeze(-1)  # <= 0 in good rows, max 0: no overflow
+    full = scaled.exp() if logprobs or (not knobs.all_greedy and not knobs.truncate) else None
     if knobs.all_greedy:
         tokens = best
     else:
-        tokens = torch.where(knobs.greedy, best, _draw(scaled, knobs, generator))
+        tokens = torch.where(knobs.greedy, best, _draw(scaled, full, knobs, generator))
     tokens = tokens.masked_fill(bad, 0)
     lp = None
-    if logprobs:
-        lp = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
+    if logprobs:  # sum(full) >= 1 (the maximum contributes exp(0)): its log is safe
+        lp = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - full.sum(dim=-1).log()
     knobs.step += 1
     return Sampled(tokens, lp, bad)
 
 
-def _draw(scaled: torch.Tensor, knobs: RowKnobs, generator: torch.Generator | None) -> torch.Tensor:
-    """Gumbel-max over each row's kept candidates of the tempered logits ``scaled``."""
+def _draw(scaled: torch.Tensor, full: torch.Tensor | None, knobs: RowKnobs,
+          generator: torch.Generator | None) -> torch.Tensor:
+    """Inverse-CDF draw over each row's kept tokens, in vocabulary order (see the module docstring).
+
+    Without filters the CDF runs over ``full = exp(scaled)``.  With filters it runs over the batch's
+    ``k_max`` best candidates re-ordered by token id, dropped ones weighing 0: the running sums at a
+    row's kept tokens are then the same whatever ``k_max`` is (zeros add exactly), so the row draws
+    what it draws alone."""
     if knobs.truncate:
         if knobs.k_max < scaled.shape[-1]:
             vals, idx = torch.topk(scaled, knobs.k_max, dim=-1)
         else:
             vals, idx = torch.sort(scaled, dim=-1, descending=True)
-        rank = torch.arange(vals.shape[-1], device=vals.device)
-        vals = vals.masked_fill(rank >= knobs.top_k.unsqueeze(-1), float("-inf"))
-        vals = vals.masked_fill(_nucleus_drop(vals, knobs.top_p), float("-inf"))
+        mass = vals.exp()
+        weights = mass.masked_fill(~_kept_sorted(mass, knobs), 0.0)
+        idx, by_id = idx.sort(dim=-1)
+        weights = weights.gather(-1, by_id)
     else:
-        vals = scaled
-        idx = torch.arange(scaled.shape[-1], device=scaled.device).expand_as(scaled)
-    seeds = knobs.seed
+        idx, weights = None, full
+    cdf = weights.double().cumsum(dim=-1)
+    target = (_uniforms(knobs, generator) * cdf[:, -1]).unsqueeze(-1)
+    pick = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)
+    return (idx.gather(-1, pick) if idx is not None else pick).squeeze(-1)
+
+
+def _kept_sorted(mass: torch.Tensor, knobs: RowKnobs) -> torch.Tensor:
+    """Which of the descending candidates (``mass [B, K]``: their unnormalised probabilities
+    ``exp(scaled)``) each row's top-k and then top-p keep (a prefix; rank 0 always).  The nucleus is measured on the top-k-renormalised distribution with
+    running sums over the sorted candidates, which for a row's first ``top_k`` entries do not depend
+    on how many candidates the batch's other rows needed."""
+    rank = torch.arange(mass.shape[-1], device=mass.device)
+    in_k = rank < knobs.top_k.unsqueeze(-1)
+    mass = mass.masked_fill(~in_k, 0.0)
+    running = mass.cumsum(dim=-1)
+    total = running.gather(-1, (knobs.top_k.clamp(max=mass.shape[-1]) - 1).unsqueeze(-1))
+    top_p = knobs.top_p.unsqueeze(-1)
+    outside = ((running - mass) >= top_p * total) & (top_p < 1.0) & (rank > 0)
+    return in_k & ~outside
+
+
+def _uniforms(knobs: RowKnobs, generator: torch.Generator | None) -> torch.Tensor:
+    """Float64 ``[B]`` on [0, 1): counter-based for seeded rows, the RNG's for the others."""
+    n, device = knobs.seed.shape[0], knobs.seed.device
     if not knobs.all_seeded:
-        fresh = torch.randint(0, 2 ** 62, seeds.shape, generator=generator, device=seeds.device)
-        seeds = torch.where(knobs.seeded, seeds, fresh)
-    u = counter_uniforms(seeds, knobs.step, idx)
-    choice = (vals.double() - torch.log(-torch.log(u))).argmax(dim=-1, keepdim=True)
-    return idx.gather(-1, choice).squeeze(-1)
+        fresh = torch.rand(n, dtype=torch.float64, generator=generator, device=device)
+        if not knobs.any_seeded:
+            return fresh
+        return torch.where(knobs.seeded, counter_uniforms(knobs.seed, knobs.step), fresh)
+    return counter_uniforms(knobs.seed, knobs.step)
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
