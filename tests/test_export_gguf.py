@@ -280,3 +280,12 @@ def test_cli_export_gguf(tok, tmp_path):
     assert (out.parent / "Modelfile").read_text().startswith("FROM ./m.gguf")
     assert main(["export", "gguf", "--weight", str(tmp_path / "full_sft_64.safetensors"), "--out",
                  str(tmp_path / "x.gguf"), "--tokenizer_path", str(tmp_path / "nowhere")]) == 2
+    # a second export into the same folder keeps the first Modelfile and names its own after the gguf
+    first = (out.parent / "Modelfile").read_text()
+    assert main(["export", "gguf", "--weight", "full_sft", "--save_dir", str(tmp_path), "--hidden_size", "64",
+                 "--out", str(out.parent / "q.gguf"), "--dtype", "q8_0"]) == 0
+    assert (out.parent / "Modelfile").read_text() == first
+    assert (out.parent / "q.Modelfile").read_text().startswith("FROM ./q.gguf")
+    assert main(["export", "gguf", "--weight", "full_sft", "--save_dir", str(tmp_path), "--hidden_size", "64",
+                 "--out", str(out), "--dtype", "f32"]) == 0  # re-export of the first: same Modelfile
+    assert (out.parent / "Modelfile").read_text() == first and not (out.parent / "m.Modelfile").exists()

@@ -322,3 +322,25 @@ def test_cli_export_then_import_round_trip(tok, tmp_path):
     assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back" / "m.safetensors")]) == 0
     _same_weights(model, load_model(tmp_path / "back" / "m.safetensors"))
     assert main(["import", str(tmp_path / "missing"), "--out", str(tmp_path / "x.safetensors")]) == 2
+
+
+def test_cli_export_finds_the_tokenizer_beside_the_weights_and_writes_0644(tok, tmp_path, monkeypatch):
+    """Like chat / serve / eval, `export hf` looks beside the weights (it only looked in
+    <save_dir>/tokenizer); every exported file gets the umask's mode (safetensors wrote 0600)."""
+    import os
+    import stat
+
+    from minimind.cli import main
+    from minimind.model import save_weights
+    monkeypatch.chdir(tmp_path)  # no out/tokenizer to fall back on
+    run = tmp_path / "elsewhere"
+    save_weights(_random_model(_cfg(tok.vocab_size)), run / "m.safetensors")
+    tok.save(run)  # tokenizer.json beside the weights
+    old_umask = os.umask(0o022)
+    try:
+        assert main(["export", "hf", "--weight", str(run / "m.safetensors"), "--out", str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(old_umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "hf").iterdir()}
+    assert "tokenizer.json" in modes and modes["model.safetensors"] == 0o644, modes
+    assert set(modes.values()) == {0o644}, modes

@@ -579,3 +579,10 @@ def test_cli_help_shows_stage_defaults_and_options(capsys):
     dpo = _help(capsys, "dpo")
     assert re.search(r"--beta BETA [^-]*\(default 0\.15\)", dpo), dpo
     assert re.search(r"--loss_type LOSS_TYPE [^-]*\(default 'sigmoid'\)", dpo), dpo
+
+
+def test_progress_0_prints_a_line_per_log_interval(workspace, tmp_path, capsys):
+    """Without the bar (--progress 0: logs, CI) training used to print nothing until the end."""
+    train(PRETRAIN, _cfg(workspace, tmp_path, max_steps=4, log_interval=2, progress=0), _tok(workspace))
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
+    assert [ln.split()[1] for ln in lines] == ["2/4", "4/4"] and all(" loss " in ln for ln in lines)

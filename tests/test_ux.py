@@ -3,7 +3,9 @@ and stale temporaries, BOM-tolerant JSONL, a located-error tokenizer corpus read
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -267,3 +269,77 @@ def test_resolve_weight_path(tmp_path: Path) -> None:
     assert resolve_weight_path(out / "full_sft_768.pth", "ignored") == out / "full_sft_768.pth"
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         resolve_weight_path(out / "nope.pth", out)
+
+
+# ---- new-user friction: one flag spelling per meaning, defaults in help, plot keys, progress ----------
+def _parse(*argv: str):
+    from minimind.cli import build_parser
+    return build_parser().parse_args(list(argv))
+
+
+@pytest.mark.parametrize("argv, dest, value", [
+    (("chat", "--model", "w"), "weight", "w"),
+    (("chat", "--tokenizer", "t"), "tokenizer_path", "t"),
+    (("eval", "bpb", "--weight", "w", "--data_path", "d"), "model", "w"),
+    (("eval", "bpb", "--weight", "w", "--data_path", "d"), "data", "d"),
+    (("eval", "mc", "--model", "w", "--data", "d", "--tokenizer_path", "t"), "tokenizer", "t"),
+    (("serve", "--model", "w", "--tokenizer", "t"), "tokenizer_path", "t"),
+    (("export", "hf", "--model", "w", "--out", "o"), "weight", "w"),
+    (("export", "gguf", "--weight", "w", "--out", "o.gguf", "--tokenizer", "t"), "tokenizer_path", "t"),
+    (("sft", "--data", "x.jsonl"), "data_path", "x.jsonl"),
+    (("tokenizer", "train", "--data", "x.jsonl"), "data_path", "x.jsonl"),
+])
+def test_both_flag_spellings_are_accepted_everywhere(argv, dest, value) -> None:
+    assert getattr(_parse(*argv), dest) == value
+
+
+def _help(*argv: str) -> str:
+    from minimind.cli import main
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    return " ".join(out.getvalue().split())
+
+
+@pytest.mark.parametrize("argv, shown, hidden, default", [
+    (("chat",), "--weight WEIGHT", "--model", "--top_p TOP_P (default: 0.95)"),
+    (("eval", "bpb"), "--weight WEIGHT", "--model", "(default: 8)"),
+    (("eval", "mc"), "--data_path DATA_PATH", "--data DATA", "--shots SHOTS k-shot"),
+    (("serve",), "--tokenizer_path TOKENIZER_PATH", "--tokenizer ", "(default: 8998)"),
+    (("tokenizer", "train"), "--data_path DATA_PATH", "--data DATA", "(default: 6400)"),
+    (("plot",), "--keys KEYS", "--data", "(default: loss)"),
+])
+def test_help_shows_one_spelling_and_the_defaults(argv, shown, hidden, default) -> None:
+    text = _help(*argv)
+    assert shown in text and hidden not in text.replace(shown, ""), text
+    assert default in text, text
+
+
+def test_pretrain_help_lists_no_sft_only_flags() -> None:
+    pre, sft = _help("pretrain"), _help("sft")
+    for flag in ("--add_system_ratio", "--empty_think_ratio"):
+        assert flag not in pre and flag in sft
+
+
+def _metrics(path: Path) -> Path:
+    rows = [{"step": i, "loss": 3.0 - i / 10, "lr": 1e-3} for i in range(1, 5)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_plot_unknown_key_is_an_error_naming_the_available_ones(tmp_path: Path, capsys) -> None:
+    from minimind.cli import main
+    m = _metrics(tmp_path / "m.jsonl")
+    assert main(["plot", str(m), "--keys", "loss,los", "--out", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err
+    assert "--keys los" in err and "available: loss, lr" in err and "Traceback" not in err
+    assert not (tmp_path / "p.png").exists()
+    assert main(["plot", str(m), "--keys", "loss,lr", "--out", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_eval_tables_are_not_cut_at_80_columns_when_piped(monkeypatch) -> None:
+    from minimind.eval.cli import results_console
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
+    assert results_console().width > 200

@@ -10,6 +10,7 @@ Config-file values are coerced and validated exactly like flags, and errors name
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
@@ -247,12 +248,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _export_source(args: argparse.Namespace) -> tuple[Path, Path]:
     """The weights file (a path or a stage name) and tokenizer folder an export reads."""
+    from minimind.infer.loading import find_tokenizer_dir
     from minimind.model.weights import resolve_weight_path
     weight = resolve_weight_path(args.weight, args.save_dir, args.hidden_size, args.use_moe)
-    tok_dir = Path(args.tokenizer_path or Path(args.save_dir) / "tokenizer")
-    if not (tok_dir / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"no tokenizer.json in {tok_dir}: pass --tokenizer_path")
-    return weight, tok_dir
+    # the lookup of chat / serve / eval: --tokenizer_path, else beside the weights, <dir>/tokenizer ...
+    return weight, find_tokenizer_dir(args.tokenizer_path or None, weight)
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
@@ -268,11 +268,13 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
     """A GGUF file for llama.cpp (architecture qwen3 / qwen3moe) and an ollama Modelfile beside it."""
     from minimind.export.gguf import export_gguf
     weight, tok_dir = _export_source(args)
+    from minimind.export.gguf import modelfile_for
     try:
         out = export_gguf(weight, args.out, tok_dir, dtype=args.dtype)
     except ImportError as e:
         raise ValueError(str(e)) from None
-    print(f"wrote {out} and {out.parent / 'Modelfile'} (llama-cli -m {out}; ollama create NAME -f Modelfile)")
+    modelfile = modelfile_for(out)
+    print(f"wrote {out} and {modelfile} (llama-cli -m {out}; ollama create NAME -f {modelfile.name})")
     return 0
 
 
@@ -286,9 +288,15 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from minimind.train.plots import plot_metrics
-    out = plot_metrics([Path(p) for p in args.metrics], Path(args.out), keys=args.keys.split(","))
+    keys = [k.strip() for k in args.keys.split(",") if k.strip()]
+    out = plot_metrics([Path(p) for p in args.metrics], Path(args.out), keys=keys, strict=True)
     print(f"wrote {out}")
     return 0
+
+
+#: TrainConfig fields that only the stages reading SFT conversations use (their augmentations).
+SFT_ONLY_FIELDS = ("add_system_ratio", "empty_think_ratio")
+SFT_DATA_STAGES = ("sft", "lora", "distill")
 
 
 def _add_stage_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -296,7 +304,8 @@ def _add_stage_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentP
     cls = STAGES[name]
     sp = sub.add_parser(name, help=help_text, description=f"{help_text}. {cls.__doc__ or ''}".strip())
     sp.add_argument("--config", help="TOML/JSON/YAML file with settings (any flag of this command)")
-    add_dataclass_flags(sp, TrainConfig, defaults=cls.defaults)
+    skip = ("stage",) if name in SFT_DATA_STAGES else ("stage", *SFT_ONLY_FIELDS)
+    add_dataclass_flags(sp, TrainConfig, defaults=cls.defaults, skip=skip)
     if cls.Options is not None:
         add_dataclass_flags(sp.add_argument_group(f"{name} options"), cls.Options)
     return sp
@@ -305,7 +314,9 @@ def _add_stage_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentP
 def _add_export_source_args(parser: argparse.ArgumentParser, out_help: str) -> None:
     parser.add_argument("--weight", required=True, help="weights path or stage name (full_sft -> out/full_sft_<H>)")
     parser.add_argument("--out", required=True, help=out_help)
-    parser.add_argument("--tokenizer_path", default="", help="tokenizer folder (default <save_dir>/tokenizer)")
+    parser.add_argument("--tokenizer_path", default="",
+                        help="tokenizer folder (default: beside the weights, then <dir>/tokenizer, out/tokenizer, "
+                             "model/)")
     parser.add_argument("--save_dir", default="out")
     parser.add_argument("--hidden_size", type=int, default=0, help="shape of a stage-name --weight")
     parser.add_argument("--use_moe", type=int, default=-1, choices=[-1, 0, 1])
@@ -348,11 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     tk = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
     tt = tk.add_parser("train", help="train a byte-level BPE tokenizer on a JSONL corpus")
-    tt.add_argument("--data_path", required=True)
-    tt.add_argument("--out_dir", default="out/tokenizer")
-    tt.add_argument("--vocab_size", type=int, default=6400)
-    tt.add_argument("--max_lines", type=int, default=0)
-    tt.add_argument("--skip_bad_lines", type=int, default=0, choices=[0, 1])
+    tt.add_argument("--data_path", required=True, help="JSONL corpus (text of any record format)")
+    tt.add_argument("--out_dir", default="out/tokenizer", help="folder for tokenizer.json and its config")
+    tt.add_argument("--vocab_size", type=int, default=6400, help="tokens, the special ones included")
+    tt.add_argument("--max_lines", type=int, default=0, help="read at most this many lines (0 = all)")
+    tt.add_argument("--skip_bad_lines", type=int, default=0, choices=[0, 1], help=_HELP["skip_bad_lines"])
     tt.set_defaults(func=cmd_tokenizer_train)
 
     dp = sub.add_parser("data", help="data tools").add_subparsers(dest="action", required=True)
@@ -399,9 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     im.set_defaults(func=cmd_import)
 
     pl = sub.add_parser("plot", help="turn metrics JSONL files into a PNG")
-    pl.add_argument("metrics", nargs="+")
-    pl.add_argument("--out", default="out/metrics.png")
-    pl.add_argument("--keys", default="loss")
+    pl.add_argument("metrics", nargs="+", help="metrics JSONL files written by training")
+    pl.add_argument("--out", default="out/metrics.png", help="PNG path")
+    pl.add_argument("--keys", default="loss", help="comma-separated metrics to plot, one panel each")
     pl.set_defaults(func=cmd_plot)
 
     from minimind.eval.cli import add_eval_parser
@@ -413,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="the embedded default: build a corpus and run the whole pipeline")
     add_demo_arguments(dm)
     dm.set_defaults(func=demo_main)
-    return p
+    return finish_parser(p)
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
@@ -421,6 +432,63 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
     """``warning: <message>`` on stderr: the counted data warnings are for users, who have no use
     for the source line of the ``warnings.warn`` call that Python prints by default."""
     print(f"warning: {message}", file=file or sys.stderr)
+
+
+#: One spelling per meaning, the first shown in help; the others are accepted wherever one of them is
+#: a flag (``chat --weight``, ``eval --model``; training's ``--data_path`` and eval's ``--data``).
+FLAG_SPELLINGS: tuple[tuple[str, ...], ...] = (("--weight", "--model"), ("--data_path", "--data"),
+                                               ("--tokenizer_path", "--tokenizer"))
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each flag's default (unless its help already says it) and only the first spelling of
+    an aliased flag, so ``--help`` lists one name per meaning."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or not _shows_default(action):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if len(action.option_strings) > 1 and any(set(action.option_strings) <= set(group) | {s}
+                                                  for group in FLAG_SPELLINGS for s in group):
+            action = copy.copy(action)
+            action.option_strings = action.option_strings[:1]
+        return super()._format_action_invocation(action)
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    """Flags whose default is a value worth printing (not a switch, not unset)."""
+    return (bool(action.option_strings) and action.nargs != 0 and action.help != argparse.SUPPRESS
+            and not (action.default is None or action.default is argparse.SUPPRESS or action.default == ""))
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    return [p for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+            for p in dict.fromkeys(a.choices.values())]
+
+
+def finish_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Walk every (sub-)parser: the common help formatter, and the other spellings of
+    :data:`FLAG_SPELLINGS` added to whichever flag a command has (the canonical one listed first)."""
+    parser.formatter_class = HelpFormatter
+    for action in list(parser._actions):
+        if not action.help and _shows_default(action):
+            action.help = "(default: %(default)s)"  # argparse prints nothing for a flag without help
+        for group in FLAG_SPELLINGS:
+            if not set(action.option_strings) & set(group):
+                continue
+            extra = [f for f in group if f not in parser._option_string_actions]
+            for flag in extra:
+                parser._option_string_actions[flag] = action
+            names = action.option_strings + extra
+            action.option_strings = sorted(names, key=lambda f: group.index(f) if f in group else len(group))
+            if action.metavar is None and action.nargs != 0:
+                action.metavar = action.option_strings[0].lstrip("-").upper()
+    for sub in _subparsers(parser):
+        finish_parser(sub)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

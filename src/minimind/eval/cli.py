@@ -1,16 +1,19 @@
 """``minimind eval bpb|mc|math|tools|longctx``: score a model, print a table, optionally write JSON results.
 
-``--model`` takes our weights file, a stage name (``full_sft`` -> ``<save_dir>/full_sft_<H>...``) or
-a Hugging Face folder (see :mod:`minimind.eval.loading`); ``--out results.json`` writes the
+``--weight`` (or ``--model``) takes our weights file, a stage name (``full_sft`` ->
+``<save_dir>/full_sft_<H>...``) or a Hugging Face folder (see :mod:`minimind.eval.loading`); ``--out results.json`` writes the
 :mod:`minimind.eval.results` format.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from rich.console import Console
 
 from minimind.eval.results import EvalResult, print_results, write_results
 
@@ -30,9 +33,9 @@ def _common(p: argparse.ArgumentParser, batch_size: int, limit_help: str,
     a("--batch_size", type=int, default=batch_size, help="sequences per forward pass")
     a("--limit", type=int, default=0, help=limit_help)
     a("--out", default="", help="write the results as JSON to this path")
-    a("--save_dir", default="out", help="where a stage-name --model is looked up")
-    a("--hidden_size", type=int, default=0, help="H of a stage-name --model (0 = 768, or the only one there)")
-    a("--use_moe", type=int, default=-1, choices=[-1, 0, 1], help="1 = a stage-name --model ends in _moe")
+    a("--save_dir", default="out", help="where a stage-name --weight is looked up")
+    a("--hidden_size", type=int, default=0, help="H of a stage-name --weight (0 = 768, or the only one there)")
+    a("--use_moe", type=int, default=-1, choices=[-1, 0, 1], help="1 = a stage-name --weight ends in _moe")
     a("--preset", default="minimind-3", help="shape defaults for a reference .pth without a config")
     a("--progress", type=int, default=1, choices=[0, 1], help="progress bar on a terminal")
 
@@ -126,8 +129,15 @@ def _load(args: argparse.Namespace):
                            preset=args.preset)
 
 
+def results_console() -> Console:
+    """Rich console for the results tables.  On a terminal rich uses its width; piped into a file or
+    ``tee`` it would assume 80 columns and cut the tables, so there the width is unbounded (a table
+    only takes the width its content needs)."""
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 1000)
+
+
 def _finish(result: EvalResult, args: argparse.Namespace) -> int:
-    print_results(result)
+    print_results(result, console=results_console())
     if args.out:
         path = write_results(result, args.out)
         print(f"wrote {path}")

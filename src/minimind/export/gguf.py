@@ -226,6 +226,22 @@ def modelfile_text(gguf_name: str) -> str:
             'PARAMETER stop "<|im_start|>"\n')
 
 
+def modelfile_for(gguf_path: str | Path) -> Path:
+    """Where the ollama Modelfile of ``gguf_path`` goes: ``Modelfile`` beside it when there is none
+    or it already says the same, else ``<stem>.Modelfile`` -- a second export into the same folder
+    must not silently repoint the first one's Modelfile."""
+    gguf_path = Path(gguf_path)
+    plain = gguf_path.parent / MODELFILE
+    try:
+        if plain.read_text(encoding="utf-8") != modelfile_text(gguf_path.name):
+            return gguf_path.parent / f"{gguf_path.stem}.{MODELFILE}"
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError):  # a folder or a binary file of that name: leave it alone
+        return gguf_path.parent / f"{gguf_path.stem}.{MODELFILE}"
+    return plain
+
+
 def _add_hparams(w: Any, cfg: ModelConfig) -> None:
     from minimind.export.hf import _yarn_params
     w.add_context_length(cfg.max_position_embeddings)
@@ -257,7 +273,7 @@ def _add_hparams(w: Any, cfg: ModelConfig) -> None:
 
 def export_gguf(model_or_path: MiniMindForCausalLM | str | Path, out_path: str | Path,
                 tokenizer: Any, dtype: str = "f16", name: str | None = None) -> Path:
-    """Write ``out_path`` (a ``.gguf`` file) and an ollama ``Modelfile`` beside it; return the path.
+    """Write ``out_path`` (a ``.gguf`` file) and an ollama Modelfile beside it (:func:`modelfile_for`).
 
     ``model_or_path``: a model, or any weights file :func:`minimind.model.load_model` reads.
     ``tokenizer``: a :class:`~minimind.tokenizer.MiniMindTokenizer` or its folder.
@@ -311,6 +327,6 @@ def export_gguf(model_or_path: MiniMindForCausalLM | str | Path, out_path: str |
             w.write_tensors_to_file()
         finally:
             w.close()
-    atomic_write_text(out.parent / MODELFILE, modelfile_text(out.name))
+    atomic_write_text(modelfile_for(out), modelfile_text(out.name))
     return out
 

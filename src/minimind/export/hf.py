@@ -404,8 +404,8 @@ def export_hf(model_or_path: MiniMindForCausalLM | str | Path, out_dir: str | Pa
     tmp.mkdir()
     old: Path | None = None
     try:
-        save_file(sd, str(tmp / WEIGHTS_FILE),
-                  metadata={"format": "pt", "minimind_config": json.dumps(cfg.to_dict())})
+        with atomic_path(tmp / WEIGHTS_FILE) as t:  # the umask's mode: save_file alone makes it 0600
+            save_file(sd, str(t), metadata={"format": "pt", "minimind_config": json.dumps(cfg.to_dict())})
         _write_json(tmp / CONFIG_FILE, config)
         _write_json(tmp / GENERATION_CONFIG_FILE, {**ids, "_from_model_config": False})
         if tok is not None:

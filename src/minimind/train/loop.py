@@ -218,6 +218,9 @@ def _run_steps(trainer: Trainer, dataset: Any, steps_per_epoch: list[int], total
                 run_tokens += window_tokens
                 run_useful += window_useful
                 progress.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+                if info.is_main and not cfg.progress:  # no bar (logs, CI): one line per log interval
+                    print(f"step {step}/{total_steps}  loss {rec['loss']:.4f}  lr {lr:.2e}  {tok_s:.0f} tok/s",
+                          flush=True)
                 window = {}
                 window_tokens = window_useful = window_steps = 0
                 window_t0 = time.perf_counter()
