@@ -123,6 +123,8 @@ class _SeedSampler:
     """A backend that 'samples' from its request's seed: turn 1 always calls the calculator (every
     episode reaches the same context), later turns answer with a number drawn from the seed."""
 
+    per_prompt_params = True
+
     def __init__(self, tok: MiniMindTokenizer, tool_reply: str) -> None:
         self.tok, self.tool_reply = tok, tool_reply
 
@@ -396,6 +398,8 @@ def test_loss_type_defaults_apply_unless_a_flag_is_set() -> None:
     dapo = GRPOOptions(loss_type="dapo", max_gen_len=100).resolved()
     assert (dapo.steps_per_generation, dapo.dynamic_sampling, dapo.overlong_buffer) == (4, 3, 25)
     assert GRPOOptions(loss_type="dapo", steps_per_generation=1).resolved().steps_per_generation == 1
+    assert GRPOOptions(loss_type="dapo").objective().mask_truncated
+    assert not GRPOOptions(loss_type="dapo", overlong_filter=0).objective().mask_truncated
     assert PPOOptions().resolved().ppo_epochs == RECIPE_DEFAULTS["ppo"].ppo_epochs == 2
     assert PPOOptions().resolved().beta == 0.02 and PPOOptions().objective().kl == "none"  # KL in the reward
     # DAPO's soft overlong punishment rides along as the `length` reward over the last 25 tokens

@@ -91,6 +91,8 @@ class RLOptions:
                                      "differ (DAPO; -1 = the loss type's default, 0 = off)")
     overlong_buffer: int = _opt(-1, "soft overlong punishment over the last N tokens before --max_gen_len "
                                     "(DAPO; -1 = the loss type's default, 0 = off)")
+    overlong_filter: int = _opt(-1, "1: truncated completions carry no loss (DAPO's overlong filtering); "
+                                    "0: they train (-1 = the loss type's default)")
     debug_interval: int = _opt(0, "print a prompt, its completions and rewards every N steps (0 = off)")
 
     @property
@@ -120,6 +122,8 @@ class RLOptions:
             changes["eps_high"] = o.epsilon_high
         if o.tis_cap > 0:
             changes["tis_cap"] = o.tis_cap
+        if o.overlong_filter >= 0:
+            changes["mask_truncated"] = bool(o.overlong_filter)
         if cfg.advantage == "gae" or o.beta <= 0:
             changes.update(kl="none", beta=0.0)
         else:
@@ -144,6 +148,9 @@ class RLOptions:
             value = getattr(self, name)
             if value == 0 or value < -1:
                 problems.append(f"--{name} must be >= 1 (-1 = the loss type's default), got {value}")
+        if self.overlong_filter not in (-1, 0, 1):
+            problems.append(f"--overlong_filter must be 0, 1 or -1 (the loss type's default), got "
+                            f"{self.overlong_filter}")
         for name in ("dynamic_sampling", "overlong_buffer"):
             value = getattr(self, name)
             if value < -1:

@@ -32,14 +32,16 @@ vLLM or SGLang backend must return, per sample and prompt-major (``results[i * n
 temperature ``T`` (after any repetition penalty), which is what the training forward computes from
 ``logits / T`` (:func:`minimind.rl.objective.tempered_logps`).  Top-k / top-p truncate the sampler
 further and are *not* in these log-probs; RL leaves them off.  ``params`` is one
-:class:`SamplingParams` for every prompt or a sequence of them, one per prompt (each request its own
-seed).
+:class:`SamplingParams` for every prompt, or -- for a backend whose ``per_prompt_params`` attribute is
+true -- a sequence of them, one per prompt (each request its own seed).
 
 **Independent samples.**  Every request carries its own seed, derived from the caller's seed and the
 request's identity (:func:`request_params`: the prompt's index, and for agent turns after the first
 the sample and the turn), and the engine mixes a request's seed with the sample index for each row.
 Identical prompts in one batch, and agent episodes that reach the same context, therefore draw
-different tokens, while a fixed seed still reproduces the whole batch.
+different tokens, while a fixed seed still reproduces the whole batch.  (A backend without
+``per_prompt_params`` gets one setting per call, seeded from the first request's key: its samples stay
+reproducible, but identical prompts inside one call then share random streams.)
 """
 
 from __future__ import annotations
@@ -110,12 +112,23 @@ class RolloutBackend(Protocol):
         ...
 
 
+def _generate(backend: RolloutBackend, prompts: list[list[int]], params: list[SamplingParams],
+              n: int) -> list[GenerationResult]:
+    """``backend.generate`` with one setting per prompt where the backend takes them, else one per call."""
+    if getattr(backend, "per_prompt_params", False) or len(params) == 1:
+        return backend.generate(prompts, params if len(params) > 1 else params[0], n)
+    return backend.generate(prompts, params[0], n)
+
+
 class EngineBackend:
     """:class:`RolloutBackend` over the project's :class:`GenerationEngine`.
 
     ``max_context`` (positions a row may use) is exposed so multi-turn rollouts can stop an episode
     whose conversation no longer fits instead of failing the whole batch.
     """
+
+    #: ``generate`` takes one :class:`SamplingParams` per prompt (each request its own seed)
+    per_prompt_params = True
 
     def __init__(self, engine: GenerationEngine) -> None:
         self.engine = engine
@@ -289,7 +302,7 @@ def single_turn_rollouts(backend: RolloutBackend, prompts_ids: Sequence[Sequence
     of prompt ``i`` (``prompt_index == i``), so a group's rows are contiguous.  Prompt ``i`` is
     sampled with seed ``derive_seed(params.seed, i)`` (see the module docstring)."""
     prompts = [list(p) for p in prompts_ids]
-    results = backend.generate(prompts, [request_params(params, i) for i in range(len(prompts))], n)
+    results = _generate(backend, prompts, [request_params(params, i) for i in range(len(prompts))], n)
     _check_results(results, len(prompts) * n)
     rows = []
     for k, res in enumerate(results):
@@ -438,11 +451,11 @@ def agent_rollouts(backend: RolloutBackend, tokenizer: Any, episodes: Sequence[S
             break
         if turn == 0:
             firsts = [request_params(params, i, 0) for i in range(len(prompts))]
-            results = backend.generate(prompts, firsts, n)
+            results = _generate(backend, prompts, firsts, n)
         else:  # each running sample alone: its own seed, so samples that meet one context still diverge
             keys = [(s.row.prompt_index, s.sample, turn) for s in running]
-            results = backend.generate([list(s.row.ids) for s in running],
-                                       [request_params(params, *k) for k in keys], 1)
+            results = _generate(backend, [list(s.row.ids) for s in running],
+                                [request_params(params, *k) for k in keys], 1)
         _check_results(results, len(running))
         for state, res in zip(running, results):
             _advance(state, res, tokenizer, tools, run_tool, turn + 1 < max_turns, limit)
