@@ -213,6 +213,8 @@ def cmd_lora(args: argparse.Namespace) -> int:
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from minimind.tokenizer import iter_texts_from_jsonl, train_tokenizer
+    if Path(args.data_path).is_dir():
+        raise ValueError(f"--data_path {args.data_path} is a folder; pass a JSONL file")
     texts = iter_texts_from_jsonl(args.data_path, max_lines=args.max_lines or None,
                                   skip_bad_lines=bool(args.skip_bad_lines))
     tok = train_tokenizer(texts, args.out_dir, vocab_size=args.vocab_size)
