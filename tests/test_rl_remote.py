@@ -34,7 +34,7 @@ from minimind.rl.remote import HTTPRolloutBackend, RolloutServerError, derive_se
 from minimind.rl.remote_dialects import MalformedResponse, OpenAICompletions, SGLangGenerate, Unit
 from minimind.rl.toy import write_toy_task
 from minimind.serve.app import create_app
-from minimind.serve.rollout_api import WEIGHT_VERSION_HEADER, add_rollout_routes
+from minimind.serve.rollout_api import WEIGHT_VERSION_HEADER
 from minimind.tokenizer import MiniMindTokenizer
 from minimind.train.core import build_model
 from minimind.train.losses import token_logps
@@ -81,9 +81,7 @@ def toy_cfg(root: Path, **kw: Any) -> TrainConfig:
 def serve_stack(model: Any, tok: Any, slots: int = 16) -> tuple[Running, EngineService]:
     """``create_app`` + the rollout routes over an engine service of ``model``."""
     service = EngineService(GenerationEngine(model, tok, num_slots=slots))
-    app = create_app(service, "toy", static_dir=None)
-    if not hasattr(app.state, "weights"):  # registered by create_app once the rollout routes are wired in
-        add_rollout_routes(app, service)
+    app = create_app(service, "toy", static_dir=None, max_rows_per_request=4096, max_queue=4096)
     return Running(app), service
 
 
@@ -204,8 +202,8 @@ def test_stale_weights_are_refused(toy: dict[str, Any], server: dict[str, Any]) 
 
 
 def test_update_lets_running_requests_finish_on_the_old_weights(toy: dict[str, Any], tmp_path: Path) -> None:
-    """One slot: request A decodes, B waits, then an update arrives.  A must finish on the old weights,
-    B run entirely on the new ones, and each sample names its version."""
+    """One slot: request A decodes, B waits in the engine's queue, then an update arrives.  A must
+    finish on the old weights and B run entirely on the new ones, and each names its version."""
     import copy
 
     from minimind.model.weights import save_weights
@@ -223,37 +221,37 @@ def test_update_lets_running_requests_finish_on_the_old_weights(toy: dict[str, A
     answers: dict[str, Any] = {}
     try:
         with httpx.Client(base_url=running.url, timeout=60) as http:
-            def ask(name: str) -> None:
-                answers[name] = http.post("/generate", json=body).json()
-
-            a = threading.Thread(target=ask, args=("a",))
+            a = threading.Thread(target=lambda: answers.update(a=http.post("/generate", json=body).json()))
             a.start()
             while service.active_rows == 0:
                 time.sleep(0.001)
-            b = threading.Thread(target=ask, args=("b",))
-            b.start()
-            while service.waiting == 0:
-                time.sleep(0.001)
+            b = service.submit(p0, SamplingParams(max_new_tokens=200, temperature=0.0, greedy=True,
+                                                  stop_token_ids=()), logprobs=True)
+            assert service.waiting == 1  # one slot: B waits for A
             up = http.post("/update_weights_from_disk",
                            json={"model_path": str(path), "weight_version": "v2"})
             a.join(60)
-            b.join(60)
-            assert up.json()["success"] is True and up.json()["num_paused_requests"] >= 1
+            list(b)  # B's events, to its end
+            assert up.json() == {"success": True, "message": f"loaded {path} as weight version v2",
+                                 "num_paused_requests": 1, "weight_version": "v2"}
             assert up.headers[WEIGHT_VERSION_HEADER] == "v2"
             bad = http.post("/update_weights_from_disk",
                             json={"model_path": str(tmp_path / "none.safetensors")})
             assert bad.json()["success"] is False and "not found" in bad.json()["message"]
+            assert http.get("/get_weight_version").json() == {"weight_version": "v2"}
     finally:
         running.stop()
         service.close()
-    for name, model, version in (("a", toy["model"], "0"), ("b", new, "v2")):
-        meta = answers[name]["meta_info"]
-        assert meta["weight_version"] == version
-        ids = [e[1] for e in meta["output_token_logprobs"]]
-        assert ids == answers[name]["output_ids"] and len(ids) == 200
-        want = full_forward_logps(model, p0, ids)
-        torch.testing.assert_close(torch.tensor([e[0] for e in meta["output_token_logprobs"]]), want,
-                                   rtol=0, atol=1e-4)
+    meta = answers["a"]["meta_info"]
+    assert meta["weight_version"] == "0"
+    ids = [e[1] for e in meta["output_token_logprobs"]]
+    assert ids == answers["a"]["output_ids"] and len(ids) == 200
+    torch.testing.assert_close(torch.tensor([e[0] for e in meta["output_token_logprobs"]]),
+                               full_forward_logps(toy["model"], p0, ids), rtol=0, atol=1e-4)
+    result = b.results[0]
+    assert b.request.held_version == "v2" and len(result.token_ids) == 200
+    torch.testing.assert_close(torch.tensor(result.logprobs), full_forward_logps(new, p0, result.token_ids),
+                               rtol=0, atol=1e-4)
 
 
 # ---- the documented request/response shapes ------------------------------------------------------------

@@ -31,6 +31,7 @@ barrier before its next rollouts.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -46,7 +47,11 @@ from minimind.infer.sampling import SamplingParams
 from minimind.infer.scheduler import GenerationResult
 from minimind.rl.remote_dialects import DIALECTS, Dialect, MalformedResponse, Unit, derive_seed
 
-__all__ = ["HTTPRolloutBackend", "RolloutServerError", "StaleWeightsError", "derive_seed", "parse_urls"]
+__all__ = ["API_KEY_ENV", "HTTPRolloutBackend", "RolloutServerError", "StaleWeightsError", "derive_seed",
+           "parse_urls", "server_backend"]
+
+#: The API key sent to the rollout servers (the one ``minimind serve`` reads too).
+API_KEY_ENV = "MINIMIND_API_KEY"
 
 
 class RolloutServerError(RuntimeError):
@@ -336,6 +341,25 @@ def _error_message(resp: httpx.Response) -> str:
     if isinstance(body, dict) and "message" in body:
         return str(body["message"])[:300]
     return str(body)[:300]
+
+
+def server_backend(options: Any, cfg: Any, tokenizer: Any, model: nn.Module, max_context: int | None,
+                   info: Any) -> HTTPRolloutBackend:
+    """The driver's backend for ``--rollout_backend server``: the servers of ``--rollout_url``, spoken to
+    in ``--rollout_dialect``, with the weights written under ``<checkpoint_dir>/rollout_sync/`` and
+    pushed once now (so the first rollouts already come from the trainer's policy, whatever the
+    servers loaded at start) and then every ``--sync_interval`` optimizer steps."""
+    if not options.rollout_url:
+        raise ValueError("--rollout_backend server needs --rollout_url (e.g. http://127.0.0.1:30000)")
+    sync_dir = Path(cfg.checkpoint_dir) / "rollout_sync" / cfg.save_weight
+    backend = HTTPRolloutBackend(options.rollout_url, options.rollout_dialect, tokenizer=tokenizer,
+                                 sync_dir=sync_dir, sync_interval=options.sync_interval,
+                                 timeout=options.rollout_timeout, max_context=max_context,
+                                 api_key=os.environ.get(API_KEY_ENV) or None, rank=info.rank,
+                                 world_size=info.world_size)
+    if options.sync_interval:
+        backend.sync(model)
+    return backend
 
 
 def _barrier(world_size: int) -> None:

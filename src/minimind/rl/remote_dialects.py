@@ -7,7 +7,8 @@ documentation:
 * **SGLang** native ``POST /generate`` (``io_struct.GenerateReqInput``): ``input_ids`` as a list of
   token-id lists, ``sampling_params`` a list with one dict per prompt (``max_new_tokens``,
   ``temperature``, ``top_p``, ``top_k`` (-1 = off), ``repetition_penalty``, ``stop_token_ids``,
-  ``sampling_seed``, ``no_stop_trim``), ``return_logprob: true``.  The answer is a list of
+  ``sampling_seed``, ``no_stop_trim``, ``ignore_eos`` when no stop token is given: the model's EOS
+  stops a row otherwise), ``return_logprob: true``.  The answer is a list of
   ``{"text", "output_ids", "meta_info"}``; ``meta_info.output_token_logprobs`` holds ``[logprob,
   token_id, text]`` for every output token, ``meta_info.finish_reason`` is ``{"type": "stop",
   "matched": ...}`` or ``{"type": "length", ...}`` and ``meta_info.weight_version`` names the weights.
@@ -126,6 +127,8 @@ class SGLangGenerate(Dialect):
             "top_p": params.top_p, "top_k": params.top_k or -1,
             "repetition_penalty": params.repetition_penalty,
             "stop_token_ids": list(params.stop_token_ids), "no_stop_trim": True}
+        if not params.stop_token_ids:  # only the budget ends a row, as in-process (SGLang checks its
+            base["ignore_eos"] = True  # stop_token_ids only while ignore_eos is off)
         if params.stop_strings:
             base["stop"] = list(params.stop_strings)
         ids, sampling = [], []
@@ -194,7 +197,8 @@ class OpenAICompletions(Dialect):
             "model": model, "prompt": [u.prompt for u in chunk], "n": n, "max_tokens": params.max_new_tokens,
             "temperature": 0.0 if params.is_greedy else params.temperature, "top_p": params.top_p,
             "top_k": params.top_k or -1, "repetition_penalty": params.repetition_penalty,
-            "stop_token_ids": list(params.stop_token_ids), "logprobs": 0, "return_tokens_as_token_ids": True}
+            "stop_token_ids": list(params.stop_token_ids), "logprobs": 0, "return_tokens_as_token_ids": True,
+            "ignore_eos": not params.stop_token_ids}
         if params.stop_strings:
             body["stop"] = list(params.stop_strings)
         if params.seed is not None and not params.is_greedy:
