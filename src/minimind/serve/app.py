@@ -7,7 +7,10 @@ limits and the admission gate):
 * :mod:`minimind.serve.openai_routes` -- ``GET /v1/models``, ``POST /v1/chat/completions``,
   ``POST /v1/completions``;
 * :mod:`minimind.serve.ui_routes` -- ``GET /health``, the web UI at ``GET /`` and ``/static/*``, and
-  its built-in tools ``GET /api/tools``, ``POST /api/tools/call``.
+  its built-in tools ``GET /api/tools``, ``POST /api/tools/call``;
+* :mod:`minimind.serve.rollout_api` -- RL rollouts in SGLang's dialect: ``POST /generate``,
+  ``POST /update_weights_from_disk``, ``GET /get_weight_version`` (and ``X-Weight-Version`` on every
+  response).
 
 In front of every route, :class:`~minimind.serve.middleware.RequestGuard` checks the Host header
 (DNS rebinding), the API key (before the body is read) and the body's size and arrival time; errors
@@ -26,6 +29,7 @@ from minimind.infer.service import EngineService
 from minimind.serve.errors import install_error_handlers
 from minimind.serve.middleware import LOOPBACK_HOSTS, RequestGuard
 from minimind.serve.openai_routes import register_chat, register_completions, register_models
+from minimind.serve.rollout_api import register_rollout
 from minimind.serve.state import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, ServerLimits, ServerState
 from minimind.serve.ui_routes import DEFAULT_STATIC_DIR, register_health, register_tools, register_ui
 
@@ -73,4 +77,5 @@ def create_app(service: EngineService, model_name: str, *, api_key: str | None =
     register_chat(app, state)
     register_completions(app, state)
     register_tools(app, state)
+    register_rollout(app, state)
     return app
