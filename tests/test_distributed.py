@@ -256,3 +256,61 @@ def test_ddp_grpo_keeps_replicas_identical_while_ranks_roll_out_different_prompt
     assert r0["checksum"] != r0["init"]  # trained: the identical result is the all-reduce, not inaction
     metrics = [json.loads(ln) for ln in (tmp_path / "out" / "grpo_64_metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "reward" in m] == [1, 2, 3]
+
+
+def _bf16_grads_worker(rank: int, world: int, port: int, result_file: str) -> None:
+    """One rank: a linear layer wrapped by :func:`wrap_ddp` with ``bf16_grads``; rank-specific data."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from minimind.train.distributed import DistInfo, wrap_ddp
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(16, 8, bias=False)
+        x = torch.randn(4, 16, generator=torch.Generator().manual_seed(10 + rank))
+        local = torch.autograd.grad(layer(x).square().sum(), layer.weight)[0]
+        ddp = wrap_ddp(layer, DistInfo(rank, world, rank), torch.device("cpu"), bf16_grads=True)
+        ddp(x).square().sum().backward()
+        locals_ = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(locals_, local)
+        if rank == 0:
+            torch.save({"reduced": layer.weight.grad, "locals": locals_,
+                        "bucket_view": ddp.gradient_as_bucket_view}, result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_bf16_gradient_compression_averages_in_bf16(tmp_path):
+    """``--ddp_bf16_grads``: the averaged gradient is the fp32 mean to bf16 precision, and every value is
+    a bf16 number (the all-reduce ran in bf16); gradients are views of DDP's buckets."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "grads.pt"
+    mp.spawn(_bf16_grads_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    res = torch.load(out)
+    mean = torch.stack(res["locals"]).mean(0)
+    reduced = res["reduced"]
+    torch.testing.assert_close(reduced, mean, rtol=1.6e-2, atol=1e-3)
+    assert torch.equal(reduced, reduced.bfloat16().float())
+    assert not torch.equal(reduced, mean)  # fp32 all-reduce would give the mean exactly (2 ranks)
+    assert res["bucket_view"]
+
+
+def test_mfu_peak_table_names_the_common_gpus(monkeypatch):
+    """MFU's denominator on CUDA: the card's dense bf16 peak (TF32 in fp32: half)."""
+    from minimind.train import device as dev
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H200")
+    cuda = torch.device("cuda", 0)
+    assert dev.peak_flops(cuda, torch.bfloat16) == 989e12
+    assert dev.peak_flops(cuda, torch.float32) == 989e12 / 2
+    expected = {"NVIDIA GeForce RTX 3090": 71e12, "NVIDIA GeForce RTX 4090": 165e12,
+                "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA L40S": 362e12}
+    for name, peak in expected.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None, n=name: n)
+        assert dev.peak_flops(cuda, torch.bfloat16) == pytest.approx(peak), name

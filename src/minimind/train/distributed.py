@@ -42,11 +42,37 @@ def init_distributed(device_type: str) -> DistInfo:
     return info
 
 
-def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device, bf16_grads: bool = False) -> nn.Module:
+    """DDP with gradients as views into the all-reduce buckets (``gradient_as_bucket_view``: no
+    copy between ``.grad`` and the bucket, one gradient-sized buffer less).
+
+    ``bf16_grads`` (``--ddp_bf16_grads``): each bucket is averaged in bf16 (:func:`bf16_allreduce_hook`):
+    half the traffic, with bf16's 8-bit mantissa on the averaged gradient (the optimizer and its
+    fp32 master weights are unchanged)."""
     if not info.enabled:
         return model
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False,
+                                              gradient_as_bucket_view=True)
+    if bf16_grads:
+        ddp.register_comm_hook(None, bf16_allreduce_hook)
+    return ddp
+
+
+def bf16_allreduce_hook(group, bucket):  # no annotations: DDP rejects string (postponed) ones
+    """DDP communication hook ``(process group, dist.GradBucket) -> Future[Tensor]``:
+    ``bucket <- sum_ranks(bf16(bucket) / world)``, cast back to the bucket's dtype.  torch's own
+    ``bf16_compress_hook`` refuses anything but NCCL/XCCL; this one also runs on gloo (CPU)."""
+    group = group if group is not None else dist.group.WORLD
+    buffer = bucket.buffer()
+    compressed = buffer.to(torch.bfloat16).div_(dist.get_world_size(group))
+    work = dist.all_reduce(compressed, group=group, async_op=True)
+
+    def decompress(fut):
+        buffer.copy_(fut.value()[0])
+        return buffer
+
+    return work.get_future().then(decompress)
 
 
 def no_sync(model: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
