@@ -586,3 +586,82 @@ def test_progress_0_prints_a_line_per_log_interval(workspace, tmp_path, capsys):
     train(PRETRAIN, _cfg(workspace, tmp_path, max_steps=4, log_interval=2, progress=0), _tok(workspace))
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
     assert [ln.split()[1] for ln in lines] == ["2/4", "4/4"] and all(" loss " in ln for ln in lines)
+
+
+# ---- non-finite steps never reach a weights file ---------------------------------------------------
+def _nan_at(monkeypatch, bad_calls: set[int]) -> None:
+    """Make the pretraining loss NaN on the given (1-based) loss calls -- a runtime blow-up that no
+    up-front flag check can catch."""
+    import minimind.train.stages.lm as lm
+    real = lm.next_token_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        out = real(model, batch)
+        if calls["n"] in bad_calls:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(lm, "next_token_loss", poisoned)
+
+
+def test_nan_loss_stops_before_a_save_and_keeps_the_previous_weights(workspace, full_run, tmp_path,
+                                                                     monkeypatch):
+    """The NaN at step 3 is not read back at once (sync-free step, log every 5): the save at step 4
+    refuses, with a clear error, and the files of the earlier run stay byte-identical.  Before the
+    guard this run saved NaN weights over them."""
+    from minimind.train.core import NonFiniteTrainingError
+    run = _copy_run(full_run, tmp_path / "run")
+    weights = run / "out" / "pretrain_64.safetensors"
+    resume = run / "ckpt" / "pretrain_64_resume.pt"
+    before = (_digest(weights), _digest(resume))
+    _nan_at(monkeypatch, {3})
+    cfg = _cfg(workspace, run, max_steps=FULL_STEPS, save_interval=4, log_interval=5)
+    with pytest.raises(NonFiniteTrainingError, match="NaN/inf at optimizer step 3"):
+        train(PRETRAIN, cfg, _tok(workspace))
+    assert (_digest(weights), _digest(resume)) == before
+
+
+def test_cli_nan_loss_is_a_clear_error_exit_2(workspace, full_run, tmp_path, monkeypatch, capsys):
+    run = _copy_run(full_run, tmp_path / "run")
+    weights = run / "out" / "pretrain_64.safetensors"
+    before = _digest(weights)
+    _nan_at(monkeypatch, {2})
+    code = main(["pretrain", "--data_path", str(workspace["pre"]), "--tokenizer_path", str(workspace["tok"]),
+                 "--save_dir", str(run / "out"), "--checkpoint_dir", str(run / "ckpt"),
+                 "--shard_dir", str(run / "shards"), "--preset", "tiny", "--hidden_size", "64",
+                 "--num_hidden_layers", "2", "--vocab_size", "400", "--batch_size", "4", "--max_seq_len", "64",
+                 "--max_steps", "4", "--log_interval", "1", "--progress", "0", "--device", "cpu",
+                 "--dtype", "float32"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "error:" in err and "NaN/inf" in err and "--skip_nonfinite" in err and "Traceback" not in err
+    assert _digest(weights) == before
+
+
+def test_skip_nonfinite_skips_the_step_and_fails_past_the_budget(workspace, tmp_path, monkeypatch):
+    """--skip_nonfinite 1: one NaN step is skipped (no update: the weights after it equal those before)
+    and counted; a second one fails the run."""
+    from minimind.train.core import NonFiniteTrainingError
+    _nan_at(monkeypatch, {3})
+    snapshots: list[dict[str, torch.Tensor]] = []
+    import minimind.train.core as core
+    real_step = core.Trainer.step
+
+    def recording_step(self, *args, **kwargs):
+        stats = real_step(self, *args, **kwargs)
+        snapshots.append({k: v.clone() for k, v in self.base_model.state_dict().items()})
+        return stats
+
+    monkeypatch.setattr(core.Trainer, "step", recording_step)
+    res = train(PRETRAIN, _cfg(workspace, tmp_path / "a", max_steps=6, skip_nonfinite=1), _tok(workspace))
+    records = [json.loads(x) for x in res.metrics_path.read_text().splitlines()]
+    assert [r["skipped"] for r in records] == [0, 0, 1, 0, 0, 0]
+    assert all(torch.equal(snapshots[2][k], snapshots[1][k]) for k in snapshots[1])  # step 3: no update
+    assert not all(torch.equal(snapshots[3][k], snapshots[2][k]) for k in snapshots[2])
+    assert all(math.isfinite(r["loss"]) for r in records)
+
+    _nan_at(monkeypatch, {2, 4})
+    with pytest.raises(NonFiniteTrainingError, match="more than --skip_nonfinite 1"):
+        train(PRETRAIN, _cfg(workspace, tmp_path / "b", max_steps=6, skip_nonfinite=1), _tok(workspace))

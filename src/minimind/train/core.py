@@ -9,7 +9,14 @@ One step (``micro_batches`` on this rank, ``W`` = the sum of every rank's batch 
 
 DDP averages gradients over ranks, so the ``world_size`` factor makes the result
 ``grad( sum_{all ranks, i} loss_i * w_i / W )``: every target token (or pair) counts the same, however
-unevenly the tokens fall on ranks and micro-batches.  The epoch driver (:func:`minimind.train.loop.train`)
+unevenly the tokens fall on ranks and micro-batches.
+
+Nothing in a step reads a device value back to the host: the loss, metrics and a "this step was not
+finite" flag stay on the device, and are read once per ``--log_interval`` steps and before every
+save.  A non-finite loss or gradient therefore stops the run at the next check with
+:class:`NonFiniteTrainingError`, before any weights file is written (the last good file stays as it
+was); ``--skip_nonfinite N`` instead skips such steps (no update) at the cost of one host read per
+step, and fails after N.  The epoch driver (:func:`minimind.train.loop.train`)
 calls :meth:`Trainer.step` once per batch of rows; RL drivers call it several times per rollout batch.
 """
 
@@ -30,9 +37,14 @@ from minimind.train import checkpoint as ckpt
 from minimind.train.device import autocast, pick_device, pick_dtype
 from minimind.train.distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier,
                                         init_distributed, local_rank_zero_first, no_sync, wrap_ddp)
+from minimind.train.prefetch import BatchStream
 from minimind.train.stages.base import LossOutput, StageBase, StageContext
 
 LossFn = Callable[[nn.Module, Any], LossOutput]
+
+
+class NonFiniteTrainingError(ValueError):
+    """A step's loss or gradient was NaN/inf: the run stops before the weights reach a file."""
 
 
 @dataclass
@@ -159,6 +171,11 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.source: Path | None = None
+        self.steps_taken = 0  # Trainer.step calls of this process
+        self.skipped_steps = 0  # non-finite steps skipped under --skip_nonfinite
+        # on the device: how many steps were not finite, and the first of them (-1: none)
+        self._bad_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self._first_bad = torch.full((), -1, dtype=torch.int64, device=device)
 
     # ---- setup -----------------------------------------------------------------------------------
     def prepare_data(self) -> Any:
@@ -180,7 +197,7 @@ class Trainer:
         self.base_model = model
         self.optimizer = make_optimizer(model, self.cfg, self.device, self.stage.extra_param_groups(self.ctx))
         wrapped: nn.Module = torch.compile(model) if self.cfg.compile else model
-        self.model = wrap_ddp(wrapped, self.info, self.device)
+        self.model = wrap_ddp(wrapped, self.info, self.device, bf16_grads=bool(self.cfg.ddp_bf16_grads))
         self.model.train()
         return model
 
@@ -227,13 +244,80 @@ class Trainer:
                 useful += int(self.stage.useful_tokens(batch))
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip) \
-            if self.cfg.grad_clip > 0 else torch.zeros(())
+        if self.cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        finite = self._step_is_finite(loss_sum, grad_norm)
+        if self.cfg.skip_nonfinite:
+            skip = not bool(finite)  # the one host read per step that skipping costs
+            metrics["skipped"] = torch.tensor(float(skip), device=self.device)
+            if skip:
+                return self._skip_step(grad_norm, metrics, local_w, tokens, useful)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self._record_finite(finite)
         return StepStats(loss=loss_sum, grad_norm=grad_norm, metrics=metrics, weight=local_w,
                          tokens=tokens, useful_tokens=useful)
+
+    # ---- non-finite steps ------------------------------------------------------------------------
+    def _step_is_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """Device bool: the loss and (unless fp16's scaler handles overflow itself) the global
+        gradient norm are finite.  A NaN in any gradient makes the norm NaN, and under DDP the norm
+        is of the all-reduced gradients, so every rank reaches the same verdict."""
+        finite = torch.isfinite(loss)
+        if not self.scaler.is_enabled():
+            finite = finite & torch.isfinite(grad_norm.to(finite.device))
+        return finite
+
+    def _record_finite(self, finite: torch.Tensor) -> None:
+        bad = ~finite
+        self._first_bad = torch.where(bad & (self._first_bad < 0), self.steps_taken, self._first_bad)
+        self._bad_steps = self._bad_steps + bad.long()
+        self.steps_taken += 1
+        if self.steps_taken % self.cfg.log_interval == 0:
+            self.check_finite()
+
+    def _skip_step(self, grad_norm: torch.Tensor, metrics: dict[str, torch.Tensor], weight: float,
+                   tokens: int, useful: int) -> StepStats:
+        """Drop the gradients of a non-finite step (no update, the optimizer state is untouched)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self.steps_taken += 1
+        if self.skipped_steps > self.cfg.skip_nonfinite:
+            raise NonFiniteTrainingError(
+                f"{self.skipped_steps} optimizer steps had a NaN/inf loss or gradient, more than "
+                f"--skip_nonfinite {self.cfg.skip_nonfinite}; stopped before saving (the weights on disk "
+                f"are those of the last save). Lower --learning_rate or check the data.")
+        zero = torch.zeros((), device=self.device)
+        return StepStats(loss=zero, grad_norm=grad_norm,
+                         metrics={k: (v if k == "skipped" else zero) for k, v in metrics.items()},
+                         weight=weight, tokens=tokens, useful_tokens=useful)
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteTrainingError` if any step so far had a NaN/inf loss or gradient
+        (one host read).  Called every ``--log_interval`` steps and before every save."""
+        bad, first = (int(v) for v in torch.stack([self._bad_steps, self._first_bad]).tolist())
+        if bad:
+            raise NonFiniteTrainingError(
+                f"the loss or gradient became NaN/inf at optimizer step {first + 1} of this process "
+                f"({bad} such step(s) by step {self.steps_taken}); stopped before saving, so the weights "
+                f"on disk are those of the last save. Lower --learning_rate, check the data, or pass "
+                f"--skip_nonfinite N to skip such steps.")
+
+    def check_weights_finite(self) -> None:
+        """Refuse to save weights that hold a NaN/inf (one host read)."""
+        assert self.base_model is not None
+        flags = [torch.isfinite(p).all() for p in self.base_model.parameters() if p.is_floating_point()]
+        if flags and not bool(torch.stack(flags).all()):
+            raise NonFiniteTrainingError("the model's weights hold NaN/inf values; not saving them over the "
+                                         "last good weights file.")
+
+    def batch_stream(self, make: Callable[[int], list[Any]], start: int, stop: int) -> BatchStream:
+        """The micro-batches ``make(step)`` of steps ``start .. stop - 1``, built ahead on a thread
+        (pinned for non-blocking copies when training on CUDA); see :mod:`minimind.train.prefetch`."""
+        return BatchStream(make, start, stop, pin_memory=self.device.type == "cuda")
 
     def on_device(self, batch: Any) -> Any:
         """``batch`` on the run's device (non-blocking: a pinned batch's copy overlaps compute), in
@@ -251,6 +335,8 @@ class Trainer:
         """Export the stage's result and write the resume file (rank 0), with every rank's RNG.
         Every rank must call it (the RNG states are gathered)."""
         assert self.base_model is not None and self.optimizer is not None
+        self.check_finite()  # a NaN run never reaches a file: the last good weights stay on disk
+        self.check_weights_finite()
         rngs = all_gather_objects(ckpt.rng_state(), self.info)
         if self.info.is_main:
             self.stage.export(self.base_model, weights_out)

@@ -174,6 +174,14 @@ def _run_steps(trainer: Trainer, dataset: Any, steps_per_epoch: list[int], total
     def save() -> None:
         trainer.save(out_path, resume_path, step=step, epoch=epoch_of(step), config=record)
 
+    def step_batches(s: int) -> list[Any]:
+        """This rank's micro-batches of step ``s`` (a pure function of the step: prefetchable)."""
+        epoch, in_epoch = epoch_of(s), s - sum(steps_per_epoch[:epoch_of(s)])
+        firsts = [((in_epoch * cfg.accumulation_steps + micro) * info.world_size + info.rank) * cfg.batch_size
+                  for micro in range(cfg.accumulation_steps)]
+        return [dataset.get_batch(epoch, range(f, f + cfg.batch_size)) for f in firsts]
+
+    stream = trainer.batch_stream(step_batches, step, total_steps)
     progress = _progress(total_steps, step, info.is_main and cfg.progress)
     losses: list[float] = []
     window: dict[str, torch.Tensor] = {}
@@ -184,14 +192,8 @@ def _run_steps(trainer: Trainer, dataset: Any, steps_per_epoch: list[int], total
     try:
         while step < total_steps:
             epoch = epoch_of(step)
-            step_in_epoch = step - sum(steps_per_epoch[:epoch])
             lr = lr_at(step, total_steps, cfg.learning_rate, warmup, cfg.min_lr_ratio)
-            batches = []
-            for micro in range(cfg.accumulation_steps):
-                first = ((step_in_epoch * cfg.accumulation_steps + micro) * info.world_size + info.rank) \
-                    * cfg.batch_size
-                batches.append(dataset.get_batch(epoch, range(first, first + cfg.batch_size)))
-            stats = trainer.step(batches, lr)
+            stats = trainer.step(stream.next(), lr)
             step += 1
             window_steps += 1
             for k, v in {"loss": stats.loss, **stats.metrics}.items():
@@ -210,7 +212,8 @@ def _run_steps(trainer: Trainer, dataset: Any, steps_per_epoch: list[int], total
                 useful_s = window_useful * info.world_size / dt
                 rec = {"step": step, "epoch": epoch, "loss": round(means.pop("loss"), 6), "lr": lr,
                        "grad_norm": round(float(stats.grad_norm), 4), "tok_per_s": round(tok_s, 1),
-                       "useful_tok_per_s": round(useful_s, 1), "mfu": round(flops_tok * tok_s / peak, 5)}
+                       "useful_tok_per_s": round(useful_s, 1), "mfu": round(flops_tok * tok_s / peak, 5),
+                       "data_wait": round(stream.take_wait() / window_steps, 6)}  # s per step
                 rec.update({k: round(v, 6) for k, v in means.items()})
                 metrics.log(rec)
                 losses.append(rec["loss"])
@@ -238,6 +241,7 @@ def _run_steps(trainer: Trainer, dataset: Any, steps_per_epoch: list[int], total
               f"command plus --from_resume 1", file=sys.stderr)
         raise TrainingInterrupted(step, resume_path) from None
     finally:
+        stream.close()
         progress.close()
     seconds = time.perf_counter() - run_t0
     return TrainResult(weights_path=out_path, resume_path=resume_path, metrics_path=metrics_path,
