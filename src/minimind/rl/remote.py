@@ -19,7 +19,8 @@ when no server is left the call raises :class:`RolloutServerError` naming every 
 failed.  Nothing waits without a bound: every request has a timeout.
 
 **Weight sync.**  :meth:`HTTPRolloutBackend.refresh` (called by the driver after each optimizer step)
-writes the policy's weights atomically as safetensors every ``sync_interval``-th call and asks every
+writes the policy's weights every ``sync_interval``-th call, atomically, as an HF folder
+(``model.safetensors`` + ``config.json``, the layout ``minimind export hf`` writes) and asks every
 server to load them with SGLang's ``POST /update_weights_from_disk`` ``{"model_path", "weight_version"}``
 (the servers must see the trainer's filesystem).  The version is then *expected*: a sample whose
 server reports another version is refused and its prompts retried elsewhere, so a rollout is never
@@ -30,6 +31,7 @@ barrier before its next rollouts.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -48,7 +50,7 @@ from minimind.infer.scheduler import GenerationResult
 from minimind.rl.remote_dialects import DIALECTS, Dialect, MalformedResponse, Unit, derive_seed
 
 __all__ = ["API_KEY_ENV", "HTTPRolloutBackend", "RolloutServerError", "StaleWeightsError", "derive_seed",
-           "parse_urls", "server_backend"]
+           "parse_urls", "rollout_option_problems", "server_backend"]
 
 #: The API key sent to the rollout servers (the one ``minimind serve`` reads too).
 API_KEY_ENV = "MINIMIND_API_KEY"
@@ -161,6 +163,7 @@ class HTTPRolloutBackend:
         self.rank, self.world_size = rank, world_size
         self.expected_version: str | None = None
         self.syncs = 0
+        self.policy: nn.Module | None = None  # pushed before the first rollouts when set (see server_backend)
         self.failures: list[Failure] = []
         self._refreshes = 0
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -186,6 +189,8 @@ class HTTPRolloutBackend:
         """``n`` samples of every prompt, prompt-major (``results[i * n + j]``), from the servers."""
         if not prompt_ids:
             return []
+        if self.policy is not None and self.syncs == 0 and self.sync_interval:
+            self.sync(self.policy)  # the servers start from the trainer's weights, resumed ones included
         units = [Unit(i, list(p)) for i, p in enumerate(prompt_ids)]
         live = max(1, len(self.live_urls))
         size = math.ceil(len(units) / min(len(units), live * self.chunks_per_server))
@@ -280,12 +285,18 @@ class HTTPRolloutBackend:
         return version
 
     def _push(self, model: nn.Module, version: str) -> None:
+        """Write the weights as an HF folder (our parameter names are Qwen3's, so SGLang's loader
+        reads it as it reads an export) and ask every server to load it."""
+        from minimind.export.hf import hf_config
+        from minimind.fileio import atomic_write_text
         from minimind.model.weights import save_weights
 
         assert self.sync_dir is not None
-        path = (self.sync_dir / "policy.safetensors").resolve()
-        save_weights(model, path, extra_metadata={"weight_version": version})  # type: ignore[arg-type]
-        body = {"model_path": str(path), "weight_version": version}
+        folder = (self.sync_dir / "policy").resolve()
+        save_weights(model, folder / "model.safetensors",  # type: ignore[arg-type]
+                     extra_metadata={"weight_version": version})
+        atomic_write_text(folder / "config.json", json.dumps(hf_config(model.config), indent=2))  # type: ignore[arg-type]
+        body = {"model_path": str(folder), "weight_version": version}
         servers = self.pool.servers
         answers = list(self._executor.map(lambda s: self._update_one(s, body), servers))
         with self.pool.lock:
@@ -343,12 +354,38 @@ def _error_message(resp: httpx.Response) -> str:
     return str(body)[:300]
 
 
+def rollout_option_problems(options: Any) -> list[str]:
+    """What is wrong with the ``--rollout_*`` / ``--sync_interval`` flags (empty when nothing is)."""
+    problems = []
+    backend, url = options.rollout_backend, options.rollout_url
+    if backend not in ("engine", "server"):
+        problems.append(f"--rollout_backend must be engine or server, got {backend!r}")
+    elif backend == "server":
+        try:
+            parse_urls(url)
+        except ValueError as exc:
+            problems.append(str(exc))
+    elif url:
+        problems.append("--rollout_url is only used with --rollout_backend server")
+    if options.rollout_dialect not in DIALECTS:
+        problems.append(f"--rollout_dialect must be one of {', '.join(DIALECTS)}, "
+                        f"got {options.rollout_dialect!r}")
+    elif backend == "server" and options.sync_interval and not DIALECTS[options.rollout_dialect].can_sync:
+        problems.append(DIALECTS[options.rollout_dialect].sync_unsupported)
+    if options.sync_interval < 0:
+        problems.append(f"--sync_interval must be >= 0, got {options.sync_interval}")
+    if not options.rollout_timeout > 0:
+        problems.append(f"--rollout_timeout must be > 0, got {options.rollout_timeout}")
+    return problems
+
+
 def server_backend(options: Any, cfg: Any, tokenizer: Any, model: nn.Module, max_context: int | None,
                    info: Any) -> HTTPRolloutBackend:
     """The driver's backend for ``--rollout_backend server``: the servers of ``--rollout_url``, spoken to
     in ``--rollout_dialect``, with the weights written under ``<checkpoint_dir>/rollout_sync/`` and
-    pushed once now (so the first rollouts already come from the trainer's policy, whatever the
-    servers loaded at start) and then every ``--sync_interval`` optimizer steps."""
+    pushed before the first rollouts (so they come from the trainer's policy, resumed weights
+    included, whatever the servers loaded at start) and then every ``--sync_interval`` optimizer
+    steps."""
     if not options.rollout_url:
         raise ValueError("--rollout_backend server needs --rollout_url (e.g. http://127.0.0.1:30000)")
     sync_dir = Path(cfg.checkpoint_dir) / "rollout_sync" / cfg.save_weight
@@ -357,8 +394,7 @@ def server_backend(options: Any, cfg: Any, tokenizer: Any, model: nn.Module, max
                                  timeout=options.rollout_timeout, max_context=max_context,
                                  api_key=os.environ.get(API_KEY_ENV) or None, rank=info.rank,
                                  world_size=info.world_size)
-    if options.sync_interval:
-        backend.sync(model)
+    backend.policy = model
     return backend
 
 
