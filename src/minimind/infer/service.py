@@ -7,8 +7,10 @@ one after another.  Here every submitted request joins the engine's running batc
 through a queue, consumed with ``for`` in a thread or ``async for`` in an event loop.
 
 Backpressure and cleanup: :meth:`RequestHandle.cancel` (a client disconnected) frees the request's
-slots at the next step.  If a step raises (e.g. out of memory), every request in flight receives
-the error instead of hanging, and the engine starts empty again.
+slots at the next step.  A sample whose numbers go bad (NaN/inf logits) is not an exception: the
+scheduler ends that row alone with ``finish_reason == "error"`` (message in ``result.error``) and the
+others decode on.  If a whole step raises (e.g. out of memory), every request in flight receives the
+error instead of hanging, and the engine starts empty again.
 """
 
 from __future__ import annotations
