@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minimind.serve.app import create_app  # noqa: E402
-from tests.tiny_server import asgi_client, tiny_model, tiny_service, tiny_tokenizer  # noqa: E402
+from minimind.serve.app import create_app
+from tests.tiny_server import asgi_client, tiny_model, tiny_service, tiny_tokenizer
 
 
 async def measure(app: object, prompts: int, delay: float) -> dict[str, float]:
