@@ -632,11 +632,13 @@ def _micro_batches(ctx: RLContext, scored: Scored, old: OldPass, adv: Advantages
 
 
 def _has_signal(ctx: RLContext, mbs: Sequence[RLMicroBatch]) -> bool:
-    """Whether a mini-batch has a gradient to follow, agreed by every rank: a non-zero advantage on a
-    trained token, or a KL or value term (which pull even at advantage 0)."""
+    """Whether a mini-batch has a gradient to follow, agreed by every rank: a trained token (mask 1)
+    with a non-zero advantage, or any trained token when a KL or value term pulls even at advantage 0."""
+    tokens = any(bool(mb.mask.sum() > 0) for mb in mbs)
     own = any(bool(((mb.adv if mb.adv.dim() == 2 else mb.adv.unsqueeze(-1)) * mb.mask).abs().max() > 1e-8)
               for mb in mbs if mb.mask.numel())
-    own = own or (ctx.obj.kl != "none" and ctx.obj.beta > 0) or any(mb.returns is not None for mb in mbs)
+    own = own or (tokens and ((ctx.obj.kl != "none" and ctx.obj.beta > 0) or any(mb.returns is not None
+                                                                                 for mb in mbs)))
     flag = torch.tensor(float(own), device=ctx.trainer.device)
     return all_reduce_sum(flag, ctx.info).item() > 0
 
