@@ -223,8 +223,8 @@ def _rl_worker(rank: int, world: int, port: int, cfg_kw: dict, out_dir: str) -> 
     cfg = TrainConfig(**cfg_kw)
     from minimind.rl.toy import register_toy_reward
     register_toy_reward()  # a leading digit scores too: a fresh model's groups then differ in reward
-    opts = GRPOOptions(loss_type="grpo", num_generations=4, beta=0.0, reward="task:1,toy_digit:1", max_gen_len=8,
-                       temperature=1.0, thinking_ratio=0.0)
+    opts = GRPOOptions(loss_type="grpo", num_generations=4, beta=0.0, reward="task:1,toy_digit:1",
+                       max_gen_len=8, temperature=1.0, thinking_ratio=0.0)
     GRPOStage(opts).run(cfg, MiniMindTokenizer.from_dir(cfg.tokenizer_path))
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
         {"init": held["init"], "checksum": checksum(held["model"]), "prompts": seen}))

@@ -107,6 +107,17 @@ def test_rollout_logprobs_equal_the_trainers_old_logprobs_at_temperature(ws: dic
     assert float((plain[m] - batch.rollout_logp[m]).abs().max()) > 1e-2  # T matters: the check can fail
 
 
+def test_old_logprobs_are_taken_without_dropout(ws: dict[str, Path], tmp_path: Path) -> None:
+    """With dropout, train-mode old log-probs differ from pass to pass and the ratio is not 1 by noise
+    alone; the recipe takes them in eval mode (and leaves the model training)."""
+    ctx = _context(ws, tmp_path, GRPOStage(_opts(steps_per_generation=2)), dropout=0.5)
+    scored = rollout_and_score(ctx, 0, pick_prompts(ctx, 0))
+    a, b = old_log_probs(ctx, scored.batch).old_logp, old_log_probs(ctx, scored.batch).old_logp
+    assert a is not None and torch.equal(a, b) and ctx.trainer.base_model.training
+    noisy = policy_logps(ctx.trainer.base_model, scored.batch, 1.0, len(scored.batch), ctx.trainer.device)
+    assert not torch.equal(noisy, a)  # train mode: dropout noise (so the check can fail)
+
+
 # ---- 2. independent samples ---------------------------------------------------------------------------
 def test_identical_prompts_in_one_batch_get_different_completions() -> None:
     engine = GenerationEngine(_random_model(300), None, num_slots=8)
@@ -421,3 +432,21 @@ def test_malformed_rl_rows_name_file_and_line(tmp_path: Path, row: dict, message
     with pytest.raises(ValueError, match=rf"rl.jsonl:2: .*{message}"):
         PromptDataset.from_jsonl(path)
     assert len(PromptDataset.from_jsonl(path, skip_bad_lines=True)) == 1
+
+
+@pytest.mark.slow  # ~20-40 s per loss type on a shared 2-core CPU
+@pytest.mark.parametrize("loss_type", ["dr_grpo", "bnpo", "gspo", "cispo", "dapo", "spo", "ppo"])
+def test_the_toy_reward_rises_for_every_loss_type(ws: dict[str, Path], tmp_path: Path, loss_type: str) -> None:
+    """Each loss type with its own defaults (DAPO without overlong filtering: a fresh model never stops
+    within the toy's budget) takes the toy reward from ~0.05 to well above it in 100 steps."""
+    single = loss_type in ("spo", "ppo")
+    stage_cls, opt_cls = {"spo": (SPOStage, SPOOptions), "ppo": (PPOStage, PPOOptions)}.get(
+        loss_type, (GRPOStage, GRPOOptions))
+    extra = {"overlong_filter": 0} if loss_type == "dapo" else {}
+    opts = _opts(opt_cls, loss_type=loss_type, num_generations=1 if single else 8, max_gen_len=2, beta=-1.0,
+                 **extra)
+    res = stage_cls(opts).run(_cfg(ws, tmp_path, stage=stage_cls.name, batch_size=64 if single else 8,
+                                   max_steps=100, epochs=20, learning_rate=5e-3),
+                              MiniMindTokenizer.from_dir(ws["tok"]))
+    first, last = sum(res.rewards[:10]) / 10, sum(res.rewards[-10:]) / 10
+    assert last > first + 0.2 and last > 0.35, (first, last)
