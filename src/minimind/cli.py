@@ -453,8 +453,8 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)".strip()
 
     def _format_action_invocation(self, action: argparse.Action) -> str:
-        if len(action.option_strings) > 1 and any(set(action.option_strings) <= set(group) | {s}
-                                                  for group in FLAG_SPELLINGS for s in group):
+        if len(action.option_strings) > 1 and any(set(action.option_strings) <= set(group)
+                                                  for group in FLAG_SPELLINGS):
             action = copy.copy(action)
             action.option_strings = action.option_strings[:1]
         return super()._format_action_invocation(action)
