@@ -251,15 +251,14 @@ def gguf_weight_bytes(path: Path) -> int:
 def make_llama_cpp_run(path: Path, prompts: list[list[int]], context: int, threads: int,
                        seed: int) -> Callable[[int], int]:
     """``run(n)``: ``n`` sampled tokens for every prompt.  One prompt: ``Llama.generate`` (what a
-    llama-cpp-python user calls).  Several: one ``llama_decode`` per step over all sequences of a
-    shared KV cache, sampled with llama.cpp's own sampler chain (top-k, top-p, temperature, dist)."""
+    llama-cpp-python user calls).  Several: a context holding one KV sequence per prompt and one
+    ``llama_decode`` per step over all of them, sampled with llama.cpp's own sampler chain (top-k,
+    top-p, temperature, then a draw)."""
     import llama_cpp
 
-    n = len(prompts)
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=context * n, n_batch=max(512, context * n),
-                          n_threads=threads, n_threads_batch=threads, n_seq_max=n, seed=seed,
-                          verbose=False)
-    if n == 1:
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=max(512, context), n_threads=threads,
+                          n_threads_batch=threads, seed=seed, verbose=False)
+    if len(prompts) == 1:
         def run_one(count: int) -> int:
             llm.reset()  # no prefix reuse between runs: every run pays its prefill
             made = 0
@@ -269,15 +268,21 @@ def make_llama_cpp_run(path: Path, prompts: list[list[int]], context: int, threa
                 if made >= count:
                     break
             return made
-        run_one.llm = llm  # type: ignore[attr-defined]  # keeps the model alive with the closure
+        run_one.keep = llm  # type: ignore[attr-defined]  # keeps the model alive with the closure
         return run_one
-    return _batched_llama_run(llama_cpp, llm, prompts, seed)
+    return _batched_llama_run(llama_cpp, llm, prompts, context, threads, seed)
 
 
-def _batched_llama_run(llama_cpp: ModuleType, llm: Any, prompts: list[list[int]],
-                       seed: int) -> Callable[[int], int]:
-    ctx, n = llm.ctx, len(prompts)
-    width = sum(len(p) for p in prompts)
+def _batched_llama_run(llama_cpp: ModuleType, llm: Any, prompts: list[list[int]], context: int,
+                       threads: int, seed: int) -> Callable[[int], int]:
+    n, width = len(prompts), sum(len(p) for p in prompts)
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_seq_max = context * n, n
+    params.n_batch = params.n_ubatch = max(512, width)
+    params.n_threads = params.n_threads_batch = threads
+    ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+    if ctx is None:
+        raise RuntimeError("llama.cpp could not create a multi-sequence context")
     batch = llama_cpp.llama_batch_init(max(width, n), 0, n)
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     for s in (llama_cpp.llama_sampler_init_top_k(TOP_K), llama_cpp.llama_sampler_init_top_p(TOP_P, 1),
@@ -285,33 +290,30 @@ def _batched_llama_run(llama_cpp: ModuleType, llm: Any, prompts: list[list[int]]
         llama_cpp.llama_sampler_chain_add(chain, s)
     memory = llama_cpp.llama_get_memory(ctx)
 
-    def fill(items: list[tuple[int, int, int, bool]]) -> None:
+    def decode(items: list[tuple[int, int, int, bool]]) -> None:
+        """One ``llama_decode`` of ``(token, position, sequence, wants logits)`` items."""
         batch.n_tokens = len(items)
         for i, (token, pos, seq, want) in enumerate(items):
             batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
             batch.seq_id[i][0], batch.logits[i] = seq, want
-
-    def decode(items: list[tuple[int, int, int, bool]]) -> None:
-        fill(items)
         if llama_cpp.llama_decode(ctx, batch) != 0:
             raise RuntimeError("llama_decode failed")
 
     def run(count: int) -> int:
         llama_cpp.llama_memory_clear(memory, True)
         decode([(t, i, seq, i == len(p) - 1) for seq, p in enumerate(prompts) for i, t in enumerate(p)])
-        last = [sum(len(p) for p in prompts[:seq + 1]) - 1 for seq in range(n)]  # logit rows
-        lengths = [len(p) for p in prompts]
+        rows = [sum(len(p) for p in prompts[:seq + 1]) - 1 for seq in range(n)]  # logit row per sequence
         made = 0
         for step in range(count):
-            tokens = [llama_cpp.llama_sampler_sample(chain, ctx, last[seq]) for seq in range(n)]
+            tokens = [llama_cpp.llama_sampler_sample(chain, ctx, rows[seq]) for seq in range(n)]
             made += n
             if step == count - 1:
                 break
-            decode([(tokens[seq], lengths[seq] + step, seq, True) for seq in range(n)])
-            last = list(range(n))
+            decode([(tokens[seq], len(prompts[seq]) + step, seq, True) for seq in range(n)])
+            rows = list(range(n))
         return made
 
-    run.keep = (llm, batch, chain)  # type: ignore[attr-defined]
+    run.keep = (llm, ctx, batch, chain)  # type: ignore[attr-defined]
     return run
 
 
