@@ -46,7 +46,6 @@ reproducible, but identical prompts inside one call then share random streams.)
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -57,7 +56,7 @@ from torch import nn
 
 from minimind.data.batch import IGNORE_INDEX
 from minimind.infer.engine import GenerationEngine
-from minimind.infer.sampling import SamplingParams
+from minimind.infer.sampling import SamplingParams, derive_seed
 from minimind.infer.scheduler import GenerationResult, Request
 from minimind.tasks.toolcalls import parse_reply
 from minimind.tasks.tools import BUILTIN_TOOLS, call_tool, tool_result_text
@@ -79,14 +78,6 @@ __all__ = [
 ExecuteFn = Callable[[str, dict[str, Any]], str]
 #: One sampling setting for every prompt, or one per prompt.
 ParamsArg = SamplingParams | Sequence[SamplingParams]
-
-try:
-    from minimind.infer.sampling import derive_seed
-except ImportError:  # the engine's integer mix is not there yet
-    def derive_seed(*ints: int) -> int:
-        """A 63-bit seed mixing ``ints`` (any two different tuples give unrelated seeds)."""
-        digest = hashlib.blake2b(",".join(str(int(i)) for i in ints).encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "little") >> 1
 
 
 def request_params(params: SamplingParams, *keys: int) -> SamplingParams:
