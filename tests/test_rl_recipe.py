@@ -377,9 +377,9 @@ def test_spo_baseline_is_the_same_on_every_rank_and_saved_whole(ws: dict[str, Pa
 
 
 # ---- 6. DAPO and the loss-type defaults -------------------------------------------------------------------
-def _canned_scored(tok_eos: int, rewards: list[float], offset: int = 0) -> Scored:
-    results = [GenerationResult([10 + k, tok_eos], "x", "stop", 2, 2, stop=tok_eos, logprobs=[-1.0, -1.0])
-               for k in range(len(rewards))]
+def _canned_scored(tok_eos: int, rewards: list[float], offset: int = 0, cut: tuple[int, ...] = ()) -> Scored:
+    results = [GenerationResult([10 + k, tok_eos], "x", "length" if k in cut else "stop", 2, 2, stop=tok_eos,
+                                logprobs=[-1.0, -1.0]) for k in range(len(rewards))]
     backend = SimpleNamespace(generate=lambda prompts, params, n: results)
     batch = single_turn_rollouts(backend, [[1, 2]] * (len(rewards) // 2), SamplingParams(seed=0), n=2)
     return Scored(batch, [offset + k // 2 for k in range(len(rewards))], ["p"] * len(rewards),
@@ -390,7 +390,8 @@ def _canned_scored(tok_eos: int, rewards: list[float], offset: int = 0) -> Score
 def test_dynamic_sampling_fills_the_batch_with_groups_that_carry_signal(rounds: int,
                                                                         spread_groups: int) -> None:
     ctx = SimpleNamespace(o=SimpleNamespace(num_generations=2, dynamic_sampling=rounds),
-                          cfg=SimpleNamespace(batch_size=3), tokenizer=SimpleNamespace(pad_id=0))
+                          cfg=SimpleNamespace(batch_size=3), tokenizer=SimpleNamespace(pad_id=0),
+                          obj=LOSS_TYPES["dapo"])
     first = _canned_scored(2, [1, 1, 0, 1, 0, 0])  # groups: flat, spread, flat
     extra = iter([_canned_scored(2, [0, 1, 1, 1, 0, 0], 10), _canned_scored(2, [1, 0, 0, 0, 1, 1], 20)])
     out = dynamic_sampling(ctx, first, lambda k: next(extra))
@@ -400,6 +401,15 @@ def test_dynamic_sampling_fills_the_batch_with_groups_that_carry_signal(rounds: 
     trained = out.batch.completion_mask.view(3, 2, -1).sum((1, 2)) > 0
     assert torch.equal(trained, has_spread)  # filler groups (cap reached) carry no loss
     assert out.spread_share == pytest.approx(1 / 3)
+
+
+def test_dynamic_sampling_skips_groups_whose_rows_are_all_cut_off() -> None:
+    ctx = SimpleNamespace(o=SimpleNamespace(num_generations=2, dynamic_sampling=1),
+                          cfg=SimpleNamespace(batch_size=2), tokenizer=SimpleNamespace(pad_id=0),
+                          obj=LOSS_TYPES["dapo"])
+    first = _canned_scored(2, [1, 0, 0, 1], cut=(0, 1))  # group 0: spread, but both rows truncated
+    out = dynamic_sampling(ctx, first, lambda k: _canned_scored(2, [1, 0, 1, 1], 10))
+    assert out.prompt_ids == [1, 1, 10, 10]
 
 
 def test_loss_type_defaults_apply_unless_a_flag_is_set() -> None:
@@ -436,7 +446,8 @@ def test_malformed_rl_rows_name_file_and_line(tmp_path: Path, row: dict, message
 
 @pytest.mark.slow  # ~20-40 s per loss type on a shared 2-core CPU
 @pytest.mark.parametrize("loss_type", ["dr_grpo", "bnpo", "gspo", "cispo", "dapo", "spo", "ppo"])
-def test_the_toy_reward_rises_for_every_loss_type(ws: dict[str, Path], tmp_path: Path, loss_type: str) -> None:
+def test_the_toy_reward_rises_for_every_loss_type(ws: dict[str, Path], tmp_path: Path,
+                                                  loss_type: str) -> None:
     """Each loss type with its own defaults (DAPO without overlong filtering: a fresh model never stops
     within the toy's budget) takes the toy reward from ~0.05 to well above it in 100 steps."""
     single = loss_type in ("spo", "ppo")

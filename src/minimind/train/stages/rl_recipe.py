@@ -396,7 +396,10 @@ def dynamic_sampling(ctx: RLContext, first: Scored, draw: Callable[[int], Scored
 
     def spread(s: Scored) -> list[bool]:
         r = s.rewards.view(-1, g)
-        return (r.max(-1).values - r.min(-1).values > 1e-6).tolist()
+        ok = r.max(-1).values - r.min(-1).values > 1e-6
+        if ctx.obj.mask_truncated:  # a group whose rows are all cut off trains nothing either
+            ok &= ~s.batch.truncated.view(-1, g).all(-1)
+        return ok.tolist()
 
     kept: list[int] = []  # group indices over the concatenation of every round
     flat: list[int] = []
