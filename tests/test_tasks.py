@@ -599,21 +599,44 @@ def test_next_day_reasoning_names_the_carry_and_the_date() -> None:
 
 
 def test_sft_row_with_thinking_renders_the_reasoning_in_the_think_block() -> None:
-    """With thinking the final assistant turn renders ``<think>\\nREASONING\\n</think>\\n\\nANSWER``;
-    without it (and for kinds without reasoning) the empty block of the non-thinking generation
-    prompt, so a prompt rendered either way is a prefix of some training text."""
+    """With thinking every assistant turn renders ``<think>\\nREASONING\\n</think>\\n\\nANSWER``: the
+    kind's steps, or one line for kinds without steps and tool turns; without thinking the empty block
+    of the non-thinking generation prompt. Either prompt is a prefix of the matching training text."""
+    from minimind.tasks.generators import no_steps_reasoning
     from minimind.tokenizer.chat_template import render_chat
     arith = generate_tasks(1, seed=1, kinds=["arithmetic"], level="easy")[0]
     unit = generate_tasks(1, seed=1, kinds=["unit_conversion"], level="easy")[0]
-    on = render_chat(task_to_sft_row(arith, thinking=True)["conversations"])
-    off = render_chat(task_to_sft_row(arith)["conversations"])
-    prompt_on = render_chat(arith.prompt_messages, add_generation_prompt=True, open_thinking=True)
-    prompt_off = render_chat(arith.prompt_messages, add_generation_prompt=True)
-    assert on == prompt_on + task_reasoning(arith) + "\n</think>\n\n" + arith.answer + "<|im_end|>\n"
-    assert off == prompt_off + arith.answer + "<|im_end|>\n"
-    assert render_chat(task_to_sft_row(unit, thinking=True)["conversations"]) == \
-        render_chat(task_to_sft_row(unit)["conversations"])
+    tool = generate_tasks(1, seed=1, kinds=["tool_call"], level="easy")[0]
+    for t, reasoning in ((arith, task_reasoning(arith)), (unit, no_steps_reasoning(unit.lang))):
+        on = render_chat(task_to_sft_row(t, thinking=True)["conversations"])
+        off = render_chat(task_to_sft_row(t)["conversations"])
+        prompt_on = render_chat(t.prompt_messages, add_generation_prompt=True, open_thinking=True)
+        prompt_off = render_chat(t.prompt_messages, add_generation_prompt=True)
+        assert on == prompt_on + reasoning + "\n</think>\n\n" + t.answer + "<|im_end|>\n"
+        assert off == prompt_off + t.answer + "<|im_end|>\n"
     assert task_reasoning(unit) is None
+    turns = [m for m in task_to_sft_row(tool, thinking=True)["conversations"] if m["role"] == "assistant"]
+    assert tool.tool_calls[0]["name"] in turns[0]["reasoning_content"] and turns[1]["reasoning_content"]
+
+
+def test_open_thinking_prompt_tokens_continue_only_into_a_non_empty_block(tmp_path) -> None:
+    """Why kinds without steps get one line of reasoning: with a tokenizer that merges ``\\n\\n`` (as
+    the demo's does), the open prompt ends ``<think>`` ``\\n`` while an empty block is ``<think>``
+    ``\\n\\n`` ``</think>``, so an empty-block text never extends the prompt's tokens; a thinking row
+    of every kind does."""
+    from minimind.tokenizer import train_tokenizer
+    from minimind.tokenizer.chat_template import render_chat
+    tasks = generate_tasks(60, seed=4, kinds=["arithmetic", "unit_conversion", "date_fact"], level="easy")
+    texts = [render_chat(task_to_sft_row(t, thinking=i % 2 == 0)["conversations"]) for i, t in enumerate(tasks)]
+    tok = train_tokenizer(texts * 3 + ["\n\n".join(["para"] * 50)] * 200, tmp_path / "tok", vocab_size=400,
+                          show_progress=False)
+    assert len(tok.encode("\n\n")) == 1  # the merge that makes the difference
+    for t in tasks[:9]:
+        prompt = tok.encode(render_chat(t.prompt_messages, add_generation_prompt=True, open_thinking=True))
+        on = tok.encode(render_chat(task_to_sft_row(t, thinking=True)["conversations"]))
+        empty = tok.encode(render_chat(task_to_sft_row(t)["conversations"]))
+        assert on[:len(prompt)] == prompt, t.kind
+        assert empty[:len(prompt)] != prompt, t.kind
 
 
 def test_evaluate_tasks_with_open_thinking_grades_the_answer_after_the_think_block() -> None:

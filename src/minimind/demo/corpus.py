@@ -41,6 +41,7 @@ from minimind.tasks.generators import (
     generate_tasks,
     idiom_answer,
     idiom_pool,
+    no_steps_reasoning,
     split_of,
     task_fact_text,
     task_to_sft_row,
@@ -210,6 +211,16 @@ def _generic_qa(rng: random.Random, n: int) -> list[list[dict[str, str]]]:
     return out
 
 
+def _maybe_thinking(conv: list[dict[str, str]], thinking: bool) -> list[dict[str, str]]:
+    """An open Q&A conversation whose answers, with ``thinking``, carry the one-line "no steps"
+    reasoning (Chinese when the question has CJK characters), so thinking on works for chat too."""
+    if not thinking:
+        return conv
+    lang = "zh" if any("\u4e00" <= ch <= "\u9fff" for m in conv for ch in m["content"] if m["role"] == "user") \
+        else "en"
+    return [dict(m, reasoning_content=no_steps_reasoning(lang)) if m["role"] == "assistant" else m for m in conv]
+
+
 def _conv(q: str, a: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
 
@@ -339,7 +350,8 @@ def build_demo_corpus(
     think_rng = random.Random(f"{seed}:think")
     sft_pairs: list[tuple[str, dict[str, Any]]] = [
         (t.kind, task_to_sft_row(t, json_strings, thinking=think_rng.random() < think_share)) for t in sft_tasks]
-    sft_pairs += [("open_qa", {"conversations": c}) for c in _generic_qa(rng, n_generic)]
+    sft_pairs += [("open_qa", {"conversations": _maybe_thinking(c, think_rng.random() < think_share)})
+                  for c in _generic_qa(rng, n_generic)]
     rng.shuffle(sft_pairs)
     sft_rows = [row for _, row in sft_pairs]
     sft_kinds = [kind for kind, _ in sft_pairs]

@@ -337,6 +337,8 @@ class ReinforcementLearning:
             "heldout_pass_at_n": [before["pass_at_n"], after["pass_at_n"]],
             "heldout_sampled_per_kind": {k: [before["per_kind"][k], after["per_kind"].get(k)]
                                          for k in before["per_kind"]},
+            "heldout_pass_at_n_per_kind": {k: [before["pass_at_n_per_kind"][k], after["pass_at_n_per_kind"].get(k)]
+                                           for k in before["pass_at_n_per_kind"]},
             "sampled_with_thinking": thinking, "thinking_ratio": s.grpo_thinking_ratio,
             "steps": res.steps, "seconds": round(res.seconds, 1), "prompts_per_step": s.grpo_prompts,
             "generations": s.grpo_generations, "kinds": list(s.grpo_kinds), "lr": s.grpo_lr,
@@ -472,11 +474,12 @@ def _sampled_accuracy(ctx: DemoContext, weights: Path, rows: list[dict], n: int,
     ok = [check_answer(rows[i // n]["kind"], rows[i // n]["gt"], res.text if res.text is not None
                        else ctx.tokenizer.decode(res.token_ids)) for i, res in enumerate(results)]
     per_row = [ok[i * n:(i + 1) * n] for i in range(len(rows))]
-    kinds: dict[str, list[bool]] = {}
+    kinds: dict[str, list[list[bool]]] = {}
     for row, oks in zip(rows, per_row):
-        kinds.setdefault(row["kind"], []).extend(oks)
+        kinds.setdefault(row["kind"], []).append(oks)
     return {"mean": round(sum(ok) / len(ok), 4), "pass_at_n": round(sum(map(any, per_row)) / len(rows), 4),
-            "per_kind": {k: round(sum(v) / len(v), 4) for k, v in sorted(kinds.items())}}
+            "per_kind": {k: round(sum(map(sum, v)) / (n * len(v)), 4) for k, v in sorted(kinds.items())},
+            "pass_at_n_per_kind": {k: round(sum(map(any, v)) / len(v), 4) for k, v in sorted(kinds.items())}}
 
 
 def _engine(ctx: DemoContext, weights: Path):

@@ -54,6 +54,7 @@ __all__ = [
     "generate_tasks",
     "idiom_answer",
     "idiom_pool",
+    "no_steps_reasoning",
     "split_of",
     "task_fact_text",
     "task_reasoning",
@@ -537,16 +538,46 @@ def _as_json_strings(msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def task_to_sft_row(task: Task, json_strings: bool = False, thinking: bool = False) -> dict[str, Any]:
     """Reference SFT row ``{"conversations": [...]}``; ``json_strings`` for the reference loader.
 
-    ``thinking=True`` puts :func:`task_reasoning` (when the kind has one) into the final assistant
-    turn's ``reasoning_content``, which the chat template renders inside ``<think>…</think>``; without
-    it (or for kinds without reasoning) the template renders the empty think block
+    ``thinking=True`` gives every assistant turn a ``reasoning_content`` (:func:`_turn_reasoning`: the
+    kind's steps from :func:`task_reasoning`, else one line), which the chat template renders inside
+    ``<think>…</think>``; without it the template renders the empty think block
     ``<think>\\n\\n</think>\\n\\n`` that the non-thinking generation prompt ends with.
     """
     msgs = copy.deepcopy(task.messages)
-    reasoning = task_reasoning(task) if thinking else None
-    if reasoning is not None:
-        msgs[-1]["reasoning_content"] = reasoning
+    if thinking:
+        for m in msgs:
+            if m["role"] == "assistant":
+                m["reasoning_content"] = _turn_reasoning(task, m)
     return {"conversations": _as_json_strings(msgs) if json_strings else msgs}
+
+
+_BRIEF = {  # (tool-call turn, answer after a tool result, answer without steps)
+    "zh": ("调用工具 {name}。", "工具已返回结果。", "无需推理，直接回答。"),
+    "en": ("Call the tool {name}.", "The tool returned the result.", "No steps needed; answer directly."),
+}
+
+
+def no_steps_reasoning(lang: str) -> str:
+    """The one-line reasoning of a thinking reply that needs no steps (see :func:`_turn_reasoning`)."""
+    return _BRIEF.get(lang, _BRIEF["en"])[2]
+
+
+def _turn_reasoning(task: Task, message: dict[str, Any]) -> str:
+    """What one assistant turn of a thinking row reasons: the kind's steps (:func:`task_reasoning`), or
+    one line saying what the turn does.
+
+    Why not an empty block for the kinds without steps: the open-thinking generation prompt ends with
+    the tokens ``<think>`` ``\\n``, while an empty block tokenizes as ``<think>`` ``\\n\\n`` ``</think>``
+    (``\\n\\n`` is one token), so no training text continues an open prompt into an empty block; a
+    model that only saw reasoning after ``<think>`` ``\\n`` starts counting for any question.  One line
+    such as "No steps needed" gives every kind a short, closed block after that prompt.
+    """
+    brief = _BRIEF.get(task.lang, _BRIEF["en"])
+    if message.get("tool_calls"):
+        return brief[0].format(name=", ".join(c["name"] for c in message["tool_calls"]))
+    if any(m["role"] == "tool" for m in task.messages):
+        return brief[1]
+    return task_reasoning(task) or brief[2]
 
 
 # --------------------------------------------------------------------------- short reasoning
