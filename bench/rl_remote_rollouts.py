@@ -1,10 +1,14 @@
-"""Rollout tokens/s in-process vs through ``minimind serve`` (the HTTP rollout backend), printed as JSON.
+"""Rollout tokens/s in-process vs through ``minimind serve`` (the HTTP rollout backend), and GRPO's
+seconds per step through the server with and without ``--overlap``, printed as JSON.
 
 The same random-weight model (``--preset``, the toy task's 300-token tokenizer) samples ``--prompts``
 x ``--group`` completions of exactly ``--tokens`` tokens (no stop token), once through the in-process
 engine (:class:`~minimind.rl.rollout.EngineBackend`) and once through a ``minimind serve`` subprocess
 (:class:`~minimind.rl.remote.HTTPRolloutBackend`, SGLang dialect), alternating ``--repeats`` times;
-both sides use one intra-op thread.  Includes one weight sync (write + ``/update_weights_from_disk``)::
+both sides use one intra-op thread.  Includes one weight sync (write + ``/update_weights_from_disk``).
+Then ``--grpo_steps`` GRPO steps on the toy task (``--grpo_hidden`` wide, 4 layers, ``--prompts`` x
+``--group`` samples of ``--grpo_tokens`` tokens) through a ``minimind serve`` subprocess, lockstep and
+with ``--overlap 1`` (rollouts of step k+1 while step k trains)::
 
     python bench/rl_remote_rollouts.py [--preset small] [--prompts 8] [--group 8] [--tokens 64]
 """
@@ -63,6 +67,9 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--grpo_steps", type=int, default=8, help="0 = skip the GRPO comparison")
+    ap.add_argument("--grpo_hidden", type=int, default=256)
+    ap.add_argument("--grpo_tokens", type=int, default=32)
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,6 +106,7 @@ def main() -> None:
             proc.kill()
     tokens = rows * args.tokens
     med = {k: statistics.median(v) for k, v in times.items()}
+    grpo = grpo_overlap(args) if args.grpo_steps else None
     print(json.dumps({
         "benchmark": "rl_rollouts_in_process_vs_server", "preset": args.preset,
         "parameters": sum(p.numel() for p in model.parameters()), "prompts": args.prompts,
@@ -107,7 +115,48 @@ def main() -> None:
         "tokens_per_s": {k: round(tokens / v, 1) for k, v in med.items()},
         "server_over_in_process": round(med["in_process"] / med["server"], 3),
         "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
-        "weight_sync_s": round(sync_s, 3), "cpu": "shared 2-core Xeon (other jobs running)"}, indent=2))
+        "weight_sync_s": round(sync_s, 3), "grpo_through_server": grpo,
+        "cpu": "shared 2-core Xeon (other jobs running)"}, indent=2))
+
+
+def grpo_overlap(args: argparse.Namespace) -> dict[str, object]:
+    """Median seconds per GRPO step (after the first) through a server, lockstep vs ``--overlap 1``."""
+    from minimind.rl.toy import register_toy_reward
+    from minimind.train.stages.rl import GRPOOptions, GRPOStage
+
+    register_toy_reward()
+    out: dict[str, object] = {"steps": args.grpo_steps, "hidden_size": args.grpo_hidden,
+                              "num_hidden_layers": 4, "tokens_per_completion": args.grpo_tokens}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        tok_dir, data = write_toy_task(root)
+        tok = MiniMindTokenizer.from_dir(tok_dir)
+
+        def cfg(name: str) -> TrainConfig:
+            return TrainConfig(stage="grpo", save_weight=name, data_path=str(data),
+                               tokenizer_path=str(tok_dir), save_dir=str(root / "out"),
+                               checkpoint_dir=str(root / "ckpt"), from_weight="none",
+                               preset="tiny", hidden_size=args.grpo_hidden, num_hidden_layers=4,
+                               batch_size=args.prompts, max_seq_len=64, learning_rate=1e-3, warmup_steps=0,
+                               log_interval=1, save_interval=0, progress=0, device="cpu", dtype="float32",
+                               seed=0, max_steps=args.grpo_steps, epochs=10)
+
+        model, _ = build_model(cfg("probe"), tok.vocab_size)
+        proc, url = start_server(save_weights(model, root / "served.safetensors"), tok_dir,
+                                 args.prompts * args.group)
+        try:
+            for overlap in (0, 1):
+                opts = GRPOOptions(loss_type="grpo", num_generations=args.group, beta=0.0,
+                                   reward="toy_digit:1", max_gen_len=args.grpo_tokens, temperature=1.0,
+                                   thinking_ratio=0.0, rollout_backend="server", rollout_url=url,
+                                   overlap=overlap)
+                res = GRPOStage(opts).run(cfg(f"overlap{overlap}"), tok)
+                sec = [r["sec_per_step"] for r in res.records[1:]]
+                out[f"overlap_{overlap}"] = {"median_s_per_step": round(statistics.median(sec), 3),
+                                             "s_per_step": [round(x, 3) for x in sec]}
+        finally:
+            proc.kill()
+    return out
 
 
 if __name__ == "__main__":

@@ -49,15 +49,16 @@ from minimind.infer.sampling import SamplingParams
 from minimind.infer.scheduler import GenerationResult
 from minimind.rl.remote_dialects import DIALECTS, Dialect, MalformedResponse, Unit, derive_seed
 
-__all__ = ["API_KEY_ENV", "HTTPRolloutBackend", "RolloutServerError", "StaleWeightsError", "derive_seed",
-           "parse_urls", "rollout_option_problems", "server_backend"]
+__all__ = ["API_KEY_ENV", "HTTPRolloutBackend", "OneStepAhead", "RolloutServerError", "StaleWeightsError",
+           "derive_seed", "parse_urls", "rollout_option_problems", "server_backend"]
 
 #: The API key sent to the rollout servers (the one ``minimind serve`` reads too).
 API_KEY_ENV = "MINIMIND_API_KEY"
 
 
-class RolloutServerError(RuntimeError):
-    """No rollout server could serve a request (each one's failure is in the message)."""
+class RolloutServerError(ConnectionError):
+    """No rollout server could serve a request (each one's failure is in the message).  A
+    ``ConnectionError``, so the CLI reports it as one line (``error: no rollout server left ...``)."""
 
 
 class StaleWeightsError(RuntimeError):
@@ -126,6 +127,31 @@ class _Pool:
             return sum(s.alive for s in self.servers)
 
 
+class OneStepAhead:
+    """``--overlap``: the rollouts of step k+1 are generated on the servers while step k trains.
+
+    The driver starts step k+1's rollout-and-score (:meth:`start`) before step k's update and takes it
+    (:meth:`take`) at step k+1.  Those samples come from the weights before step k's update: one step
+    off-policy, which the objective's importance weights correct (``--tis_cap``); the weight sync at
+    the end of step k waits for them, so each batch is still of one weight version."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-ahead")
+        self._step: int | None = None
+        self._future: Any = None
+
+    def start(self, step: int, fn: Callable[[], Any]) -> None:
+        self._step, self._future = step, self._executor.submit(fn)
+
+    def take(self, step: int, fn: Callable[[], Any]) -> Any:
+        """Step ``step``'s prefetched result, or ``fn()`` when none was started for it."""
+        future, started = self._future, self._step
+        self._future = self._step = None
+        if future is not None and started == step:
+            return future.result()
+        return fn()
+
+
 class HTTPRolloutBackend:
     """:class:`~minimind.rl.rollout.RolloutBackend` over inference servers (see the module docstring).
 
@@ -166,6 +192,8 @@ class HTTPRolloutBackend:
         self.policy: nn.Module | None = None  # pushed before the first rollouts when set (see server_backend)
         self.failures: list[Failure] = []
         self._refreshes = 0
+        self._busy = threading.RLock()  # generate() and sync() exclude each other
+        self.ahead = OneStepAhead()
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
@@ -181,6 +209,7 @@ class HTTPRolloutBackend:
         return [s.url for s in self.pool.servers if s.alive]
 
     def close(self) -> None:
+        self.ahead._executor.shutdown(wait=False, cancel_futures=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._http.close()
 
@@ -189,17 +218,18 @@ class HTTPRolloutBackend:
         """``n`` samples of every prompt, prompt-major (``results[i * n + j]``), from the servers."""
         if not prompt_ids:
             return []
-        if self.policy is not None and self.syncs == 0 and self.sync_interval:
-            self.sync(self.policy)  # the servers start from the trainer's weights, resumed ones included
-        units = [Unit(i, list(p)) for i, p in enumerate(prompt_ids)]
-        live = max(1, len(self.live_urls))
-        size = math.ceil(len(units) / min(len(units), live * self.chunks_per_server))
-        chunks = [units[s:s + size] for s in range(0, len(units), size)]
-        futures = [self._executor.submit(self._run_chunk, c, params, n) for c in chunks]
-        out: list[GenerationResult] = []
-        for f in futures:
-            out.extend(f.result())
-        return out
+        with self._busy:  # a sync waits for this call: its samples all come from one version
+            if self.policy is not None and self.syncs == 0 and self.sync_interval:
+                self.sync(self.policy)  # the servers start from the trainer's weights, resumed ones included
+            units = [Unit(i, list(p)) for i, p in enumerate(prompt_ids)]
+            live = max(1, len(self.live_urls))
+            size = math.ceil(len(units) / min(len(units), live * self.chunks_per_server))
+            chunks = [units[s:s + size] for s in range(0, len(units), size)]
+            futures = [self._executor.submit(self._run_chunk, c, params, n) for c in chunks]
+            out: list[GenerationResult] = []
+            for f in futures:
+                out.extend(f.result())
+            return out
 
     def _run_chunk(self, chunk: list[Unit], params: SamplingParams, n: int) -> list[GenerationResult]:
         tried: set[str] = set()
@@ -276,13 +306,14 @@ class HTTPRolloutBackend:
         next number); from then on only samples of that version are accepted.  Returns the version."""
         if not self.dialect.can_sync:
             raise ValueError(self.dialect.sync_unsupported)
-        version = version or str(self.syncs + 1)
-        if self.rank == 0:
-            self._push(model, version)
-        _barrier(self.world_size)
-        self.syncs += 1
-        self.expected_version = version
-        return version
+        with self._busy:
+            version = version or str(self.syncs + 1)
+            if self.rank == 0:
+                self._push(model, version)
+            _barrier(self.world_size)
+            self.syncs += 1
+            self.expected_version = version
+            return version
 
     def _push(self, model: nn.Module, version: str) -> None:
         """Write the weights as an HF folder (our parameter names are Qwen3's, so SGLang's loader
@@ -374,6 +405,9 @@ def rollout_option_problems(options: Any) -> list[str]:
         problems.append(DIALECTS[options.rollout_dialect].sync_unsupported)
     if options.sync_interval < 0:
         problems.append(f"--sync_interval must be >= 0, got {options.sync_interval}")
+    if getattr(options, "overlap", 0) and backend != "server":
+        problems.append("--overlap 1 needs --rollout_backend server (the in-process engine samples from the "
+                        "very weights the step is updating)")
     if not options.rollout_timeout > 0:
         problems.append(f"--rollout_timeout must be > 0, got {options.rollout_timeout}")
     return problems
