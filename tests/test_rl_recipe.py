@@ -230,6 +230,19 @@ def test_off_policy_steps_are_logged(ws: dict[str, Path], tmp_path: Path) -> Non
     assert all({"approx_kl", "clip_frac", "sec_rollout", "sec_update"} <= set(r) for r in res.records)
 
 
+def test_target_kl_stops_the_remaining_updates(ws: dict[str, Path], tmp_path: Path) -> None:
+    """mu = 4 passes of 2 mini-batches would be 8 steps; the first step is on-policy (approx-KL 0),
+    the second is off it, and --target_kl 1e-6 stops the batch there."""
+    for target, steps in ((1e-6, 2), (0.0, 8)):
+        opts = _opts(beta=0.0, ppo_epochs=4, steps_per_generation=2, target_kl=target)
+        ctx = _context(ws, tmp_path / str(target), GRPOStage(opts))
+        scored = rollout_and_score(ctx, 0, pick_prompts(ctx, 0))
+        scored.rewards = torch.linspace(0, 1, len(scored.batch)).roll(3) ** 2
+        old = old_log_probs(ctx, scored.batch)
+        stats = update(ctx, 0, scored, old, advantages(ctx, scored, old), 5e-2)
+        assert (stats.steps, stats.early_stop) == (steps, int(target > 0))
+
+
 def _grad(cfg: Any, logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor,
           mask: torch.Tensor) -> torch.Tensor:
     x = logp.clone().requires_grad_(True)

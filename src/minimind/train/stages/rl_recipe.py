@@ -196,33 +196,40 @@ def masked_entropy(logits: Tensor, mask: Tensor) -> Tensor:
 
 
 class RatioStats:
-    """Token ratios ``r = exp(logp - old_logp)`` seen by the loss during one optimizer step, reduced
-    over ranks: mean, std, min, max, and the k3 approx-KL ``E[(r - 1) - log r]`` of the policy
-    from the rollout policy (what ``--target_kl`` watches)."""
+    """Token ratios ``r = exp(logp - old_logp)`` seen by the loss, reduced over ranks once per optimizer
+    step: :meth:`end_step` returns that step's k3 approx-KL ``E[(r - 1) - log r]`` of the policy from
+    the rollout policy (what ``--target_kl`` watches) and adds to the update's :meth:`summary` (mean,
+    std, min and max of the ratio over every trained token)."""
 
     def __init__(self) -> None:
-        self.parts: list[tuple[Tensor, Tensor]] = []
+        self.parts: list[Tensor] = []
+        self.sums = torch.zeros(4, dtype=torch.float64)  # tokens, sum r, sum r^2, sum k3
+        self.lo, self.hi = math.inf, -math.inf
 
     def add(self, log_ratio: Tensor, mask: Tensor) -> None:
-        self.parts.append((log_ratio.detach().float(), mask.bool()))
+        self.parts.append(log_ratio.detach().float()[mask.bool()])
 
-    def reduce(self, info: DistInfo, device: torch.device) -> dict[str, float]:
-        lr = torch.cat([x[m] for x, m in self.parts]) if self.parts else torch.zeros(0, device=device)
+    def end_step(self, info: DistInfo, device: torch.device) -> float:
+        lr = torch.cat(self.parts) if self.parts else torch.zeros(0, device=device)
         self.parts = []
         r = lr.exp()
         sums = torch.stack([torch.tensor(float(r.numel()), device=device), r.sum(), (r * r).sum(),
-                            ((r - 1.0) - lr).sum()]).to(device)
-        sums = all_reduce_sum(sums, info)
+                            ((r - 1.0) - lr).sum()])
+        sums = all_reduce_sum(sums, info).double().cpu()
         lo = r.min() if r.numel() else torch.tensor(math.inf, device=device)
         hi = r.max() if r.numel() else torch.tensor(-math.inf, device=device)
         if info.enabled:
             dist.all_reduce(lo, op=dist.ReduceOp.MIN)
             dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        n = max(float(sums[0]), 1.0)
-        mean = float(sums[1]) / n
-        return {"tokens": float(sums[0]), "ratio_sum": float(sums[1]), "ratio_sq": float(sums[2]),
-                "k3_sum": float(sums[3]), "ratio_min": float(lo), "ratio_max": float(hi),
-                "approx_kl": float(sums[3]) / n, "ratio_mean": mean}
+        self.sums += sums
+        self.lo, self.hi = min(self.lo, float(lo)), max(self.hi, float(hi))
+        return float(sums[3] / sums[0].clamp(min=1.0))
+
+    def summary(self) -> dict[str, float]:
+        n = max(float(self.sums[0]), 1.0)
+        mean = float(self.sums[1]) / n
+        return {"ratio_mean": mean, "ratio_std": math.sqrt(max(float(self.sums[2]) / n - mean ** 2, 0.0)),
+                "ratio_min": self.lo, "ratio_max": self.hi, "approx_kl": float(self.sums[3]) / n}
 
 
 def rl_loss(parts: RLParts, model: nn.Module, mb: RLMicroBatch,
@@ -558,37 +565,44 @@ def _spo_advantages(ctx: RLContext, scored: Scored) -> Tensor:
 
 @dataclass
 class Advantages:
+    """Per-row (``[B]``) or per-token (``[B, T]``, GAE) advantages, the loss mask (completion tokens,
+    minus truncated rows under overlong filtering) and GAE's value targets."""
+
     adv: Tensor
     mask: Tensor
     returns: Tensor | None = None
 
 
+def _gae_advantages(ctx: RLContext, rewards: Tensor, old: OldPass, mask: Tensor) -> Advantages:
+    """PPO: per-token reward ``-beta * (old_logp - ref_logp)`` (k1) plus the sequence reward on the
+    last completion token, GAE over the critic's values, advantages whitened over every rank's tokens."""
+    assert old.values is not None
+    o, dev = ctx.o, mask.device
+    token_rewards = torch.zeros_like(mask)
+    if old.ref_logp is not None and old.old_logp is not None:
+        token_rewards -= o.beta * (old.old_logp - old.ref_logp) * mask
+    last = (mask * torch.arange(mask.shape[1], device=dev)).argmax(-1)
+    has = mask.sum(-1) > 0
+    token_rewards[has, last[has]] += rewards[has]
+    raw = compute_advantages(ctx.obj, token_rewards, values=old.values, mask=mask,
+                             gamma=getattr(o, "gamma", 1.0), lam=getattr(o, "lam", 0.95))
+    return Advantages(_global_zscore(raw, mask, ctx.info), mask, (raw + old.values) * mask)
+
+
 def advantages(ctx: RLContext, scored: Scored, old: OldPass) -> Advantages:
     """Phase 4: the objective's advantage (plus GAE's returns), and the loss mask."""
-    dev = ctx.trainer.device
-    obj, o = ctx.obj, ctx.o
-    batch = scored.batch
-    mask = batch.completion_mask.to(dev)
+    dev, obj = ctx.trainer.device, ctx.obj
+    mask = scored.batch.completion_mask.to(dev)
     if obj.mask_truncated:
-        mask = mask_truncated(mask, batch.truncated.to(dev))
+        mask = mask_truncated(mask, scored.batch.truncated.to(dev))
     rewards = scored.rewards.to(dev)
     if obj.advantage == "gae":
-        assert old.values is not None
-        token_rewards = torch.zeros_like(mask)
-        if old.ref_logp is not None and old.old_logp is not None:
-            token_rewards -= o.beta * (old.old_logp - old.ref_logp) * mask
-        last = (mask * torch.arange(mask.shape[1], device=dev)).argmax(-1)
-        has = mask.sum(-1) > 0
-        token_rewards[has, last[has]] += rewards[has]
-        raw = compute_advantages(obj, token_rewards, values=old.values, mask=mask,
-                                 gamma=getattr(o, "gamma", 1.0), lam=getattr(o, "lam", 0.95))
-        returns = (raw + old.values) * mask
-        return Advantages(_global_zscore(raw, mask, ctx.info), mask, returns)
+        return _gae_advantages(ctx, rewards, old, mask)
     if obj.advantage == "spo":
         return Advantages(_spo_advantages(ctx, scored), mask)
     if obj.advantage == "batch":
         return Advantages(_global_zscore(rewards, None, ctx.info), mask)
-    adv = group_advantages(rewards, o.num_generations, scale=obj.advantage == "group")
+    adv = group_advantages(rewards, ctx.o.num_generations, scale=obj.advantage == "group")
     return Advantages(adv.to(dev), mask)
 
 
@@ -605,43 +619,38 @@ class UpdateStats:
     ratio: dict[str, float] = field(default_factory=dict)
 
 
+def _rows(t: Tensor | None, rows: Tensor, width: int) -> Tensor | None:
+    """``rows`` of a per-row or per-token tensor, per-token ones cut to ``width`` columns."""
+    if t is None:
+        return None
+    t = t[rows.to(t.device)]
+    return t[:, :width] if t.dim() == 2 else t
+
+
 def _micro_batches(ctx: RLContext, scored: Scored, old: OldPass, adv: Advantages,
                    rows: Tensor) -> list[RLMicroBatch]:
     """The rows of one mini-batch as micro-batches of ``--micro_batch_size`` rows, each cut to its
     longest row (right padding beyond it changes nothing: causal attention looks left)."""
-    b, obj = scored.batch, ctx.obj
-    size = ctx.o.micro_batch_size or len(rows)
+    b = scored.batch
+    ref = old.ref_logp if ctx.obj.kl != "none" else None
     out = []
-
-    def cut(t: Tensor | None, part: Tensor, width: int) -> Tensor | None:
-        if t is None:
-            return None
-        t = t[part.to(t.device)]
-        return t[:, :width] if t.dim() == 2 else t
-
-    for part in rows.split(size):
+    for part in rows.split(ctx.o.micro_batch_size or len(rows)):
         w = int(b.sequence_lengths[part].max())
-
-        def take(t: Tensor | None, part: Tensor = part, w: int = w) -> Tensor | None:
-            return cut(t, part, w)
-
         out.append(RLMicroBatch(
-            input_ids=take(b.input_ids), position_ids=take(b.position_ids), targets=take(b.targets),
-            mask=take(adv.mask), adv=take(adv.adv), old_logp=take(old.old_logp),
-            rollout_logp=take(b.rollout_logp),
-            ref_logp=take(old.ref_logp) if obj.kl != "none" else None, old_values=take(old.values),
-            returns=take(adv.returns), max_tokens=ctx.o.max_gen_len))
+            *(_rows(t, part, w) for t in (b.input_ids, b.position_ids, b.targets, adv.mask, adv.adv,
+                                          old.old_logp, b.rollout_logp, ref, old.values, adv.returns)),
+            max_tokens=ctx.o.max_gen_len))
     return out
 
 
 def _has_signal(ctx: RLContext, mbs: Sequence[RLMicroBatch]) -> bool:
     """Whether a mini-batch has a gradient to follow, agreed by every rank: a trained token (mask 1)
     with a non-zero advantage, or any trained token when a KL or value term pulls even at advantage 0."""
-    tokens = any(bool(mb.mask.sum() > 0) for mb in mbs)
-    own = any(bool(((mb.adv if mb.adv.dim() == 2 else mb.adv.unsqueeze(-1)) * mb.mask).abs().max() > 1e-8)
-              for mb in mbs if mb.mask.numel())
-    own = own or (tokens and ((ctx.obj.kl != "none" and ctx.obj.beta > 0) or any(mb.returns is not None
-                                                                                 for mb in mbs)))
+    pulls = (ctx.obj.kl != "none" and ctx.obj.beta > 0) or ctx.parts.has_values
+    own = False
+    for mb in mbs:
+        adv = mb.adv if mb.adv.dim() == 2 else mb.adv.unsqueeze(-1)
+        own = own or bool((adv * mb.mask).abs().max() > 1e-8) or (pulls and bool(mb.mask.sum() > 0))
     flag = torch.tensor(float(own), device=ctx.trainer.device)
     return all_reduce_sum(flag, ctx.info).item() > 0
 
@@ -656,10 +665,7 @@ def update(ctx: RLContext, step: int, scored: Scored, old: OldPass, adv: Advanta
     n = len(scored.batch)
     n_mini = max(1, min(o.steps_per_generation, n))
     gen = torch.Generator().manual_seed(derive_seed(ctx.cfg.seed, step, ctx.info.rank, 29))
-    stats = UpdateStats()
-    totals = {"tokens": 0.0, "ratio_sum": 0.0, "ratio_sq": 0.0, "k3_sum": 0.0}
-    lo, hi = math.inf, -math.inf
-    ratios = RatioStats()
+    stats, ratios = UpdateStats(), RatioStats()
 
     def loss_fn(model: nn.Module, mb: RLMicroBatch) -> LossOutput:
         return rl_loss(ctx.parts, model, mb, ratios)
@@ -672,26 +678,18 @@ def update(ctx: RLContext, step: int, scored: Scored, old: OldPass, adv: Advanta
                 stats.skipped += 1
                 continue
             st = tr.step(mbs, lr, loss_fn=loss_fn, weights=[micro_batch_weight(ctx.obj, mb) for mb in mbs])
-            r = ratios.reduce(ctx.info, tr.device)
-            for k in totals:
-                totals[k] += r[k]
-            lo, hi = min(lo, r["ratio_min"]), max(hi, r["ratio_max"])
             for k, v in {"loss": st.loss, **st.metrics}.items():
                 stats.metrics[k] = stats.metrics.get(k, 0.0) + v.float()
             stats.steps += 1
             stats.grad_norm = float(st.grad_norm)
-            if o.target_kl > 0 and r["approx_kl"] > o.target_kl:
+            if ratios.end_step(ctx.info, tr.device) > o.target_kl > 0:
                 stats.early_stop = 1
                 break
         if stats.early_stop:
             break
     if stats.steps:
         stats.metrics = {k: v / stats.steps for k, v in stats.metrics.items()}
-        t = max(totals["tokens"], 1.0)
-        mean = totals["ratio_sum"] / t
-        std = math.sqrt(max(totals["ratio_sq"] / t - mean ** 2, 0.0))
-        stats.ratio = {"ratio_mean": mean, "ratio_std": std, "ratio_min": lo, "ratio_max": hi,
-                       "approx_kl": totals["k3_sum"] / t}
+        stats.ratio = ratios.summary()
         ctx.backend.refresh(tr.base_model)
     return stats
 
