@@ -160,8 +160,16 @@ class WeightState:
     def read(self, model_path: str) -> dict[str, Any]:
         """The tensors of ``model_path`` (a ``.safetensors`` file or a folder holding
         ``model.safetensors``), checked against the served model; raises ``ValueError`` naming the
-        problem, before anything is paused."""
-        from minimind.model.weights import load_weights, read_state_dict
+        problem, before anything is paused.  A tied ``lm_head`` stored once (as exports do) is filled
+        in, so the engine's own loader (:meth:`GenerationEngine.refresh_weights`, which also casts and
+        re-quantizes) takes the dict as is."""
+        from minimind.model.weights import (
+            EMBED_KEY,
+            TIED_KEY,
+            clean_state_dict,
+            load_weights,
+            read_state_dict,
+        )
 
         path = Path(model_path)
         if path.is_dir():
@@ -169,16 +177,16 @@ class WeightState:
         if path.suffix != ".safetensors":
             raise ValueError(f"model_path {model_path}: only .safetensors files (or a folder holding "
                              f"model.safetensors) are loaded")
-        state = read_state_dict(path)
-        probe = _ShapeProbe(self.service.engine.model)
-        load_weights(probe, state)  # type: ignore[arg-type]  # key and shape checks only
+        state = clean_state_dict(read_state_dict(path))
+        config = self.service.engine.model.config
+        load_weights(_ShapeProbe(config), state)  # type: ignore[arg-type]  # key and shape checks only
+        if config.tie_word_embeddings and TIED_KEY not in state:
+            state[TIED_KEY] = state[EMBED_KEY]
         return state
 
     def update(self, state: dict[str, Any], version: str, timeout: float = DRAIN_TIMEOUT_S) -> int:
         """Swap in ``state`` once no row is decoding (see the module docstring); returns how many
         requests were held back meanwhile.  Runs on a worker thread, never on the event loop."""
-        from minimind.model.weights import load_weights
-
         sched = self.service.engine.scheduler
         held: list[Any] = []
         deadline = time.monotonic() + timeout
@@ -189,7 +197,7 @@ class WeightState:
                     sched.waiting.clear()
                     if not sched.running:
                         try:
-                            load_weights(self.service.engine.model, state)
+                            self.service.engine.refresh_weights(state)
                             self.version = version
                             self.updates += 1
                             for req in held:  # they start after the swap
@@ -209,11 +217,17 @@ class WeightState:
 
 
 class _ShapeProbe:
-    """Stands in for a model in :func:`load_weights`' checks without copying any tensor."""
+    """Stands in for a model of ``config`` in :func:`load_weights`' checks: the parameter names and
+    shapes of a meta-device model (whatever form the engine keeps its own copy in), no tensor copied."""
 
-    def __init__(self, model: Any) -> None:
-        self.config = model.config
-        self._state = model.state_dict()
+    def __init__(self, config: Any) -> None:
+        import torch
+
+        from minimind.model.modeling import MiniMindForCausalLM
+
+        self.config = config
+        with torch.device("meta"):
+            self._state = MiniMindForCausalLM(config).state_dict()
 
     def state_dict(self) -> dict[str, Any]:
         return self._state
