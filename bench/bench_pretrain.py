@@ -1,13 +1,19 @@
 """Pretraining throughput: useful (non-padding) tokens per second of one optimizer step.
 
-Compares, in one run on the same model and machine:
-  * ``reference_style`` — what the reference trainer feeds the model: every document in its own row,
-    truncated/padded to ``max_seq_len`` (``--pad_fraction`` of the tokens are padding, 30% by default
-    as measured for pretrain_t2t_mini at 340), plain causal attention, fp32 on CPU;
-  * ``packed`` — this project's packed rows with the document-causal mask (no padding);
-  * ``packed_compiled`` — the same under ``torch.compile`` (``--compile 1``);
-  * ``packed_autocast`` — with the project's automatic dtype (bf16 on CUDA / AVX512-BF16 CPUs).
-Prints one JSON object with tokens/s per variant and the ratios against ``reference_style``.
+Compares, in one run on the same model and machine (ratios measured side by side, so a busy machine
+moves them less than the absolute figures):
+
+* ``reference_style`` -- what the reference trainer feeds the model: every document in its own row,
+  truncated/padded to ``seq_len`` (``--pad_fraction`` of the tokens are padding, 30% by default as
+  measured for pretrain_t2t_mini at 340), plain causal attention, fp32 logits for the loss, fp32;
+* ``doc_<dtype>`` -- this project's step: packed rows (no padding), document-causal attention
+  (dense mask on the CPU, FlexAttention block mask on CUDA), the chunked cross-entropy;
+* ``causal_<dtype>`` -- the same with ``--attention causal`` (SDPA ``is_causal``: flash on CUDA);
+* ``..._compiled`` -- the loss step under ``torch.compile(fullgraph=True)`` (``--compile 1``);
+
+for ``dtype`` fp32 and, where the hardware runs it fast (CUDA, AVX-512 BF16 / AMX CPUs), bf16
+autocast.  Prints one JSON object: tokens/s per variant, the ratios against ``reference_style``,
+``causal / doc`` and ``bf16 / fp32``, and the CPU's model name and matmul-relevant flags.
 
     python bench/bench_pretrain.py --hidden_size 512 --num_hidden_layers 8 --batch_size 32 --seq_len 340
 """
@@ -17,56 +23,97 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from minimind.config import ModelConfig
+from minimind.data.batch import Batch
 from minimind.model import MiniMindForCausalLM
 from minimind.train.device import autocast, pick_device, pick_dtype
+from minimind.train.stages.base import next_token_loss
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 
-def make_batch(b: int, t: int, vocab: int, pad_fraction: float, packed: bool, gen: torch.Generator):
+def cpu_info() -> dict[str, object]:
+    """The CPU's model name and the flags that decide bf16 matmul speed (Linux; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+    return {"cpu": name, "cpu_flags": [f for f in CPU_FLAGS if f in flags],
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def packed_batch(b: int, t: int, vocab: int, gen: torch.Generator) -> Batch:
+    """Documents of random length (20..300 tokens) packed back to back; positions restart per
+    document and no target crosses a document end."""
     ids = torch.randint(3, vocab, (b, t), generator=gen)
     targets = ids.roll(-1, dims=1)
-    if packed:
-        # documents of random length packed back to back; positions restart at each start
-        doc = torch.zeros(b, t, dtype=torch.int32)
-        pos = torch.zeros(b, t, dtype=torch.long)
-        for r in range(b):
-            o, d = 0, 0
-            while o < t:
-                n = int(torch.randint(20, 300, (1,), generator=gen))
-                doc[r, o:o + n] = d
-                pos[r, o:o + n] = torch.arange(min(n, t - o))
-                o, d = o + n, d + 1
-        return ids, targets, pos, doc, b * t
+    doc = torch.zeros(b, t, dtype=torch.int32)
+    pos = torch.zeros(b, t, dtype=torch.long)
+    for r in range(b):
+        o, d = 0, 0
+        while o < t:
+            n = min(int(torch.randint(20, 300, (1,), generator=gen)), t - o)
+            doc[r, o:o + n] = d
+            pos[r, o:o + n] = torch.arange(n)
+            targets[r, o + n - 1] = -100
+            o, d = o + n, d + 1
+    return Batch(ids, targets, pos, doc, num_target_tokens=int((targets != -100).sum()))
+
+
+def padded_rows(b: int, t: int, vocab: int, pad_fraction: float, gen: torch.Generator):
+    """Reference-style rows: one document per row, the tail padded."""
+    ids = torch.randint(3, vocab, (b, t), generator=gen)
+    targets = ids.roll(-1, dims=1)
     real = int(t * (1 - pad_fraction))
     targets[:, real - 1:] = -100
     ids[:, real:] = 0
-    return ids, targets, None, None, b * real
+    return ids, targets, b * real
 
 
-def run(variant: str, mcfg: ModelConfig, args, device, dtype) -> float:
+def run(variant: str, mcfg: ModelConfig, args, device: torch.device, dtype: torch.dtype) -> float:
+    """Useful tokens per second of ``args.steps`` timed optimizer steps of ``variant``."""
     torch.manual_seed(0)
     model = MiniMindForCausalLM(mcfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    fwd = torch.compile(model) if variant == "packed_compiled" else model
     gen = torch.Generator().manual_seed(0)
-    packed = variant != "reference_style"
-    batch = [x.to(device) if torch.is_tensor(x) else x
-             for x in make_batch(args.batch_size, args.seq_len, mcfg.vocab_size, args.pad_fraction, packed, gen)]
-    ids, targets, pos, doc, useful = batch
+    if variant == "reference_style":
+        ids, targets, useful = (x.to(device) if torch.is_tensor(x) else x
+                                for x in padded_rows(args.batch_size, args.seq_len, mcfg.vocab_size,
+                                                     args.pad_fraction, gen))
 
-    def step():
+        def loss_fn() -> torch.Tensor:
+            logits = model(ids).logits.float()  # the reference upcasts all [N, V] logits
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    else:
+        batch = packed_batch(args.batch_size, args.seq_len, mcfg.vocab_size, gen).to(device)
+        if variant.startswith("causal"):
+            batch = batch.plain_causal()
+        useful = batch.num_real_tokens
+
+        def step_loss(m: torch.nn.Module, b: Batch) -> torch.Tensor:
+            return next_token_loss(m, b).loss
+
+        compiled = torch.compile(step_loss, fullgraph=True) if variant.endswith("compiled") else step_loss
+
+        def loss_fn() -> torch.Tensor:
+            return compiled(model, batch)
+
+    def step() -> None:
         with autocast(device, dtype):
-            out = fwd(ids, position_ids=pos, doc_ids=doc)
-            loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            loss = loss_fn()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
+    for _ in range(args.warmup + (1 if variant.endswith("compiled") else 0)):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -78,8 +125,22 @@ def run(variant: str, mcfg: ModelConfig, args, device, dtype) -> float:
     return useful * args.steps / (time.perf_counter() - t0)
 
 
+def ratios(tps: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Every variant against reference_style; causal against doc; bf16 against fp32."""
+    out: dict[str, dict[str, float]] = {}
+    base = tps.get("reference_style")
+    if base:
+        out["vs_reference_style"] = {k: round(v / base, 3) for k, v in tps.items() if k != "reference_style"}
+    doc_of = {k: k.replace("causal", "doc", 1) for k in tps if k.startswith("causal")}
+    out["causal_vs_doc"] = {k.replace("causal_", ""): round(tps[k] / tps[d], 3)
+                            for k, d in doc_of.items() if d in tps}
+    out["bf16_vs_fp32"] = {k.replace("_bf16", ""): round(v / tps[k.replace("bf16", "fp32")], 3)
+                           for k, v in tps.items() if "bf16" in k and k.replace("bf16", "fp32") in tps}
+    return out
+
+
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden_size", type=int, default=512)
     p.add_argument("--num_hidden_layers", type=int, default=8)
     p.add_argument("--batch_size", type=int, default=32)
@@ -88,25 +149,30 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="auto")
-    p.add_argument("--compile", type=int, default=0)
-    p.add_argument("--variants", default="")
+    p.add_argument("--compile", type=int, default=0, help="also time the compiled (fullgraph) loss step")
+    p.add_argument("--variants", default="", help="comma-separated subset (default: all that apply)")
     args = p.parse_args()
     device = pick_device(args.device)
     mcfg = ModelConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
                        max_position_embeddings=max(2048, args.seq_len))
-    auto = pick_dtype(device, "auto")
-    variants = args.variants.split(",") if args.variants else (
-        ["reference_style", "packed"] + (["packed_compiled"] if args.compile else [])
-        + (["packed_autocast"] if auto != torch.float32 else []))
-    out = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "model_params": MiniMindForCausalLM(mcfg).num_parameters(), "batch": [args.batch_size, args.seq_len],
-           "pad_fraction_reference": args.pad_fraction, "useful_tokens_per_s": {}}
+    fast = pick_dtype(device, "auto")
+    dtypes = {"fp32": torch.float32, **({"bf16": fast} if fast == torch.bfloat16 else {})}
+    if args.variants:
+        variants = args.variants.split(",")
+    else:
+        variants = ["reference_style"] + [f"{mode}_{d}" for d in dtypes for mode in ("doc", "causal")]
+        if args.compile:
+            variants += [f"{mode}_{d}_compiled" for d in dtypes if d != "fp32" or len(dtypes) == 1
+                         for mode in ("doc", "causal")]
+    out: dict[str, object] = {
+        "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), **cpu_info(),
+        "model_params": MiniMindForCausalLM(mcfg).num_parameters(), "batch": [args.batch_size, args.seq_len],
+        "pad_fraction_reference": args.pad_fraction, "steps": args.steps, "useful_tokens_per_s": {}}
+    tps: dict[str, float] = out["useful_tokens_per_s"]  # type: ignore[assignment]
     for v in variants:
-        dtype = auto if v == "packed_autocast" else (torch.float32 if device.type == "cpu" else auto)
-        out["useful_tokens_per_s"][v] = round(run(v, mcfg, args, device, dtype), 1)
-    base = out["useful_tokens_per_s"].get("reference_style")
-    if base:
-        out["speedup_vs_reference_style"] = {k: round(v / base, 3) for k, v in out["useful_tokens_per_s"].items()}
+        dtype = next((dt for name, dt in dtypes.items() if f"_{name}" in v), torch.float32)
+        tps[v] = round(run(v, mcfg, args, device, dtype), 1)
+    out.update(ratios(tps))
     print(json.dumps(out, indent=1))
 
 

@@ -14,9 +14,8 @@ import torch.nn.functional as F
 
 from minimind.config import ModelConfig
 from minimind.data.batch import Batch
-from minimind.model import KVCache, MiniMindForCausalLM, cache_attention_mask
+from minimind.model import KVCache, MiniMindForCausalLM, cache_attention_mask, masks
 from minimind.model import attention as attention_mod
-from minimind.model import masks
 from minimind.model.attention import _folded_gqa_sdpa, attend
 from minimind.train.stages.base import next_token_loss
 
@@ -132,7 +131,8 @@ def test_causal_mode_is_sdpa_causal_over_the_row_with_continuing_positions(use_m
     expected = expected + model(ids).aux_loss
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
     doc_loss = next_token_loss(model, batch).loss
-    assert abs(float(doc_loss.detach()) - float(loss.detach())) > 1e-4  # the modes differ: the document mask matters
+    # the modes differ: the document mask matters
+    assert abs(float(doc_loss.detach()) - float(loss.detach())) > 1e-4
 
 
 def _forbid_kv_copies(monkeypatch):

@@ -52,7 +52,7 @@ def test_close_stops_a_producer_blocked_on_a_full_queue():
     assert not stream._thread.is_alive()
 
 
-def test_loop_logs_data_wait_and_trains_the_same_batches_as_building_them_inline(workspace, tmp_path,
+def test_loop_logs_data_wait_and_trains_the_same_batches_as_building_them_inline(workspace, tmp_path,  # noqa: F811
                                                                                 monkeypatch):
     """The loop through the stream and the loop with the stream replaced by inline building give
     bit-identical losses (CPU): the same batches in the same order."""

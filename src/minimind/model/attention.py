@@ -107,4 +107,5 @@ class Attention(nn.Module):
             kv_len = attn_mask.shape[-1] if isinstance(attn_mask, torch.Tensor) else None
             k, v = kv_cache.update(self.layer_idx, k, v, position_ids, kv_len)
         out = attend(q, k, v, attn_mask, self.dropout if self.training else 0.0)
-        return self.resid_dropout(self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)))
+        out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        return self.resid_dropout(self.o_proj(out))

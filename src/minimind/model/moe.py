@@ -6,10 +6,10 @@ weights to sum to 1.  ``y = sum_{e in topk(x)} w_e * SwiGLU_e(x)``.
 Dispatch sorts the (token, slot) pairs by expert once, so each expert's tokens are one contiguous
 slice, and then runs the experts in one of three ways, all computing the same ``y``:
 
-* grouped (training, and anything compiled): one ``torch._grouped_mm`` per projection over all
-  experts' slices, the slice ends given as a device tensor -- no host read, no graph break, and
-  every expert's weights take part in the graph (an expert that got no token still gets a zero
-  gradient, as DDP's reducer requires);
+* grouped (training, and anything compiled; experts not wrapped by LoRA): one ``torch._grouped_mm``
+  per projection over all experts' slices, the slice ends given as a device tensor -- no host read,
+  no graph break, and every expert's weights take part in the graph (an expert that got no token
+  still gets a zero gradient, as DDP's reducer requires);
 * dense (compiled where ``_grouped_mm`` cannot run: an fp32 compile on the CPU, GPUs before sm90):
   every expert over every token, weighted by its (mostly zero) routing weight -- static shapes,
   ``num_experts / top_k`` times the FLOPs;
@@ -74,7 +74,8 @@ class MoEFeedForward(nn.Module):
 
         dtype = compute_dtype(x)
         compiling = torch.compiler.is_compiling()
-        if grouped_mm_usable(x, dtype) and (torch.is_grad_enabled() or compiling):
+        grouped = grouped_mm_usable(x, dtype) and self._plain_linear_experts()
+        if grouped and (torch.is_grad_enabled() or compiling):
             y = self._dispatch_grouped(x, weights, experts, dtype)
         elif compiling:
             y = self._dispatch_dense(x, weights, experts)
@@ -87,6 +88,12 @@ class MoEFeedForward(nn.Module):
             load = chosen.float().mean(0)  # [k, E]: fraction of tokens whose slot-th choice is e
             aux = (load * probs.float().mean(0)).sum() * self.num_experts * self.aux_coef
         return y.reshape(shape), aux
+
+    def _plain_linear_experts(self) -> bool:
+        """The grouped path multiplies the experts' weight matrices directly: only right when each
+        projection is a plain ``nn.Linear`` (a LoRA-wrapped one must run its own forward)."""
+        return all(type(getattr(e, name)) is nn.Linear for e in self.experts
+                   for name in ("gate_proj", "up_proj", "down_proj"))
 
     def _sort_by_expert(self, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(order, token_of, counts)``: the (token, slot) pairs sorted by expert, the token of each
