@@ -165,7 +165,7 @@ class HTTPRolloutBackend:
     """
 
     def __init__(self, urls: str | Sequence[str], dialect: str = "sglang", *, tokenizer: Any = None,
-                 sync_dir: str | Path | None = None, sync_interval: int = 1, timeout: float = 300.0,
+                 sync_dir: str | Path | None = None, sync_interval: int = 1, timeout: float = 600.0,
                  chunks_per_server: int = 2, max_context: int | None = None, api_key: str | None = None,
                  model_name: str | None = None, rank: int = 0, world_size: int = 1,
                  log: Callable[[str], None] | None = None) -> None:
@@ -391,6 +391,8 @@ def rollout_option_problems(options: Any) -> list[str]:
     backend, url = options.rollout_backend, options.rollout_url
     if backend not in ("engine", "server"):
         problems.append(f"--rollout_backend must be engine or server, got {backend!r}")
+    elif backend == "server" and not url:
+        problems.append("--rollout_backend server needs --rollout_url (e.g. http://127.0.0.1:30000)")
     elif backend == "server":
         try:
             parse_urls(url)
