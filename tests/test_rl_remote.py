@@ -28,9 +28,9 @@ import uvicorn
 
 from minimind.config import TrainConfig
 from minimind.infer.engine import GenerationEngine
-from minimind.infer.sampling import SamplingParams
+from minimind.infer.sampling import SamplingParams, derive_seed
 from minimind.infer.service import EngineService
-from minimind.rl.remote import HTTPRolloutBackend, RolloutServerError, derive_seed
+from minimind.rl.remote import HTTPRolloutBackend, RolloutServerError
 from minimind.rl.remote_dialects import MalformedResponse, OpenAICompletions, SGLangGenerate, Unit
 from minimind.rl.toy import write_toy_task
 from minimind.serve.app import create_app
@@ -259,7 +259,7 @@ def test_sglang_dialect_shapes() -> None:
     """Request keys and response fields as SGLang documents ``/generate`` (GenerateReqInput, meta_info)."""
     params = SamplingParams(max_new_tokens=5, temperature=0.7, top_k=0, top_p=0.9, stop_token_ids=(2,),
                             seed=3)
-    path, body = SGLangGenerate().request([Unit(0, [5, 6]), Unit(1, [7])], params, 2, None)
+    path, body = SGLangGenerate().request([Unit(0, [5, 6], params), Unit(1, [7], params)], 2, None)
     assert path == "/generate" and body["return_logprob"] is True
     assert body["input_ids"] == [[5, 6], [5, 6], [7], [7]]
     sp = body["sampling_params"]
@@ -286,7 +286,7 @@ def test_vllm_dialect_shapes() -> None:
     ``return_tokens_as_token_ids`` (tokens read ``token_id:<id>``, ``index = prompt * n + sample``)."""
     params = SamplingParams(max_new_tokens=4, temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=(2,),
                             seed=1)
-    path, body = OpenAICompletions().request([Unit(0, [5, 6]), Unit(1, [7])], params, 2, "m")
+    path, body = OpenAICompletions().request([Unit(0, [5, 6], params), Unit(1, [7], params)], 2, "m")
     assert path == "/v1/completions"
     assert body["prompt"] == [[5, 6], [7]] and body["n"] == 2 and body["logprobs"] == 0
     assert body["return_tokens_as_token_ids"] is True and body["max_tokens"] == 4 and body["model"] == "m"

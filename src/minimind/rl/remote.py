@@ -47,10 +47,10 @@ from torch import nn
 
 from minimind.infer.sampling import SamplingParams
 from minimind.infer.scheduler import GenerationResult
-from minimind.rl.remote_dialects import DIALECTS, Dialect, MalformedResponse, Unit, derive_seed
+from minimind.rl.remote_dialects import DIALECTS, Dialect, MalformedResponse, Unit
 
 __all__ = ["API_KEY_ENV", "HTTPRolloutBackend", "OneStepAhead", "RolloutServerError", "StaleWeightsError",
-           "derive_seed", "parse_urls", "rollout_option_problems", "server_backend"]
+           "parse_urls", "rollout_option_problems", "server_backend"]
 
 #: The API key sent to the rollout servers (the one ``minimind serve`` reads too).
 API_KEY_ENV = "MINIMIND_API_KEY"
@@ -214,24 +214,32 @@ class HTTPRolloutBackend:
         self._http.close()
 
     # ---- generation -------------------------------------------------------------------------------
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, n: int) -> list[GenerationResult]:
-        """``n`` samples of every prompt, prompt-major (``results[i * n + j]``), from the servers."""
+    #: ``generate`` takes one :class:`SamplingParams` per prompt (each request its own seed)
+    per_prompt_params = True
+
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams | Sequence[SamplingParams], n: int
+                 ) -> list[GenerationResult]:
+        """``n`` samples of every prompt, prompt-major (``results[i * n + j]``), from the servers;
+        ``params`` one setting for every prompt or one per prompt."""
+        per = [params] * len(prompt_ids) if isinstance(params, SamplingParams) else list(params)
+        if len(per) != len(prompt_ids):
+            raise ValueError(f"{len(per)} sampling settings for {len(prompt_ids)} prompts")
         if not prompt_ids:
             return []
         with self._busy:  # a sync waits for this call: its samples all come from one version
             if self.policy is not None and self.syncs == 0 and self.sync_interval:
                 self.sync(self.policy)  # the servers start from the trainer's weights, resumed ones included
-            units = [Unit(i, list(p)) for i, p in enumerate(prompt_ids)]
+            units = [Unit(i, list(p), prm) for i, (p, prm) in enumerate(zip(prompt_ids, per))]
             live = max(1, len(self.live_urls))
             size = math.ceil(len(units) / min(len(units), live * self.chunks_per_server))
             chunks = [units[s:s + size] for s in range(0, len(units), size)]
-            futures = [self._executor.submit(self._run_chunk, c, params, n) for c in chunks]
+            futures = [self._executor.submit(self._run_chunk, c, n) for c in chunks]
             out: list[GenerationResult] = []
             for f in futures:
                 out.extend(f.result())
             return out
 
-    def _run_chunk(self, chunk: list[Unit], params: SamplingParams, n: int) -> list[GenerationResult]:
+    def _run_chunk(self, chunk: list[Unit], n: int) -> list[GenerationResult]:
         tried: set[str] = set()
         reasons: list[str] = []
         while True:
@@ -240,7 +248,7 @@ class HTTPRolloutBackend:
                 raise RolloutServerError(self._none_left(reasons))
             tried.add(server.url)
             try:
-                results = self._ask(server, chunk, params, n)
+                results = self._ask(server, chunk, n)
             except (httpx.HTTPError, MalformedResponse, StaleWeightsError) as exc:
                 reason = _describe(exc)
                 left = self.pool.release(server, ok=False, reason=reason)
@@ -261,11 +269,10 @@ class HTTPRolloutBackend:
         return ("no rollout server left to generate on (" + "; ".join(reasons or every) + "). Check the "
                 "servers, then resume with --from_resume 1")
 
-    def _ask(self, server: _Server, chunk: list[Unit], params: SamplingParams, n: int
-             ) -> list[GenerationResult]:
+    def _ask(self, server: _Server, chunk: list[Unit], n: int) -> list[GenerationResult]:
         if self.dialect.needs_model and server.model is None:
             server.model = self.dialect.model_id(self._http, server.url)
-        path, body = self.dialect.request(chunk, params, n, server.model)
+        path, body = self.dialect.request(chunk, n, server.model)
         resp = self._http.post(server.url + path, json=body)
         if 400 <= resp.status_code < 500:
             raise _RequestRejected(f"rollout server {server.url} rejected the request ({resp.status_code}): "
@@ -278,8 +285,9 @@ class HTTPRolloutBackend:
             if self.expected_version is not None and version is not None and version != self.expected_version:
                 raise StaleWeightsError(f"served weight version {version!r}, expected "
                                         f"{self.expected_version!r}")
+            unit = chunk[len(out) // n]
             out.append(self._result(sample.token_ids, sample.logprobs, sample.finish_reason, sample.stop,
-                                    len(chunk[len(out) // n].prompt), sample.text, params))
+                                    len(unit.prompt), sample.text, unit.params))
         return out
 
     def _result(self, ids: list[int], logprobs: list[float], finish: str, stop: int | str | None,

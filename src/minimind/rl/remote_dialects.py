@@ -12,14 +12,16 @@ documentation:
   ``{"text", "output_ids", "meta_info"}``; ``meta_info.output_token_logprobs`` holds ``[logprob,
   token_id, text]`` for every output token, ``meta_info.finish_reason`` is ``{"type": "stop",
   "matched": ...}`` or ``{"type": "length", ...}`` and ``meta_info.weight_version`` names the weights.
-  ``n`` samples of a prompt are sent as ``n`` copies with seeds derived from (seed, prompt, sample)
-  (SGLang's radix cache shares their prefill), so parallel samples never share a seed.
+  ``n`` samples of a prompt are sent as ``n`` copies with seeds derived from (the prompt's seed, its
+  index, the sample) (SGLang's radix cache shares their prefill), so parallel samples never share a
+  seed.
 * **vLLM** OpenAI ``POST /v1/completions``: ``prompt`` a list of token-id lists, ``n``, ``max_tokens``,
   ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``, ``stop_token_ids``, ``seed``,
   ``logprobs: 0`` (the sampled token's log-prob only) and ``return_tokens_as_token_ids: true``, which
   makes ``choices[k].logprobs.tokens`` read ``"token_id:<id>"``; ``choices[k].index = prompt * n +
-  sample``.  vLLM reports no weight version in its body; a ``X-Weight-Version`` header is read if a
-  server sends one.  vLLM cannot load weights from disk over HTTP: its weight-update RPC is the NCCL /
+  sample``.  One request carries one setting (the first prompt's; its seed seeds the request).
+  vLLM reports no weight version in its body; a ``X-Weight-Version`` header is read if a server
+  sends one.  vLLM cannot load weights from disk over HTTP: its weight-update RPC is the NCCL /
   CUDA-IPC weight-transfer API (``vllm serve --weight-transfer-config '{"backend": "nccl"}'`` with
   ``VLLM_SERVER_DEV_MODE=1``: ``POST /init_weight_transfer_engine`` once, then ``/pause``,
   ``/update_weights`` while the trainer broadcasts the tensors, ``/resume`` each step), which needs a
@@ -31,14 +33,13 @@ correction of the objective compares against (see ``minimind.rl.rollout``).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from minimind.infer.sampling import SamplingParams
+from minimind.infer.sampling import SamplingParams, derive_seed
 
 __all__ = ["DIALECTS", "Dialect", "MalformedResponse", "OpenAICompletions", "SGLangGenerate", "Sample",
            "Unit", "derive_seed"]
@@ -53,10 +54,12 @@ class MalformedResponse(ValueError):
 
 @dataclass
 class Unit:
-    """One prompt of a ``generate`` call: its index in the call and its token ids."""
+    """One prompt of a ``generate`` call: its index in the call, its token ids and its sampling
+    settings (each prompt may carry its own seed)."""
 
     index: int
     prompt: list[int]
+    params: SamplingParams
 
 
 @dataclass
@@ -69,13 +72,6 @@ class Sample:
     stop: int | str | None
     text: str | None
     version: str | None
-
-
-def derive_seed(seed: int, *index: int) -> int:
-    """A 63-bit seed for sample ``index`` of a call seeded ``seed``: distinct samples never share a
-    generator, and the same (seed, index) always gives the same seed on every server."""
-    digest = hashlib.blake2b(repr((int(seed), *map(int, index))).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def _check_sample(ids: list[int], logprobs: list[float], where: str) -> None:
@@ -102,8 +98,7 @@ class Dialect:
     needs_model = False
     sync_unsupported = ""
 
-    def request(self, chunk: list[Unit], params: SamplingParams, n: int, model: str | None
-                ) -> tuple[str, dict[str, Any]]:
+    def request(self, chunk: list[Unit], n: int, model: str | None) -> tuple[str, dict[str, Any]]:
         raise NotImplementedError
 
     def parse(self, resp: httpx.Response, prompts: int, n: int) -> list[Sample]:
@@ -119,27 +114,31 @@ class SGLangGenerate(Dialect):
     name = "sglang"
     can_sync = True
 
-    def request(self, chunk: list[Unit], params: SamplingParams, n: int, model: str | None
-                ) -> tuple[str, dict[str, Any]]:
-        base: dict[str, Any] = {
+    def request(self, chunk: list[Unit], n: int, model: str | None) -> tuple[str, dict[str, Any]]:
+        ids, sampling = [], []
+        for unit in chunk:
+            base = self._sampling(unit.params)
+            for j in range(n):
+                ids.append(unit.prompt)
+                sp = dict(base)
+                if unit.params.seed is not None and not unit.params.is_greedy:
+                    sp["sampling_seed"] = derive_seed(unit.params.seed, unit.index, j)
+                sampling.append(sp)
+        return "/generate", {"input_ids": ids, "sampling_params": sampling, "return_logprob": True}
+
+    @staticmethod
+    def _sampling(params: SamplingParams) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "max_new_tokens": params.max_new_tokens,
             "temperature": 0.0 if params.is_greedy else params.temperature,
             "top_p": params.top_p, "top_k": params.top_k or -1,
             "repetition_penalty": params.repetition_penalty,
             "stop_token_ids": list(params.stop_token_ids), "no_stop_trim": True}
         if not params.stop_token_ids:  # only the budget ends a row, as in-process (SGLang checks its
-            base["ignore_eos"] = True  # stop_token_ids only while ignore_eos is off)
+            out["ignore_eos"] = True  # stop_token_ids only while ignore_eos is off)
         if params.stop_strings:
-            base["stop"] = list(params.stop_strings)
-        ids, sampling = [], []
-        for unit in chunk:
-            for j in range(n):
-                ids.append(unit.prompt)
-                sp = dict(base)
-                if params.seed is not None and not params.is_greedy:
-                    sp["sampling_seed"] = derive_seed(params.seed, unit.index, j)
-                sampling.append(sp)
-        return "/generate", {"input_ids": ids, "sampling_params": sampling, "return_logprob": True}
+            out["stop"] = list(params.stop_strings)
+        return out
 
     def parse(self, resp: httpx.Response, prompts: int, n: int) -> list[Sample]:
         body = _json(resp)
@@ -191,8 +190,8 @@ class OpenAICompletions(Dialect):
             raise MalformedResponse("/v1/models lists no model")
         return str(data[0]["id"])
 
-    def request(self, chunk: list[Unit], params: SamplingParams, n: int, model: str | None
-                ) -> tuple[str, dict[str, Any]]:
+    def request(self, chunk: list[Unit], n: int, model: str | None) -> tuple[str, dict[str, Any]]:
+        params = chunk[0].params  # one setting per request: vLLM seeds a request, not each prompt
         body: dict[str, Any] = {
             "model": model, "prompt": [u.prompt for u in chunk], "n": n, "max_tokens": params.max_new_tokens,
             "temperature": 0.0 if params.is_greedy else params.temperature, "top_p": params.top_p,
