@@ -254,6 +254,30 @@ def test_update_lets_running_requests_finish_on_the_old_weights(toy: dict[str, A
                                rtol=0, atol=1e-4)
 
 
+def test_a_dead_server_is_reported_and_its_prompts_served_elsewhere(toy: dict[str, Any],
+                                                                    server: dict[str, Any]) -> None:
+    tok = toy["tok"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again: connections are refused
+    seen: list[str] = []
+    backend = HTTPRolloutBackend(f"{dead},{server['url']}", tokenizer=tok, sync_interval=0, log=seen.append)
+    params = SamplingParams(max_new_tokens=3, temperature=0.0, greedy=True, stop_token_ids=(tok.eos_id,))
+    try:
+        results = backend.generate(prompts(tok), params, 2)
+        assert len(results) == 8 and backend.live_urls == [server["url"]]
+        assert backend.failures[0].url == dead and "ConnectError" in backend.failures[0].reason
+        assert seen and dead in seen[0] and "1 of 2 server(s) left" in seen[0]
+    finally:
+        backend.close()
+    lonely = HTTPRolloutBackend(dead, tokenizer=tok, sync_interval=0, log=seen.append)
+    try:
+        with pytest.raises(RolloutServerError, match=f"no rollout server left to generate on \\({dead}: "):
+            lonely.generate(prompts(tok, 1), params, 1)
+    finally:
+        lonely.close()
+
+
 # ---- the documented request/response shapes ------------------------------------------------------------
 def test_sglang_dialect_shapes() -> None:
     """Request keys and response fields as SGLang documents ``/generate`` (GenerateReqInput, meta_info)."""
