@@ -278,6 +278,34 @@ def test_a_dead_server_is_reported_and_its_prompts_served_elsewhere(toy: dict[st
         lonely.close()
 
 
+def test_a_busy_server_is_asked_again_not_failed() -> None:
+    """429 (the server's queue is full) is transient: the chunk waits Retry-After and asks again."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+    stub = FastAPI()
+    calls: list[int] = []
+
+    @stub.post("/generate")
+    def generate(body: dict[str, Any]) -> Any:
+        calls.append(len(body["input_ids"]))
+        if len(calls) == 1:
+            return JSONResponse({"error": {"message": "the server is busy"}}, status_code=429,
+                                headers={"Retry-After": "0"})
+        return [{"text": "", "output_ids": [7, 2], "meta_info": {
+            "finish_reason": {"type": "stop", "matched": 2}, "output_token_logprobs": [[-1.0, 7, None],
+                                                                                    [-0.5, 2, None]]}}]
+
+    running = Running(stub)
+    backend = HTTPRolloutBackend(running.url, sync_interval=0, log=lambda _: None)
+    try:
+        (result,) = backend.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, stop_token_ids=(2,)), 1)
+    finally:
+        backend.close()
+        running.stop()
+    assert calls == [1, 1] and not backend.failures
+    assert result.token_ids == [7, 2] and result.logprobs == [-1.0, -0.5] and result.stop == 2
+
+
 # ---- the documented request/response shapes ------------------------------------------------------------
 def test_sglang_dialect_shapes() -> None:
     """Request keys and response fields as SGLang documents ``/generate`` (GenerateReqInput, meta_info)."""

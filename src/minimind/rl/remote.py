@@ -36,6 +36,7 @@ import math
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -185,6 +186,7 @@ class HTTPRolloutBackend:
         self.sync_dir = Path(sync_dir) if sync_dir is not None else None
         self.sync_interval = sync_interval
         self.chunks_per_server = chunks_per_server
+        self.timeout = timeout
         self.max_context = max_context
         self.rank, self.world_size = rank, world_size
         self.expected_version: str | None = None
@@ -242,14 +244,22 @@ class HTTPRolloutBackend:
     def _run_chunk(self, chunk: list[Unit], n: int) -> list[GenerationResult]:
         tried: set[str] = set()
         reasons: list[str] = []
+        busy_until = time.monotonic() + self.timeout
         while True:
             server = self.pool.acquire(tried)
             if server is None:
                 raise RolloutServerError(self._none_left(reasons))
-            tried.add(server.url)
             try:
                 results = self._ask(server, chunk, n)
+            except _Busy as busy:  # 429: the server is healthy but its queue is full; ask again later
+                self.pool.release(server, ok=True)
+                if time.monotonic() + busy.wait > busy_until:
+                    raise RolloutServerError(f"rollout server {server.url} stayed busy (429) for "
+                                             f"{self.timeout:.0f} s: {busy}") from None
+                time.sleep(busy.wait)
+                continue
             except (httpx.HTTPError, MalformedResponse, StaleWeightsError) as exc:
+                tried.add(server.url)
                 reason = _describe(exc)
                 left = self.pool.release(server, ok=False, reason=reason)
                 reasons.append(f"{server.url}: {reason}")
@@ -274,6 +284,8 @@ class HTTPRolloutBackend:
             server.model = self.dialect.model_id(self._http, server.url)
         path, body = self.dialect.request(chunk, n, server.model)
         resp = self._http.post(server.url + path, json=body)
+        if resp.status_code == 429:
+            raise _Busy(_error_message(resp), _retry_after(resp))
         if 400 <= resp.status_code < 500:
             raise _RequestRejected(f"rollout server {server.url} rejected the request ({resp.status_code}): "
                                    f"{_error_message(resp)}")
@@ -366,6 +378,21 @@ class HTTPRolloutBackend:
         if not isinstance(answer, dict) or answer.get("success") is not True:
             return f"refused: {answer.get('message') if isinstance(answer, dict) else answer!r}"
         return None
+
+
+class _Busy(Exception):
+    """A 429 answer: retry after ``wait`` seconds."""
+
+    def __init__(self, message: str, wait: float) -> None:
+        super().__init__(message)
+        self.wait = wait
+
+
+def _retry_after(resp: httpx.Response) -> float:
+    try:
+        return min(max(float(resp.headers.get("retry-after", 1)), 0.05), 30.0)
+    except ValueError:
+        return 1.0
 
 
 class _RequestRejected(ValueError):
