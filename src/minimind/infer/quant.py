@@ -72,13 +72,21 @@ def _two_digit_int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
     return (acc[:m].float() + acc[m:].float() * (1.0 / 254.0)) * a * scale.float()
 
 
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric int8 codes and float32 scales of ``weight [out, in]`` (see module doc).
+def quantize_rows(weight: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 codes and scales of ``weight [out, in]`` (see module doc).
 
-    An all-zero row gets scale 1 (its codes are 0 either way), so no division by zero happens."""
+    The scales are returned as float32 but hold values exactly representable in ``scale_dtype`` (the
+    dtype they are stored in), rounded *up* from ``max|W_row| / 127`` so that no code exceeds 127, and
+    the codes are rounded against these stored scales: ``|W - s q| <= s / 2`` holds for the scales the
+    kernel actually multiplies by.  An all-zero row gets scale 1 (its codes are 0 either way)."""
     w = weight.detach().float()
-    scale = w.abs().amax(dim=1) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    exact = w.abs().amax(dim=1) / 127.0
+    exact = torch.where(exact > 0, exact, torch.ones_like(exact))
+    stored = exact.to(scale_dtype)
+    up = torch.nextafter(stored, torch.full_like(stored, float("inf")))
+    stored = torch.where(stored.float() < exact, up, stored)
+    scale = stored.float()
     codes = torch.round(w / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
     return codes, scale
 
@@ -116,7 +124,7 @@ class Int8Linear(nn.Module):
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight of shape {tuple(weight.shape)} for an Int8Linear of "
                              f"{(self.out_features, self.in_features)}")
-        codes, scale = quantize_rows(weight.to(self.qweight.device))
+        codes, scale = quantize_rows(weight.to(self.qweight.device), self.scale.dtype)
         self.qweight.copy_(codes)
         self.scale.copy_(scale.to(self.scale.dtype))
 
