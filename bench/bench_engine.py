@@ -16,7 +16,8 @@ What is measured, for each mode and batch size, in one run on the same random-we
   through ``Llama.generate``, larger batches as one multi-sequence ``llama_decode`` per step.  Skipped,
   with the reason in the JSON, where ``llama-cpp-python`` or ``gguf`` is not installed (or with
   ``--no_llama_cpp``: a llama.cpp 0.3.36 built with ``GGML_NATIVE=ON`` on an AMX CPU crashed in its AMX
-  q8_0 matmul here; build it without AMX, ``-DGGML_AMX_INT8=OFF`` and friends, to compare q8_0);
+  q8_0 matmul here; to compare q8_0 build it with ``GGML_NATIVE=OFF``, the CPU's AVX-512 options on
+  and ``GGML_AMX_*=OFF``);
 * ``matmul_floor``: one decode step's matrix products alone (q/k/v/o/gate/up/down for every layer
   plus ``lm_head``, for the whole batch, in that mode's weights) timed in a tight loop.  ``batch /
   step time`` is an upper bound on decode tokens/s for any engine that does these products unfused.
