@@ -70,7 +70,7 @@ import torch.nn.functional as F
 
 from minimind.config import PRESETS, preset
 from minimind.infer import GenerationEngine, SamplingParams
-from minimind.infer.quant import Int8Linear, weight_bytes
+from minimind.infer.quant import Int8Linear, use_gemv_, weight_bytes
 from minimind.model import MiniMindForCausalLM
 
 TEMPERATURE, TOP_K, TOP_P = 0.85, 50, 0.85
@@ -81,7 +81,9 @@ NEVER_SAMPLED_EOS = -1  # no token has this id: rows never finish early, the fin
 ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
     "engine": {},
     "engine_compiled": {"compile": True},
+    "engine_gemv": {},  # the engine's float layers swapped for GemvLinear (single rows through torch.mv)
 }
+GEMV_VARIANTS = {"engine_gemv"}
 
 
 class Mode:
@@ -498,6 +500,8 @@ def _bench_mode(args: argparse.Namespace, mode: Mode, base: MiniMindForCausalLM,
                 GenerationEngine.__init__).parameters else (None, "GenerationEngine does not accept quantize")
         engines[v] = reason if kwargs is None else GenerationEngine(
             copy.deepcopy(base), device=device, dtype=mode.dtype, **kwargs)
+        if v in GEMV_VARIANTS and not isinstance(engines[v], str):
+            use_gemv_(engines[v].model)  # the engine's own copy (a deepcopy of base): int8 layers stay
     ref_model = None
     if not args.no_reference and mode.reference is not None:
         ref_model = reference.ReferenceForCausalLM(reference.ReferenceConfig.from_config(base.config))

@@ -235,3 +235,20 @@ def test_bench_reports_int8_bandwidth_and_skips_a_missing_llama_cpp(monkeypatch:
     assert int8["engine"]["weight_bytes_per_step"] < 0.6 * bf16["engine"]["weight_bytes_per_step"]
     assert int8["engine"]["weight_gb_s"] > 0 and bf16["engine_vs_reference"]["decode"] > 0
     assert report["targets"]["b1_int8_vs_llama_cpp_q8_0"]["ratio"] is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_layers_compute_the_same_logits_and_keep_weights_shared(dtype: torch.dtype) -> None:
+    model = tiny_model(seed=6).to(dtype)
+    fast = copy.deepcopy(model)
+    assert quant.use_gemv_(fast) == 2 * 7 + 1  # every block projection and the LM head
+    assert isinstance(fast.lm_head, quant.GemvLinear)
+    ids = torch.randint(0, 300, (3, 7))
+    with torch.no_grad():
+        for batch in (ids[:1, :1], ids):  # one row: torch.mv; many rows: F.linear
+            # the same products, only the summation order may differ
+            tol = 1e-5 if dtype == torch.float32 else 1e-2
+            assert rel_err(fast(batch).logits, model(batch).logits) < tol
+        fast.load_state_dict(model.state_dict())  # same keys as the float model
+        layer = fast.model.layers[0].self_attn.q_proj
+        assert layer.weight is dict(fast.named_parameters())["model.layers.0.self_attn.q_proj.weight"]

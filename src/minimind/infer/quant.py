@@ -36,6 +36,13 @@ expert's three) and, by default, the LM head.  Embeddings, norms and the MoE rou
 point: the embedding is a row lookup (one row per token, not a stream of the whole matrix), norms
 are vectors, and routing decisions are discontinuous in the router's logits.
 
+**Float weights, one row** (:func:`use_gemv_`, no quantization): a decode step of one sequence
+multiplies each weight by a single activation row, and on the CPU ``F.linear`` sends that through
+the general GEMM (oneDNN for bf16), while ``torch.mv`` takes the matrix-vector kernel: measured on a
+2-core Xeon, a minimind-3 bf16 decode step took 22-30% less time with the same logits bit for bit.
+:class:`GemvLinear` keeps the float ``weight`` parameter (same state-dict key), so loading and
+refreshing weights are unchanged.
+
 Quantized modules load *float* checkpoints: :class:`Int8Linear` takes the ``weight`` key of a state
 dict and quantizes it, so ``engine_model.load_state_dict(training_model.state_dict())`` re-quantizes
 after every RL update with no special path.
@@ -49,7 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QUANT_MODES", "Int8Linear", "quantize_int8_", "quantize_model_", "quantize_rows", "weight_bytes"]
+__all__ = ["QUANT_MODES", "GemvLinear", "Int8Linear", "quantize_int8_", "quantize_model_", "quantize_rows",
+           "use_gemv_", "weight_bytes"]
 
 QUANT_MODES = ("int8",)
 _KERNEL_DTYPE = torch.bfloat16  # the activation dtype of the CPU kernel's fast path
@@ -197,6 +205,37 @@ def quantize_int8_(model: nn.Module, lm_head: bool = True) -> nn.Module:
     if swapped == 0:
         raise ValueError("no linear layer was quantized")
     return model
+
+
+class GemvLinear(nn.Module):
+    """A bias-free linear layer that sends a single activation row through ``torch.mv`` (the CPU
+    matrix-vector kernel) and anything larger through ``F.linear``; ``weight`` is the float parameter
+    of the layer it replaces (shared, not copied)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("GemvLinear has no bias; the MiniMind projections have none")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == self.in_features and x.device.type == "cpu":
+            return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight)
+
+
+def use_gemv_(model: nn.Module) -> int:
+    """Swap every bias-free ``nn.Linear`` of ``model`` for a :class:`GemvLinear` **in place** (tied
+    weights stay tied: the parameters are shared); returns how many were swapped."""
+    swapped = 0
+    for name, child in list(model.named_children()):
+        if type(child) is nn.Linear and child.bias is None:
+            setattr(model, name, GemvLinear(child))
+            swapped += 1
+        else:
+            swapped += use_gemv_(child)
+    return swapped
 
 
 def quantize_model_(model: nn.Module, mode: str | None) -> nn.Module:
