@@ -94,6 +94,15 @@ class RLOptions:
     overlong_filter: int = _opt(-1, "1: truncated completions carry no loss (DAPO's overlong filtering); "
                                     "0: they train (-1 = the loss type's default)")
     debug_interval: int = _opt(0, "print a prompt, its completions and rewards every N steps (0 = off)")
+    rollout_backend: str = _opt("engine", "engine: sample in-process | server: on inference servers "
+                                          "(--rollout_url; see the README, 'RL at scale')")
+    rollout_url: str = _opt("", "rollout server base URLs, comma-separated (SGLang, vLLM or minimind serve)")
+    rollout_dialect: str = _opt("sglang", "sglang: POST /generate (SGLang, minimind serve) | vllm: POST "
+                                          "/v1/completions")
+    sync_interval: int = _opt(1, "push the policy to the rollout servers every k optimizer steps (0 = never)")
+    rollout_timeout: float = _opt(600.0, "seconds one rollout request may take before its server is failed")
+    overlap: int = _opt(0, "1: generate step k+1's rollouts on the servers while step k trains (one step "
+                           "off-policy; pair with --tis_cap)")
 
     @property
     def defaults(self) -> LossTypeDefaults:
@@ -177,6 +186,8 @@ class RLOptions:
             problems.append(str(e).strip('"'))
         if self.reward_model_path and not Path(self.reward_model_path).is_dir():
             problems.append(f"--reward_model_path {self.reward_model_path}: no such folder")
+        from minimind.rl.remote import rollout_option_problems
+        problems += rollout_option_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -770,12 +770,16 @@ def rl_step(ctx: RLContext, step: int) -> dict[str, Any]:
     """One RL step: rollout -> score -> old log-probs -> advantages -> update -> metrics."""
     t0 = time.perf_counter()
     idx = pick_prompts(ctx, step)
-    scored = rollout_and_score(ctx, step, idx)
+    ahead = getattr(ctx.backend, "ahead", None) if ctx.o.overlap else None
+    scored = (ahead.take(step, lambda: rollout_and_score(ctx, step, idx)) if ahead is not None
+              else rollout_and_score(ctx, step, idx))
     t1 = time.perf_counter()
     old = old_log_probs(ctx, scored.batch)
     adv = advantages(ctx, scored, old)
     lr = lr_at(step, ctx.total, ctx.cfg.learning_rate, ctx.warmup, ctx.cfg.min_lr_ratio)
     t2 = time.perf_counter()
+    if ahead is not None and step + 1 < ctx.total:  # --overlap: step k+1's rollouts while this one trains
+        ahead.start(step + 1, lambda: rollout_and_score(ctx, step + 1, pick_prompts(ctx, step + 1)))
     upd = update(ctx, step, scored, old, adv, lr)
     if ctx.parts.baseline is not None and old.old_logp is not None and upd.steps:
         ctx.parts.baseline.advance(_spo_drift(ctx, scored.batch, old.old_logp, adv.mask))
@@ -827,7 +831,11 @@ def make_reward(o: RLOptions, agentic: bool) -> CombinedReward:
 
 
 def make_backend(trainer: Trainer, tokenizer: Any, parts: RLParts, limit: int) -> RolloutBackend:
-    """The one place a rollout backend is built: the in-process engine over the policy."""
+    """The one place a rollout backend is built: the in-process engine over the policy, or the
+    inference servers of ``--rollout_url`` (:mod:`minimind.rl.remote`)."""
+    if parts.options.rollout_backend == "server":
+        from minimind.rl.remote import server_backend
+        return server_backend(parts.options, trainer.cfg, tokenizer, trainer.base_model, limit, trainer.info)
     engine = GenerationEngine(trainer.base_model, tokenizer, dtype=trainer.dtype, max_batch_len=limit,
                               num_slots=max(1, trainer.cfg.batch_size * parts.options.num_generations))
     return EngineBackend(engine)
