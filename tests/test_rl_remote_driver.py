@@ -126,6 +126,51 @@ def test_overlap_samples_the_next_step_on_the_previous_weights(ws: dict[str, Any
     assert [sorted(set(v)) for v in steps] == want
 
 
+def _ddp_worker(rank: int, world: int, port: int, cfg_kw: dict[str, Any], url: str, out_dir: str) -> None:
+    """One rank of a 2-process GRPO run whose rollouts go to the parent's server."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from minimind.train.core import Trainer
+    held: dict[str, Any] = {}
+    setup = Trainer.setup_model
+
+    def keep_model(self: Any) -> Any:
+        held["model"] = setup(self)
+        return held["model"]
+
+    Trainer.setup_model = keep_model  # type: ignore[method-assign]
+    register_toy_reward()
+    cfg = toy_cfg(Path(out_dir), **cfg_kw)
+    res = GRPOStage(toy_options(num_generations=4, reward="toy_varied:1", rollout_url=url)).run(
+        cfg, MiniMindTokenizer.from_dir(cfg.tokenizer_path))
+    checksum = float(sum(p.detach().double().sum() for p in held["model"].parameters()))
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"checksum": checksum, "steps": res.steps}))
+
+
+@pytest.mark.slow  # two spawned processes: ~25 s on this CPU
+def test_ddp_grpo_through_one_server_syncs_once_per_step(ws: dict[str, Any], tmp_path: Path) -> None:
+    """Two ranks roll out on one server; rank 0 alone pushes the weights (the other waits at a
+    barrier), so the server loads one version per step and ends on the replicas' weights."""
+    import torch.multiprocessing as mp
+    cfg_kw = {"data_path": str(ws["root"] / "toy.jsonl"), "tokenizer_path": str(ws["root"] / "tok"),
+              "batch_size": 2, "max_steps": 3}
+    running, service = server_for(toy_cfg(tmp_path, **cfg_kw), ws["tok"])
+    try:
+        mp.spawn(_ddp_worker, args=(2, _free_port(), cfg_kw, running.url, str(tmp_path)), nprocs=2, join=True)
+        weights = running.server.config.app.state.weights
+        served = {k: v.clone() for k, v in service.engine.model.state_dict().items()}
+    finally:
+        running.stop()
+        service.close()
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["steps"] == r1["steps"] == 3 and r0["checksum"] == r1["checksum"]
+    assert weights.updates == 1 + 3 and weights.version == "4"  # the first sync, then one per step
+    saved = load_file(str(next((tmp_path / "out").glob("grpo_*.safetensors"))))
+    for name, tensor in saved.items():
+        torch.testing.assert_close(served[name], tensor, rtol=0, atol=0)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
