@@ -6,7 +6,7 @@
   failure is reported and the run finishes on the other; with no server left the run stops with an
   error naming every server -- it never hangs (every request has a timeout);
 * the agent loop (tool turns) runs a step through the server;
-* ``--overlap 1`` samples step k + 1 on the weights of step k - 1's update (the server's stamps say);
+* ``--overlap 1`` samples step k + 1 on the weights from before step k's update (the server's stamps say);
 * (slow) two DDP ranks share one server and rank 0 alone pushes the weights.
 """
 
