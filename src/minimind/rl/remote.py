@@ -16,7 +16,8 @@ each chunk goes to the live server with the fewest chunks in flight.  A chunk wh
 connection drops, it times out, answers 5xx or a malformed body, or serves stale weights) is retried
 on another live server and the failure is reported on stderr and in :attr:`HTTPRolloutBackend.failures`;
 when no server is left the call raises :class:`RolloutServerError` naming every server and why it
-failed.  Nothing waits without a bound: every request has a timeout.
+failed.  A 429 (the server's queue is full) is not a failure: the chunk asks again after
+``Retry-After``.  Nothing waits without a bound: every request has a timeout, and so do the retries.
 
 **Weight sync.**  :meth:`HTTPRolloutBackend.refresh` (called by the driver after each optimizer step)
 writes the policy's weights every ``sync_interval``-th call, atomically, as an HF folder
