@@ -1,7 +1,7 @@
 """Pretraining throughput: useful (non-padding) tokens per second of one optimizer step.
 
-Compares, in one run on the same model and machine (ratios measured side by side, so a busy machine
-moves them less than the absolute figures):
+Compares, in one run on the same model and machine (steps of all variants taken in turn, median per
+variant, so a busy machine moves the ratios less than the absolute figures):
 
 * ``reference_style`` -- what the reference trainer feeds the model: every document in its own row,
   truncated/padded to ``seq_len`` (``--pad_fraction`` of the tokens are padding, 30% by default as
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -77,8 +78,8 @@ def padded_rows(b: int, t: int, vocab: int, pad_fraction: float, gen: torch.Gene
     return ids, targets, b * real
 
 
-def run(variant: str, mcfg: ModelConfig, args, device: torch.device, dtype: torch.dtype) -> float:
-    """Useful tokens per second of ``args.steps`` timed optimizer steps of ``variant``."""
+def make_step(variant: str, mcfg: ModelConfig, args, device: torch.device, dtype: torch.dtype):
+    """``(step, useful_tokens)``: one optimizer step of ``variant`` on its own model, warmed up."""
     torch.manual_seed(0)
     model = MiniMindForCausalLM(mcfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -115,14 +116,33 @@ def run(variant: str, mcfg: ModelConfig, args, device: torch.device, dtype: torc
 
     for _ in range(args.warmup + (1 if variant.endswith("compiled") else 0)):
         step()
+    return step, useful
+
+
+def timed(step, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
+    step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return useful * args.steps / (time.perf_counter() - t0)
+    return time.perf_counter() - t0
+
+
+def measure(variants: list[str], mcfg: ModelConfig, args, device: torch.device,
+            dtypes: dict[str, torch.dtype]) -> dict[str, float]:
+    """Useful tokens/s per variant from the median of ``args.steps`` steps, taken round-robin (one
+    step of every variant per round), so that a machine whose load drifts -- a shared CPU -- slows
+    every variant alike instead of whichever ran during the busy minute."""
+    steps = {}
+    for v in variants:
+        dtype = next((dt for name, dt in dtypes.items() if f"_{name}" in v), torch.float32)
+        steps[v] = make_step(v, mcfg, args, device, dtype)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(args.steps):
+        for v in variants:
+            times[v].append(timed(steps[v][0], device))
+    return {v: round(steps[v][1] / statistics.median(times[v]), 1) for v in variants}
 
 
 def ratios(tps: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -167,11 +187,9 @@ def main() -> None:
     out: dict[str, object] = {
         "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), **cpu_info(),
         "model_params": MiniMindForCausalLM(mcfg).num_parameters(), "batch": [args.batch_size, args.seq_len],
-        "pad_fraction_reference": args.pad_fraction, "steps": args.steps, "useful_tokens_per_s": {}}
-    tps: dict[str, float] = out["useful_tokens_per_s"]  # type: ignore[assignment]
-    for v in variants:
-        dtype = next((dt for name, dt in dtypes.items() if f"_{name}" in v), torch.float32)
-        tps[v] = round(run(v, mcfg, args, device, dtype), 1)
+        "pad_fraction_reference": args.pad_fraction, "steps": args.steps}
+    tps = measure(variants, mcfg, args, device, dtypes)
+    out["useful_tokens_per_s"] = tps
     out.update(ratios(tps))
     print(json.dumps(out, indent=1))
 
