@@ -32,6 +32,10 @@ def test_quick_demo_learns_and_reports(tmp_path):
     assert sft_eval["n_per_kind"] == {k: sum(r["kind"] == k for r in evaluated) for k in sft_eval["n_per_kind"]}
     assert sum(sft_eval["n_per_kind"].values()) == len(evaluated)
     assert {"tool_call_exact", "tool_final_accuracy", "accuracy_non_knowledge"} <= set(sft_eval)
+    # the chat-tuned models are scored with thinking off and on, on the same rows
+    on = sft_eval["thinking"]
+    assert on["open_thinking"] is True and on["n_per_kind"] == sft_eval["n_per_kind"] and 0 <= on["think_closed"] <= 1
+    assert "thinking" not in res["task_eval"]["pretrain"] and "thinking" in res["task_eval"]["grpo"]
     assert list(res["task_eval"]) == ["pretrain", "sft", "dpo", "grpo"]  # the DPO and GRPO models too
     for name in ("report.md", "loss.png", "tasks.png", "dpo.png", "grpo.png", "pretrain_256.safetensors",
                  "full_sft_256.safetensors", "dpo_256.safetensors", "grpo_256.safetensors",
@@ -81,8 +85,12 @@ def test_full_demo_meets_its_promises(tmp_path):
     Measured (fp32, runs F3-F6 of docs/demo.md): held-out bpb 2.25-2.26; SFT exact on the kinds
     answerable from the prompt 0.65-0.69 (unit conversion 0.88-0.94, next-day dates 0.72-0.80,
     single-digit arithmetic 0.34-0.40), tool calls exact 0.60-0.72, final answer after the executed
-    call 0.54-0.60; knowledge kinds ~0; GRPO: training reward 0.64-0.68 -> 0.74-0.75 over 40 steps,
-    held-out sampled accuracy of its kinds +0.025 to +0.09 (greedy -0.02 to +0.10).
+    call 0.54-0.60; knowledge kinds ~0.
+    Thinking (bf16, third round, DPO model, 50 items per kind): arithmetic 0.42 off -> 0.94 on, dates
+    0.66 -> 0.82, all 300 tasks 0.44 -> 0.55, every reply closes its think block.
+    GRPO with thinking on arithmetic and dates (R2): held-out sampled accuracy 0.631 -> 0.725 (800
+    samples), greedy with thinking on 0.88 -> 0.91 (100 items: the issue's +5 points is not met, see
+    docs/demo.md for why), untrained kinds with thinking off within 2 items of 50.
     """
     res = _run(["demo", "--out_dir", str(tmp_path / "demo")])
     p = res["pretrain"]
@@ -99,13 +107,29 @@ def test_full_demo_meets_its_promises(tmp_path):
     assert sft["per_kind"]["arithmetic"] >= 0.2
     assert sft["tool_call_exact"] >= 0.45 and sft["tool_final_accuracy"] >= 0.4
     assert 0.0 <= sft["accuracy_knowledge"] <= 1.0
+    # thinking: the reasoning lifts arithmetic far beyond noise, every reply closes its block, and
+    # thinking on is better overall than off
+    for label in ("sft", "dpo"):
+        off, on = t[label], t[label]["thinking"]
+        assert on["think_closed"] >= 0.95
+        assert on["per_kind"]["arithmetic"] >= off["per_kind"]["arithmetic"] + 0.3
+        assert on["per_kind"]["date_fact"] >= off["per_kind"]["date_fact"]
+        assert on["accuracy"] > off["accuracy"] + 0.05
     # DPO: held-out preferences move the right way without breaking the model's answers
     h = res["dpo"]["heldout"]
     assert h["logp_accuracy"][1] >= h["logp_accuracy"][0] - 0.05 and h["reward_accuracy"] > 0.6
     assert h["mean_logp_margin"][1] > h["mean_logp_margin"][0]
     assert t["dpo"]["format_rate"] >= sft["format_rate"] - 0.05
-    # GRPO: the sampled answers' reward rises, and held-out items of its kinds do not get worse
+    # GRPO: what it optimises (sampled accuracy on held-out items of its kinds) rises clearly; greedy
+    # with thinking on does not fall; untrained kinds (thinking off) lose at most 3 of their ~50 items
     g = res["grpo"]
-    assert g["train_reward_last"] > g["train_reward_first"] + 0.03
     before, after = g["heldout_sampled_accuracy"]
-    assert g["heldout_items"] >= 80 and after > before - 0.02
+    assert g["heldout_items"] >= 80 and after > before + 0.04
+    assert g["sampled_with_thinking"] and set(g["kinds"]) == {"arithmetic", "date_fact"}
+
+    def trained(v: dict) -> float:
+        return sum(v["per_kind"][k] * v["n_per_kind"][k] for k in g["kinds"]) / sum(v["n_per_kind"][k]
+                                                                                    for k in g["kinds"])
+    assert trained(t["grpo"]["thinking"]) >= trained(t["dpo"]["thinking"])
+    for kind in ("unit_conversion", "tool_call"):
+        assert t["grpo"]["per_kind"][kind] >= t["dpo"]["per_kind"][kind] - 3 / t["dpo"]["n_per_kind"][kind]

@@ -91,6 +91,8 @@ class DemoSettings:
     grpo_prompts: int = 8  # prompts per step
     grpo_generations: int = 8  # samples per prompt (a GRPO group)
     grpo_lr: float = 2e-4
+    grpo_temperature: float = 1.0  # rollout temperature (the trained log-probs are of logits / T)
+    grpo_steps_per_generation: int = 1  # optimizer steps (mini-batches) per rollout batch; > 1: the clip acts
     grpo_kinds: tuple[str, ...] = ("arithmetic", "date_fact")
     # share of rollout prompts that open <think> (the model reasons before it answers): the reasoning
     # is what RL can improve; the held-out sampled accuracy is measured in the mode trained most
@@ -318,7 +320,9 @@ class ReinforcementLearning:
                                min_lr_ratio=1.0, weight_decay=0.0, batch_size=s.grpo_prompts, log_interval=1,
                                max_seq_len=s.sft_seq_len, progress=0, optimizer="adamw")
         opts = GRPOOptions(loss_type="grpo", num_generations=s.grpo_generations, beta=0.0, reward="task:1",
-                           max_gen_len=s.grpo_max_gen_len, temperature=1.0, thinking_ratio=s.grpo_thinking_ratio)
+                           max_gen_len=s.grpo_max_gen_len, temperature=s.grpo_temperature,
+                           thinking_ratio=s.grpo_thinking_ratio,
+                           steps_per_generation=s.grpo_steps_per_generation, ppo_epochs=1)
         heldout = [row for row in _read_jsonl(ctx.artifacts["eval_tasks"]) if row["kind"] in s.grpo_kinds]
         thinking = s.grpo_thinking_ratio >= 0.5
         sample = {"n": s.grpo_generations, "max_new_tokens": s.grpo_max_gen_len, "open_thinking": thinking}
@@ -342,6 +346,7 @@ class ReinforcementLearning:
             "sampled_with_thinking": thinking, "thinking_ratio": s.grpo_thinking_ratio,
             "steps": res.steps, "seconds": round(res.seconds, 1), "prompts_per_step": s.grpo_prompts,
             "generations": s.grpo_generations, "kinds": list(s.grpo_kinds), "lr": s.grpo_lr,
+            "steps_per_generation": s.grpo_steps_per_generation,
             "from": Path(start).name, "train_reward_first": round(sum(r[:k]) / k, 4),
             "train_reward_last": round(sum(r[-k:]) / k, 4),
             "sec_per_step_median": round(sec[len(sec) // 2], 3) if sec else None}
