@@ -234,6 +234,8 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     a("--inference_rope_scaling", action="store_true", help="YaRN RoPE (2048 x 16 positions)")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (auto: cuda, mps, cpu)")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    a("--quantize", default="", choices=["", "int8"],
+      help="int8: int8 weight-only decode (the engine's own weight copy; faster CPU decode)")
     a("--raw", action="store_true",
       help="pretrained-model mode: no chat template (automatic for weights named pretrain*)")
     a("--seed", type=int, default=None, help="sampling seed (default: random)")
@@ -265,7 +267,8 @@ def _chat_main(args: argparse.Namespace) -> int:
     model, tokenizer, weight = loaded.model, loaded.tokenizer, loaded.source
     lora_note = f" + LoRA {loaded.lora.name}" if loaded.lora else ""
     device = pick_device(args.device)
-    engine = GenerationEngine(model, tokenizer, device=device, dtype=pick_dtype(device, args.dtype))
+    engine = GenerationEngine(model, tokenizer, device=device, dtype=pick_dtype(device, args.dtype),
+                              quantize=getattr(args, "quantize", "") or None)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty,
