@@ -108,6 +108,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--slots", type=int, default=8, help="sequences decoded together (continuous-batching slots)")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    a("--quantize", default="", choices=["", "int8"],
+      help="int8: int8 weight-only decode (the engine's own weight copy; faster CPU decode)")
     a("--no_ui", action="store_true", help="do not serve the web UI at /")
     a("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -174,7 +176,8 @@ def _serve(args: argparse.Namespace) -> int:
     model, tokenizer, source = load_for_inference(args)
     device = pick_device(args.device)
     engine = GenerationEngine(model, tokenizer, device=device, dtype=pick_dtype(device, args.dtype),
-                              max_batch_len=args.max_context or None, num_slots=args.slots)
+                              max_batch_len=args.max_context or None, num_slots=args.slots,
+                              quantize=getattr(args, "quantize", "") or None)
     name = args.model_name or (source.name if source.is_dir() else source.stem)
     service = EngineService(engine)
     try:
