@@ -30,6 +30,8 @@ def _common(p: argparse.ArgumentParser, batch_size: int, limit_help: str,
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
       help="compute dtype (auto: bf16 on CUDA / bf16-capable CPUs, else fp32)")
+    a("--quantize", default="", choices=["", "int8"],
+      help="int8: generation-based evals decode with int8 weights (the engine's own copy)")
     a("--batch_size", type=int, default=batch_size, help="sequences per forward pass")
     a("--limit", type=int, default=0, help=limit_help)
     a("--out", default="", help="write the results as JSON to this path")
@@ -212,7 +214,8 @@ def cmd_eval_math(args: argparse.Namespace) -> int:
     items, skipped = load_math(args.data, args.limit or None)
     loaded = _load(args)
     engine = GenerationEngine(loaded.model, loaded.tokenizer, dtype=loaded.dtype,
-                              num_slots=max(8, args.batch_size * args.n))
+                              num_slots=max(8, args.batch_size * args.n),
+                              quantize=getattr(args, "quantize", "") or None)
     start = time.perf_counter()
     out = evaluate_math(engine, items, n=args.n, temperature=temperature, top_p=args.top_p, top_k=args.top_k,
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, ks=ks, seed=args.seed,
@@ -247,7 +250,8 @@ def cmd_eval_tools(args: argparse.Namespace) -> int:
                                            level=args.level)
     loaded = _load(args)
     engine = GenerationEngine(loaded.model, loaded.tokenizer, dtype=loaded.dtype,
-                              num_slots=max(8, min(args.batch_size, len(episodes))))
+                              num_slots=max(8, min(args.batch_size, len(episodes))),
+                              quantize=getattr(args, "quantize", "") or None)
     replier = engine_replier(engine, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                              open_thinking=bool(args.open_thinking))
