@@ -252,3 +252,32 @@ def test_gemv_layers_compute_the_same_logits_and_keep_weights_shared(dtype: torc
         fast.load_state_dict(model.state_dict())  # same keys as the float model
         layer = fast.model.layers[0].self_attn.q_proj
         assert layer.weight is dict(fast.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
+
+
+def test_rl_rollouts_decode_with_int8_and_stay_close_to_the_trainer(tmp_path) -> None:
+    """``--quantize int8`` on an RL stage: the rollout engine's copy is int8 (the trainer's model is
+    not), and the rollout log-probs stay close to the trainer's old log-probs of the same tokens: the
+    truncated-IS weight ``exp(old - rollout)`` is within 2% of 1 on this tiny policy (measured 0.2%)."""
+    from minimind.rl.rollout import EngineBackend
+    from minimind.train.stages.rl import GRPOStage
+    from minimind.train.stages.rl_recipe import old_log_probs, pick_prompts, rollout_and_score
+    from tests.test_rl_recipe import _context, _opts  # importing it registers the toy reward
+
+    ctx = _context(_toy_ws(tmp_path), tmp_path, GRPOStage(_opts(quantize="int8", steps_per_generation=2)))
+    assert isinstance(ctx.backend, EngineBackend)
+    assert isinstance(ctx.backend.engine.model.lm_head, Int8Linear)
+    assert all(type(m) is not Int8Linear for m in ctx.trainer.base_model.modules())
+    batch = rollout_and_score(ctx, 0, pick_prompts(ctx, 0)).batch
+    mask = batch.completion_mask.bool()
+    old = old_log_probs(ctx, batch).old_logp
+    assert old is not None and bool(mask.any())
+    weight = (old[mask] - batch.rollout_logp[mask]).exp()
+    assert float((weight - 1).abs().max()) < 0.02
+    assert float((old[mask] - batch.rollout_logp[mask]).abs().max()) > 0  # int8 really decoded them
+
+
+def _toy_ws(root) -> dict:
+    from minimind.rl.toy import write_toy_task
+
+    write_toy_task(root)
+    return {"root": root, "tok": root / "tok", "data": root / "toy.jsonl"}

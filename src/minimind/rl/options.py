@@ -94,6 +94,8 @@ class RLOptions:
     overlong_filter: int = _opt(-1, "1: truncated completions carry no loss (DAPO's overlong filtering); "
                                     "0: they train (-1 = the loss type's default)")
     debug_interval: int = _opt(0, "print a prompt, its completions and rewards every N steps (0 = off)")
+    quantize: str = _opt("", "int8: rollouts decode with int8 weights (the engine's copy, re-quantized "
+                             "after every update; --tis_cap corrects the policy mismatch); '' = off")
     rollout_backend: str = _opt("engine", "engine: sample in-process | server: on inference servers "
                                           "(--rollout_url; see the README, 'RL at scale')")
     rollout_url: str = _opt("", "rollout server base URLs, comma-separated (SGLang, vLLM or minimind serve)")
@@ -157,6 +159,8 @@ class RLOptions:
             value = getattr(self, name)
             if value == 0 or value < -1:
                 problems.append(f"--{name} must be >= 1 (-1 = the loss type's default), got {value}")
+        if self.quantize not in ("", "int8"):
+            problems.append(f"--quantize must be int8 or empty, got {self.quantize!r}")
         if self.overlong_filter not in (-1, 0, 1):
             problems.append(f"--overlong_filter must be 0, 1 or -1 (the loss type's default), got "
                             f"{self.overlong_filter}")

@@ -837,7 +837,8 @@ def make_backend(trainer: Trainer, tokenizer: Any, parts: RLParts, limit: int) -
         from minimind.rl.remote import server_backend
         return server_backend(parts.options, trainer.cfg, tokenizer, trainer.base_model, limit, trainer.info)
     engine = GenerationEngine(trainer.base_model, tokenizer, dtype=trainer.dtype, max_batch_len=limit,
-                              num_slots=max(1, trainer.cfg.batch_size * parts.options.num_generations))
+                              num_slots=max(1, trainer.cfg.batch_size * parts.options.num_generations),
+                              quantize=getattr(parts.options, "quantize", "") or None)
     return EngineBackend(engine)
 
 
