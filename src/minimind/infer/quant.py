@@ -251,7 +251,7 @@ def weight_bytes(model: nn.Module, per_token: bool = True) -> int:
     """Bytes of weights one decode step reads: every parameter and int8 code/scale buffer, without
     the embedding table when ``per_token`` (a step reads one row of it per token, not the matrix)."""
     embeds = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} if per_token else set()
-    heads = {id(m.weight) for m in model.modules() if type(m) is nn.Linear}
+    heads = {id(m.weight) for m in model.modules() if type(m) in (nn.Linear, GemvLinear)}
     total, seen = 0, set()
     for t in list(model.parameters()) + [b for m in model.modules() if isinstance(m, Int8Linear)
                                          for b in (m.qweight, m.scale)]:
