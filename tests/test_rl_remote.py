@@ -24,7 +24,6 @@ from typing import Any
 import httpx
 import pytest
 import torch
-import uvicorn
 
 from minimind.config import TrainConfig
 from minimind.infer.engine import GenerationEngine
@@ -38,33 +37,12 @@ from minimind.serve.rollout_api import WEIGHT_VERSION_HEADER
 from minimind.tokenizer import MiniMindTokenizer
 from minimind.train.core import build_model
 from minimind.train.losses import token_logps
+from tests.tiny_server import Running
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
-class Running:
-    """A uvicorn server for ``app`` on a free loopback port, in a daemon thread."""
-
-    def __init__(self, app: Any) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
 def toy_cfg(root: Path, **kw: Any) -> TrainConfig:
     """The RL tests' toy configuration (2 layers, width 32, the toy task's tokenizer)."""
     base: dict[str, Any] = {

@@ -15,7 +15,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,6 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 from minimind.infer.engine import GenerationEngine
 from minimind.infer.service import EngineService
@@ -43,6 +41,7 @@ from tests.scripted_model import (
     small_tokenizer,
     train_scripted_model,
 )
+from tests.tiny_server import Running
 
 API_KEY = "test-key"
 MODEL = "scripted"
@@ -67,29 +66,6 @@ def scripted_tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def scripted(scripted_tok_dir: Path) -> tuple[Any, Any]:
     tok = small_tokenizer(scripted_tok_dir)
     return tok, train_scripted_model(tok)
-
-
-class Running:
-    """A uvicorn server on a free loopback port, in a daemon thread."""
-
-    def __init__(self, app: Any) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
