@@ -91,6 +91,7 @@ class DemoSettings:
     grpo_prompts: int = 8  # prompts per step
     grpo_generations: int = 8  # samples per prompt (a GRPO group)
     grpo_lr: float = 2e-4
+    grpo_beta: float = 0.0  # k3 KL to the starting model (0: no reference model is loaded)
     grpo_temperature: float = 1.0  # rollout temperature (the trained log-probs are of logits / T)
     grpo_steps_per_generation: int = 1  # optimizer steps (mini-batches) per rollout batch; > 1: the clip acts
     grpo_kinds: tuple[str, ...] = ("arithmetic", "date_fact")
@@ -319,7 +320,7 @@ class ReinforcementLearning:
                                learning_rate=s.grpo_lr, epochs=1, max_steps=s.grpo_steps, warmup_steps=0,
                                min_lr_ratio=1.0, weight_decay=0.0, batch_size=s.grpo_prompts, log_interval=1,
                                max_seq_len=s.sft_seq_len, progress=0, optimizer="adamw")
-        opts = GRPOOptions(loss_type="grpo", num_generations=s.grpo_generations, beta=0.0, reward="task:1",
+        opts = GRPOOptions(loss_type="grpo", num_generations=s.grpo_generations, beta=s.grpo_beta, reward="task:1",
                            max_gen_len=s.grpo_max_gen_len, temperature=s.grpo_temperature,
                            thinking_ratio=s.grpo_thinking_ratio,
                            steps_per_generation=s.grpo_steps_per_generation, ppo_epochs=1)
