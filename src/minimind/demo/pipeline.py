@@ -299,9 +299,12 @@ class ReinforcementLearning:
     The reward is the task checker itself (1 for an exactly right answer, else 0), so the group
     advantage ``(r - mean) / std`` pushes up exactly the sampled answers that were right.  Held-out
     items of those kinds are scored before and after as GRPO sees them (8 temperature-1 samples
-    each: the share right is the objective on new items); :class:`TaskEval` adds greedy accuracy.
-    The kinds are the ones the SFT model gets right often but not always (dates, units): measured,
-    GRPO on arithmetic it rarely gets right only lowered it (docs/demo.md).
+    each: the share right is the objective on new items, and pass@8, the share with any right
+    sample, which bounds what GRPO can add to greedy accuracy); :class:`TaskEval` adds greedy
+    accuracy with thinking off and on.  The rollouts think (arithmetic and next-day dates with their
+    step-by-step reasoning): the steps are shared by training and held-out items, so what GRPO
+    reinforces transfers, while a direct arithmetic answer is a look-up of a held-out fact that no
+    training prompt asks -- measured, GRPO without thinking lowered held-out arithmetic (docs/demo.md).
     """
 
     name = "grpo"
