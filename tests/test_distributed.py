@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.test_train_loop import _corpus
+from tests.weights_check import assert_same_weights
 
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 
@@ -106,8 +107,7 @@ def test_ddp_sft_weights_every_token_the_same_across_ranks(ws, tmp_path):
     from safetensors.torch import load_file
     a = load_file(str(tmp_path / "single" / "full_sft_64.safetensors"))
     b = load_file(str(tmp_path / "ddp" / "full_sft_64.safetensors"))
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+    assert_same_weights(a, b, rtol=1e-5)
 
 
 def test_rank_token_weights_differ_in_this_data(ws):

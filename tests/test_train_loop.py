@@ -7,9 +7,9 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
-import re
 import math
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from minimind.train.loop import TrainingInterrupted, train
 from minimind.train.schedule import lr_at
 from minimind.train.stages import PRETRAIN, SFT
 from minimind.train.stages.lm import SFTStage
+from tests.weights_check import assert_same_weights
 
 WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "to", "park", "red", "blue", "ball", "我们", "喜欢",
          "学习", "模型", "数据", "训练"]
@@ -319,13 +320,11 @@ def _final_model(res) -> dict[str, torch.Tensor]:
     return _state(res.resume_path)["model"]
 
 
-def _assert_same_run(a, b, rtol=1e-5, atol=2e-6):
+def _assert_same_run(a, b, rtol=1e-5):
     assert len(a.losses) == len(b.losses)
     for x, y in zip(a.losses, b.losses):
         assert x == pytest.approx(y, rel=rtol, abs=1e-6), (a.losses, b.losses)
-    ma, mb = _final_model(a), _final_model(b)
-    for k in ma:
-        torch.testing.assert_close(ma[k], mb[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+    assert_same_weights(_final_model(a), _final_model(b), rtol)
 
 
 def test_accumulation_equals_big_batch_pretrain(workspace, tmp_path):
