@@ -24,6 +24,7 @@ from minimind.model import MiniMindForCausalLM
 from minimind.rl.data import PromptDataset
 from minimind.rl.objective import LOSS_TYPES, SPOBaseline, compute_advantages, policy_loss, tis_weight
 from minimind.rl.options import RECIPE_DEFAULTS, GRPOOptions, PPOOptions, SPOOptions
+from minimind.rl.rewards import REWARD_FUNCTIONS, register_reward
 from minimind.rl.rollout import EngineBackend, agent_rollouts, single_turn_rollouts
 from minimind.rl.toy import register_toy_reward, write_toy_task
 from minimind.tokenizer import MiniMindTokenizer
@@ -47,6 +48,17 @@ from minimind.train.stages.rl_recipe import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 register_toy_reward()
+
+
+def _spread_reward(prompt: str, completion: str, **_: Any) -> float:
+    """A reward that differs between almost any two completions, so that a test about what an update
+    does never depends on a random-init model happening to earn the toy reward (a batch of equal
+    rewards carries no signal and takes no optimizer step)."""
+    return (sum(map(ord, completion)) % 7) / 6.0
+
+
+if "test_spread" not in REWARD_FUNCTIONS:
+    register_reward("test_spread")(_spread_reward)
 
 
 @pytest.fixture(scope="module")
@@ -361,7 +373,7 @@ def _spo_worker(rank: int, world: int, port: int, cfg_kw: dict, out_dir: str) ->
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     register_toy_reward()
-    stage = SPOStage(_opts(SPOOptions, loss_type="spo", num_generations=1))
+    stage = SPOStage(_opts(SPOOptions, loss_type="spo", num_generations=1, reward="test_spread:1"))
     stage.run(TrainConfig(**cfg_kw), MiniMindTokenizer.from_dir(cfg_kw["tokenizer_path"]))
     state = stage.baseline.state_dict()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
