@@ -22,32 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import bench_dtypes, environment, optimizer_step, round_robin
 
 from minimind.config import ModelConfig
 from minimind.data.batch import Batch
 from minimind.model import MiniMindForCausalLM
-from minimind.train.device import autocast, pick_device, pick_dtype
+from minimind.train.device import pick_device
 from minimind.train.stages.base import next_token_loss
-
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-
-
-def cpu_info() -> dict[str, object]:
-    """The CPU's model name and the flags that decide bf16 matmul speed (Linux; empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "")
-    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
-    return {"cpu": name, "cpu_flags": [f for f in CPU_FLAGS if f in flags],
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def packed_batch(b: int, t: int, vocab: int, gen: torch.Generator) -> Batch:
@@ -107,42 +91,23 @@ def make_step(variant: str, mcfg: ModelConfig, args, device: torch.device, dtype
             return compiled(model, batch)
 
     def step() -> None:
-        with autocast(device, dtype):
-            loss = loss_fn()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(model, opt, loss_fn, device, dtype)
 
     for _ in range(args.warmup + (1 if variant.endswith("compiled") else 0)):
         step()
     return step, useful
 
 
-def timed(step, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
 def measure(variants: list[str], mcfg: ModelConfig, args, device: torch.device,
             dtypes: dict[str, torch.dtype]) -> dict[str, float]:
-    """Useful tokens/s per variant from the median of ``args.steps`` steps, taken round-robin (one
-    step of every variant per round), so that a machine whose load drifts -- a shared CPU -- slows
-    every variant alike instead of whichever ran during the busy minute."""
+    """Useful tokens/s per variant from the median of ``args.steps`` steps, taken round-robin
+    (:func:`_common.round_robin`)."""
     steps = {}
     for v in variants:
         dtype = next((dt for name, dt in dtypes.items() if f"_{name}" in v), torch.float32)
         steps[v] = make_step(v, mcfg, args, device, dtype)
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(args.steps):
-        for v in variants:
-            times[v].append(timed(steps[v][0], device))
-    return {v: round(steps[v][1] / statistics.median(times[v]), 1) for v in variants}
+    secs = round_robin({v: s[0] for v, s in steps.items()}, args.steps, device)
+    return {v: round(steps[v][1] / secs[v], 1) for v in variants}
 
 
 def ratios(tps: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -175,8 +140,7 @@ def main() -> None:
     device = pick_device(args.device)
     mcfg = ModelConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
                        max_position_embeddings=max(2048, args.seq_len))
-    fast = pick_dtype(device, "auto")
-    dtypes = {"fp32": torch.float32, **({"bf16": fast} if fast == torch.bfloat16 else {})}
+    dtypes = bench_dtypes(device)
     if args.variants:
         variants = args.variants.split(",")
     else:
@@ -185,8 +149,7 @@ def main() -> None:
             variants += [f"{mode}_{d}_compiled" for d in dtypes if d != "fp32" or len(dtypes) == 1
                          for mode in ("doc", "causal")]
     out: dict[str, object] = {
-        "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), **cpu_info(),
-        "model_params": MiniMindForCausalLM(mcfg).num_parameters(), "batch": [args.batch_size, args.seq_len],
+        **environment(device), "model_params": MiniMindForCausalLM(mcfg).num_parameters(), "batch": [args.batch_size, args.seq_len],
         "pad_fraction_reference": args.pad_fraction, "steps": args.steps}
     tps = measure(variants, mcfg, args, device, dtypes)
     out["useful_tokens_per_s"] = tps
