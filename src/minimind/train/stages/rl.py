@@ -11,7 +11,7 @@ the training loop's; an RL stage contributes the prompt data (:meth:`RLStage.bui
 frozen reference model (only when ``beta > 0``), PPO's critic (its parameters join the optimizer),
 its resume state (the SPO baseline, the critic) and hands itself to the recipe in :meth:`RLStage.run`.
 The recipe never reaches back into the stage object: it reads an explicit
-:class:`~minimind.train.stages.rl_recipe.RLParts` (:meth:`RLStage.parts`).
+:class:`~minimind.train.stages.rl_context.RLParts` (:meth:`RLStage.parts`).
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ class RLStage(StageBase):
     Options: ClassVar[type | None] = GRPOOptions
     #: multi-turn tool episodes (agent) instead of single-turn completions
     agentic: ClassVar[bool] = False
+    #: the one ``--loss_type`` the sub-command trains (``None``: any), and what to add when refused
+    only_loss_type: ClassVar[str | None] = None
+    loss_type_hint: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {
         "save_weight": "grpo", "batch_size": 2, "learning_rate": 3e-7, "max_seq_len": 768, "epochs": 1,
         "data_path": "dataset/rlaif.jsonl", "from_weight": "full_sft", "warmup_steps": 0, "log_interval": 1,
@@ -79,6 +82,9 @@ class RLStage(StageBase):
 
     # ---- setup -----------------------------------------------------------------------------------
     def validate(self, cfg: TrainConfig) -> None:
+        if self.only_loss_type is not None and self.options.loss_type != self.only_loss_type:
+            raise ValueError(f"`minimind {self.name}` trains --loss_type {self.only_loss_type}; "
+                             f"got {self.options.loss_type!r}{self.loss_type_hint}")
         super().validate(cfg)
         o = self.settings
         if self.uses_values and not isinstance(self.options, PPOOptions):
@@ -137,7 +143,7 @@ class RLStage(StageBase):
                                         rewards=[n for n, _ in parse_reward_spec(self.options.reward, True)])
 
     def batch_weight(self, batch: Any) -> float:
-        from minimind.train.stages.rl_recipe import micro_batch_weight
+        from minimind.train.stages.rl_loss import micro_batch_weight
         return micro_batch_weight(self.objective, batch)
 
     def useful_tokens(self, batch: Any) -> int:
@@ -164,8 +170,8 @@ class RLStage(StageBase):
 
     def parts(self) -> Any:
         """What the recipe needs from this stage, explicitly
-        (:class:`~minimind.train.stages.rl_recipe.RLParts`)."""
-        from minimind.train.stages.rl_recipe import RLParts
+        (:class:`~minimind.train.stages.rl_context.RLParts`)."""
+        from minimind.train.stages.rl_context import RLParts
         return RLParts(name=self.name, options=self.settings, objective=self.objective, agentic=self.agentic,
                        reference=self.reference, critic=self.critic, value_head=self.value_head,
                        baseline=self.baseline)
@@ -190,12 +196,8 @@ class SPOStage(RLStage):
     Options = SPOOptions
     defaults: ClassVar[dict[str, Any]] = {**RLStage.defaults, "save_weight": "spo",
                                           "wandb_project": "MiniMind-SPO"}
-
-    def validate(self, cfg: TrainConfig) -> None:
-        if self.options.loss_type != "spo":
-            raise ValueError(f"`minimind spo` trains --loss_type spo; got {self.options.loss_type!r} "
-                             f"(use `minimind grpo` for the group objectives)")
-        super().validate(cfg)
+    only_loss_type = "spo"
+    loss_type_hint = " (use `minimind grpo` for the group objectives)"
 
 
 class PPOStage(RLStage):
@@ -205,11 +207,7 @@ class PPOStage(RLStage):
     Options = PPOOptions
     defaults: ClassVar[dict[str, Any]] = {**RLStage.defaults, "save_weight": "ppo_actor",
                                           "wandb_project": "MiniMind-PPO"}
-
-    def validate(self, cfg: TrainConfig) -> None:
-        if self.options.loss_type != "ppo":
-            raise ValueError(f"`minimind ppo` trains --loss_type ppo; got {self.options.loss_type!r}")
-        super().validate(cfg)
+    only_loss_type = "ppo"
 
 
 class AgentStage(RLStage):
