@@ -97,4 +97,4 @@ def test_the_check_tells_attention_across_conversations_apart(data) -> None:
         mixed = float(next_token_loss(model, packed.plain_causal()).loss)
         ref = float(bench.reference_sft_loss(model, *padded))
     assert doc == pytest.approx(ref, rel=1e-5)
-    assert abs(mixed - ref) > 100 * 1e-5 * ref  # 100x the tolerance the equality passes at
+    assert abs(mixed - ref) > 1e-3  # 10x the tolerance (rel 1e-5 of ~10) the equality passes at
