@@ -26,7 +26,7 @@ from minimind.rl.objective import LOSS_TYPES, SPOBaseline, compute_advantages, p
 from minimind.rl.options import RECIPE_DEFAULTS, GRPOOptions, PPOOptions, SPOOptions
 from minimind.rl.rewards import REWARD_FUNCTIONS, register_reward
 from minimind.rl.rollout import EngineBackend, agent_rollouts, single_turn_rollouts
-from minimind.rl.toy import register_toy_reward, write_toy_task
+from minimind.rl.toy import register_toy_reward
 from minimind.tokenizer import MiniMindTokenizer
 from minimind.train.core import Trainer
 from minimind.train.stages.rl import GRPOStage, PPOStage, SPOStage
@@ -44,6 +44,7 @@ from minimind.train.stages.rl_recipe import (
     rollout_and_score,
     update,
 )
+from tests.rl_fixtures import toy_config, toy_options, toy_workspace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,28 +64,17 @@ if "test_spread" not in REWARD_FUNCTIONS:
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("rl_recipe")
-    write_toy_task(root)
-    return {"root": root, "tok": root / "tok", "data": root / "toy.jsonl"}
+    return toy_workspace(tmp_path_factory.mktemp("rl_recipe"))
 
 
 def _cfg(ws: dict[str, Path], out: Path, stage: str = "grpo", **kw: Any) -> TrainConfig:
-    base: dict[str, Any] = {
-        "stage": stage, "save_weight": stage, "data_path": str(ws["data"]), "tokenizer_path": str(ws["tok"]),
-        "save_dir": str(out / "out"), "checkpoint_dir": str(out / "ckpt"), "from_weight": "none",
-        "preset": "tiny",
-        "hidden_size": 32, "num_hidden_layers": 2, "batch_size": 4, "max_seq_len": 64, "learning_rate": 5e-2,
-        "warmup_steps": 0, "min_lr_ratio": 1.0, "weight_decay": 0.0, "log_interval": 1, "save_interval": 0,
-        "progress": 0, "device": "cpu", "dtype": "float32", "seed": 0, "max_steps": 3}
-    base.update(kw)
-    return TrainConfig(**base)
+    """:func:`toy_config` with this file's short runs: 4 prompts a step, lr 5e-2, 3 steps."""
+    return toy_config(ws, out, stage, **{"batch_size": 4, "learning_rate": 5e-2, "max_steps": 3, **kw})
 
 
 def _opts(cls: type = GRPOOptions, **kw: Any) -> Any:
-    base: dict[str, Any] = {"num_generations": 4, "beta": 0.0, "reward": "toy_digit:1", "max_gen_len": 3,
-                            "temperature": 1.0, "thinking_ratio": 0.0}
-    base.update(kw)
-    return cls(**base)
+    """:func:`toy_options` with groups of 4 and 3 new tokens."""
+    return toy_options(cls, **{"num_generations": 4, "max_gen_len": 3, **kw})
 
 
 def _context(ws: dict[str, Path], out: Path, stage: Any, **cfg_kw: Any) -> Any:

@@ -36,6 +36,7 @@ from minimind.rl.toy import register_toy_reward, write_toy_task
 from minimind.tokenizer import MiniMindTokenizer
 from minimind.train.core import build_model
 from minimind.train.stages.rl import GRPOOptions, GRPOStage
+from tests import rl_fixtures
 from tests.test_rl_remote import serve_stack, toy_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,10 +52,8 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def toy_options(**kw: Any) -> GRPOOptions:
-    base: dict[str, Any] = {"num_generations": 8, "beta": 0.0, "reward": "toy_digit:1", "max_gen_len": 2,
-                            "temperature": 1.0, "thinking_ratio": 0.0, "rollout_backend": "server"}
-    base.update(kw)
-    return GRPOOptions(**base)
+    """The toy GRPO options (:func:`tests.rl_fixtures.toy_options`) with rollouts through servers."""
+    return rl_fixtures.toy_options(GRPOOptions, **{"rollout_backend": "server", **kw})
 
 
 def server_for(cfg: Any, tok: Any, slots: int = 64) -> tuple[Any, Any]:
@@ -271,16 +270,8 @@ def test_cli_without_a_reachable_server_is_a_one_line_error(ws: dict[str, Any], 
 
 def test_agent_runs_a_step_through_the_server(tmp_path: Path) -> None:
     """Tool episodes through the server: turns, tool calls and rewards as in-process."""
-    from minimind.tasks import generate_tasks, task_to_rl_row
-    from minimind.train.stages.rl import AgentOptions, AgentStage
-    from tests.scripted_model import small_tokenizer
-    tasks = [t for t in generate_tasks(60, 3, split="train") if t.kind == "tool_call"][:2]
-    if len(tasks) < 2:
-        pytest.skip("the generator drew no tool tasks")
-    data = tmp_path / "agent.jsonl"
-    data.write_text("".join(json.dumps(task_to_rl_row(t) | {"tool_calls": t.tool_calls}) + "\n"
-                            for t in tasks))
-    tok = small_tokenizer(tmp_path / "tok", [], vocab_size=300)
+    from minimind.train.stages.rl import AgentStage
+    data, tok = rl_fixtures.agent_task(tmp_path)
     cfg = toy_cfg(tmp_path, stage="agent", save_weight="agent", data_path=str(data),
                   tokenizer_path=str(tmp_path / "tok"), batch_size=2, max_steps=1, max_seq_len=1900,
                   vocab_size=tok.vocab_size)
@@ -294,9 +285,7 @@ def test_agent_runs_a_step_through_the_server(tmp_path: Path) -> None:
 
     service.submit = counting_submit  # type: ignore[method-assign]
     try:
-        stage = AgentStage(AgentOptions(num_generations=2, max_gen_len=4, max_turns=2, max_total_len=2048,
-                                        reward="task:1,tool_format:0.1", thinking_ratio=0.5,
-                                        rollout_backend="server", rollout_url=running.url))
+        stage = AgentStage(rl_fixtures.agent_options(rollout_backend="server", rollout_url=running.url))
         res = stage.run(cfg, tok)
     finally:
         running.stop()

@@ -9,7 +9,6 @@ vocabulary), so a rising mean reward is the objective working, not luck.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +17,14 @@ import torch
 from safetensors.torch import load_file
 
 from minimind.cli import build_parser, build_stage, main
-from minimind.config import TrainConfig
 from minimind.rl.rewards import REWARD_FUNCTIONS, register_reward
-from minimind.rl.toy import register_toy_reward, toy_digit_reward, write_toy_task
+from minimind.rl.toy import register_toy_reward, toy_digit_reward
 from minimind.tokenizer import MiniMindTokenizer
 from minimind.train import checkpoint as ckpt
 from minimind.train.loop import TrainingInterrupted
 from minimind.train.plots import plot_metrics
-from minimind.train.stages.rl import GRPOOptions, GRPOStage, PPOOptions, PPOStage, SPOOptions, SPOStage
+from minimind.train.stages.rl import GRPOStage, PPOOptions, PPOStage, SPOOptions, SPOStage
+from tests.rl_fixtures import agent_options, agent_task, toy_config, toy_options, toy_workspace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,37 +36,17 @@ if "toy_one" not in REWARD_FUNCTIONS:
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("rl_trainer")
-    write_toy_task(root)
-    return {"root": root, "tok": root / "tok", "data": root / "toy.jsonl"}
+    return toy_workspace(tmp_path_factory.mktemp("rl_trainer"))
 
 
 def _tok(ws: dict[str, Path]) -> MiniMindTokenizer:
     return MiniMindTokenizer.from_dir(ws["tok"])
 
 
-def _cfg(ws: dict[str, Path], out: Path, stage: str = "grpo", **kw: Any) -> TrainConfig:
-    base: dict[str, Any] = {
-        "stage": stage, "save_weight": stage, "data_path": str(ws["data"]), "tokenizer_path": str(ws["tok"]),
-        "save_dir": str(out / "out"), "checkpoint_dir": str(out / "ckpt"), "from_weight": "none", "preset": "tiny",
-        "hidden_size": 32, "num_hidden_layers": 2, "batch_size": 8, "max_seq_len": 64, "learning_rate": 1e-2,
-        "warmup_steps": 0, "min_lr_ratio": 1.0, "weight_decay": 0.0, "log_interval": 1, "save_interval": 0,
-        "progress": 0, "device": "cpu", "dtype": "float32", "seed": 0, "max_steps": 50}
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def _toy_options(cls: type = GRPOOptions, **kw: Any) -> Any:
-    base: dict[str, Any] = {"num_generations": 8, "beta": 0.0, "reward": "toy_digit:1", "max_gen_len": 2,
-                            "temperature": 1.0, "thinking_ratio": 0.0}
-    base.update(kw)
-    return cls(**base)
-
-
 def test_grpo_raises_the_toy_reward(ws: dict[str, Path], tmp_path: Path) -> None:
-    stage = GRPOStage(_toy_options(loss_type="grpo"))
+    stage = GRPOStage(toy_options(loss_type="grpo"))
     # 80 steps: the first ones are mostly all-zero groups, which no longer move the weights (lr 0)
-    res = stage.run(_cfg(ws, tmp_path, max_steps=80, epochs=2), _tok(ws))
+    res = stage.run(toy_config(ws, tmp_path, max_steps=80, epochs=2), _tok(ws))
     assert res.steps == 80 and len(res.rewards) == 80
     k = 10
     first, last = sum(res.rewards[:k]) / k, sum(res.rewards[-k:]) / k
@@ -88,10 +67,10 @@ def test_grpo_raises_the_toy_reward(ws: dict[str, Path], tmp_path: Path) -> None
 
 def test_beta_loads_a_reference_and_logs_kl(ws: dict[str, Path], tmp_path: Path) -> None:
     tok = _tok(ws)
-    first = GRPOStage(_toy_options(loss_type="grpo")).run(_cfg(ws, tmp_path / "a", max_steps=2), tok)
-    stage = GRPOStage(_toy_options(loss_type="dapo", beta=0.1, ppo_epochs=2, micro_batch_size=16,
-                                   overlong_filter=0))  # a fresh model never stops in 2 tokens
-    res = stage.run(_cfg(ws, tmp_path / "b", max_steps=3, from_weight=str(first.weights_path)), tok)
+    first = GRPOStage(toy_options(loss_type="grpo")).run(toy_config(ws, tmp_path / "a", max_steps=2), tok)
+    stage = GRPOStage(toy_options(loss_type="dapo", beta=0.1, ppo_epochs=2, micro_batch_size=16,
+                                  overlong_filter=0))  # a fresh model never stops in 2 tokens
+    res = stage.run(toy_config(ws, tmp_path / "b", max_steps=3, from_weight=str(first.weights_path)), tok)
     assert stage.reference is not None
     assert all("kl_ref" in r and r["kl"] >= 0.0 for r in res.records)
     assert any(r["kl"] > 0 for r in res.records[1:])  # the policy moved away from the reference
@@ -109,8 +88,8 @@ def test_steps_without_advantage_leave_the_weights_alone(ws: dict[str, Path], tm
     REWARD_FUNCTIONS.pop("digit_then_flat", None)
     register_reward("digit_then_flat")(digit_then_flat)
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
-    stage = GRPOStage(_toy_options(loss_type="grpo", reward="digit_then_flat:1"))
-    cfg = _cfg(ws, tmp_path, max_steps=5, save_interval=3)
+    stage = GRPOStage(toy_options(loss_type="grpo", reward="digit_then_flat:1"))
+    cfg = toy_config(ws, tmp_path, max_steps=5, save_interval=3)
     res = stage.run(cfg, _tok(ws), on_step=lambda step, rec: snapshots.setdefault(step, load_file(
         Path(cfg.save_dir) / "grpo_32.safetensors")) if step == 3 else None)
     assert [r["skipped"] for r in res.records] == [0, 0, 0, 1, 1]
@@ -122,15 +101,15 @@ def test_steps_without_advantage_leave_the_weights_alone(ws: dict[str, Path], tm
 def test_bf16_engine_copy_with_tis(ws: dict[str, Path], tmp_path: Path) -> None:
     """bf16: the engine samples from its own bf16 copy (refreshed after each step), and TIS reweights
     by the trainer's vs the engine's probabilities of the sampled tokens."""
-    stage = GRPOStage(_toy_options(loss_type="grpo", tis_cap=2.0))
-    res = stage.run(_cfg(ws, tmp_path, max_steps=3, dtype="bfloat16"), _tok(ws))
+    stage = GRPOStage(toy_options(loss_type="grpo", tis_cap=2.0))
+    res = stage.run(toy_config(ws, tmp_path, max_steps=3, dtype="bfloat16"), _tok(ws))
     assert all(0.0 < r["tis_mean"] <= 2.0 for r in res.records)
 
 
 @pytest.mark.parametrize("loss_type", ["dr_grpo", "bnpo", "gspo", "cispo"])
 def test_every_group_objective_runs(ws: dict[str, Path], tmp_path: Path, loss_type: str) -> None:
-    res = GRPOStage(_toy_options(loss_type=loss_type, num_generations=4)).run(
-        _cfg(ws, tmp_path, max_steps=2, batch_size=4), _tok(ws))
+    res = GRPOStage(toy_options(loss_type=loss_type, num_generations=4)).run(
+        toy_config(ws, tmp_path, max_steps=2, batch_size=4), _tok(ws))
     assert res.steps == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in res.records)
 
 
@@ -139,10 +118,10 @@ def test_every_group_objective_runs(ws: dict[str, Path], tmp_path: Path, loss_ty
 def test_ppo_trains_a_critic_and_resumes_it(ws: dict[str, Path], tmp_path: Path, critic: str, key: str,
                                             weight: str) -> None:
     tok = _tok(ws)
-    opts = _toy_options(PPOOptions, loss_type="ppo", num_generations=1, beta=0.0, ppo_epochs=2,
-                        reward="toy_digit:1,toy_one:1", critic=critic)
+    opts = toy_options(PPOOptions, loss_type="ppo", num_generations=1, beta=0.0, ppo_epochs=2,
+                       reward="toy_digit:1,toy_one:1", critic=critic)
     stage = PPOStage(opts)
-    res = stage.run(_cfg(ws, tmp_path, stage="ppo", max_steps=3), tok)
+    res = stage.run(toy_config(ws, tmp_path, stage="ppo", max_steps=3), tok)
     assert {"value_loss", "value_mean", "clip_frac", "ratio_std", "approx_kl"} <= set(res.records[-1])
     head = stage.state_dict()[key]
     assert float(head[weight].abs().sum()) > 0  # the critic learned something
@@ -153,8 +132,8 @@ def test_ppo_trains_a_critic_and_resumes_it(ws: dict[str, Path], tmp_path: Path,
 
 def test_spo_baseline_round_trips_through_resume(ws: dict[str, Path], tmp_path: Path) -> None:
     tok = _tok(ws)
-    cfg = _cfg(ws, tmp_path, stage="spo", max_steps=4, save_interval=1)
-    stage = SPOStage(_toy_options(SPOOptions, loss_type="spo", num_generations=1))
+    cfg = toy_config(ws, tmp_path, stage="spo", max_steps=4, save_interval=1)
+    stage = SPOStage(toy_options(SPOOptions, loss_type="spo", num_generations=1))
 
     def stop_after_3(step: int, rec: dict[str, Any]) -> None:
         if step == 3:
@@ -166,11 +145,11 @@ def test_spo_baseline_round_trips_through_resume(ws: dict[str, Path], tmp_path: 
     resume = tmp_path / "ckpt" / "spo_32_resume.pt"
     state = ckpt.load_resume(resume)
     assert state["step"] == 3 and state["stage"]["spo_baseline"]["alpha"] == stage.baseline.alpha
-    fresh = SPOStage(_toy_options(SPOOptions, loss_type="spo", num_generations=1))
+    fresh = SPOStage(toy_options(SPOOptions, loss_type="spo", num_generations=1))
     fresh.load_state_dict(state["stage"])
     assert fresh.baseline.alpha == stage.baseline.alpha and fresh.baseline.beta == stage.baseline.beta
     # the resumed run continues at step 4 from the saved baseline and extends it
-    resumed = SPOStage(_toy_options(SPOOptions, loss_type="spo", num_generations=1))
+    resumed = SPOStage(toy_options(SPOOptions, loss_type="spo", num_generations=1))
     out = resumed.run(dataclasses.replace(cfg, from_resume=1), tok)
     assert out.steps == 4 and [r["step"] for r in out.records] == [4]
     assert len(resumed.baseline) >= len(stage.baseline)
@@ -222,18 +201,10 @@ def test_cli_runs_grpo_and_help_lists_the_flags(ws: dict[str, Path], tmp_path: P
 
 def test_agent_runs_tool_episodes(tmp_path: Path) -> None:
     """Two tool-call tasks of the generator through the agent stage: rollouts, rewards, one step."""
-    from minimind.tasks import generate_tasks, task_to_rl_row
-    from tests.scripted_model import small_tokenizer
-    tasks = [t for t in generate_tasks(60, 3, split="train") if t.kind == "tool_call"][:2]
-    if len(tasks) < 2:
-        pytest.skip("the generator drew no tool tasks")
-    data = tmp_path / "agent.jsonl"
-    data.write_text("".join(json.dumps(task_to_rl_row(t) | {"tool_calls": t.tool_calls}) + "\n" for t in tasks))
-    tok = small_tokenizer(tmp_path / "tok", [], vocab_size=300)
-    from minimind.train.stages.rl import AgentOptions, AgentStage
-    stage = AgentStage(AgentOptions(num_generations=2, max_gen_len=4, max_turns=2, max_total_len=2048,
-                                    reward="task:1,tool_format:0.1", thinking_ratio=0.5))
-    cfg = _cfg({"data": data, "tok": tmp_path / "tok"}, tmp_path, stage="agent", batch_size=2, max_steps=1,
-               max_seq_len=1900, vocab_size=tok.vocab_size)
+    from minimind.train.stages.rl import AgentStage
+    data, tok = agent_task(tmp_path)
+    stage = AgentStage(agent_options())
+    cfg = toy_config({"data": data, "tok": tmp_path / "tok"}, tmp_path, stage="agent", batch_size=2,
+                     max_steps=1, max_seq_len=1900, vocab_size=tok.vocab_size)
     res = stage.run(cfg, tok)
     assert res.steps == 1 and {"turns", "tool_calls", "reward/task/mean"} <= set(res.records[0])
