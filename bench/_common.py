@@ -12,11 +12,13 @@ bench/ is not a package: the scripts import this file as ``_common`` (their own 
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -94,3 +96,13 @@ def round_robin(steps: dict[str, Callable[[], object]], rounds: int, device: tor
         for name, step in steps.items():
             times[name].append(timed(step, device))
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def emit_json(report: dict[str, Any], out: str | None) -> dict[str, Any]:
+    """Print ``report`` as JSON (stdout carries only it) and, with ``out``, also write it there."""
+    text = json.dumps(report, indent=1)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+    return report

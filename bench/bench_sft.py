@@ -35,7 +35,6 @@ reference ratios per dtype, bf16 / fp32, and the environment block of ``bench_pr
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import tempfile
@@ -46,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import bench_dtypes, environment, optimizer_step, round_robin
+from _common import bench_dtypes, emit_json, environment, optimizer_step, round_robin
 
 from minimind.config import ModelConfig
 from minimind.data import PackedDataset, ShardReader
@@ -273,12 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "tokens_per_step": counts, "seconds_per_step": {k: round(v, 3) for k, v in secs.items()},
         "tokens_per_s": tps}
     out.update(ratios(tps, list(dtypes)))
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    return out
+    return emit_json(out, args.out)
 
 
 if __name__ == "__main__":
