@@ -82,6 +82,9 @@ ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
     "engine": {},
     "engine_compiled": {"compile": True},
     "engine_gemv": {},  # the engine's float layers swapped for GemvLinear (single rows through torch.mv)
+    # the engine's previous kernels: no oneDNN-packed weights (minimind.infer.onednn), torch.mv for one
+    # bf16 row, _weight_int8pack_mm / torch._int_mm for int8; "engine" packs where the CPU allows
+    "engine_no_onednn": {"onednn": False},
 }
 GEMV_VARIANTS = {"engine_gemv"}
 

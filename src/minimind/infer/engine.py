@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minimind.infer.quant import quantize_model_, use_gemv_
+from minimind.infer.quant import quantize_model_, use_gemv_, use_onednn_
 from minimind.infer.sampling import SamplingParams, seen_token_mask
 from minimind.infer.scheduler import (
     FinishReason,
@@ -89,14 +89,17 @@ class GenerationEngine:
     rows decode together (``generate`` raises it for a larger batch); ``compile`` runs the decode step
     through ``torch.compile`` at static shapes (every slot, the cache's full length).  ``quantize="int8"``
     stores the block matrices and LM head of the engine's own weight copy as int8 (see
-    :mod:`minimind.infer.quant`; the model passed in is never modified).  The cache grows on demand
-    (more slots, longer rows) and keeps its contents when it does.
+    :mod:`minimind.infer.quant`; the model passed in is never modified).  ``onednn`` (default on)
+    lets the engine's own CPU weight copy use oneDNN-packed weights where the CPU runs them natively
+    (bf16 linears, int8 products of 2-32 rows; :mod:`minimind.infer.onednn`, checked at load);
+    ``onednn=False`` keeps the plain kernels (``torch.mv`` for single rows).  The cache grows on
+    demand (more slots, longer rows) and keeps its contents when it does.
     """
 
     def __init__(self, model: MiniMindForCausalLM, tokenizer: Any | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  max_batch_len: int | None = None, num_slots: int = 8, compile: bool = False,
-                 quantize: str | None = None) -> None:
+                 quantize: str | None = None, onednn: bool = True) -> None:
         if device is not None:
             model = model.to(device)
         if max_batch_len is not None and max_batch_len < 2:
@@ -110,6 +113,7 @@ class GenerationEngine:
         self.dtype = dtype or own
         self.model = model if self.dtype == own else _inference_copy(model, self.dtype)
         self.quantize = quantize
+        self.onednn_layers = 0  # layers on oneDNN-packed weights (0: the plain kernels everywhere)
         if quantize is not None:  # refresh_weights re-quantizes: Int8Linear loads float weights
             base = _inference_copy(model, self.dtype) if self.model is model else self.model
             self.model = quantize_model_(base, quantize)
@@ -117,6 +121,10 @@ class GenerationEngine:
             # Our own copy: single-row products through torch.mv (the CPU GEMV kernel), which decodes
             # one row 1.3x faster in bf16 than F.linear's GEMM path, with identical results.
             use_gemv_(self.model)
+            # oneDNN-packed weights where this CPU has the native kernels: bf16 decode products
+            # 1.15x (one row, vs torch.mv) to 1.4x (8 rows) faster, int8 2-32 rows 1.4x, same results.
+            # Compiled decode is left to inductor's own kernels (opaque packed tensors do not trace).
+            self.onednn_layers = use_onednn_(self.model) if onednn and not compile else 0
         # torch.compile fuses the many small per-token kernels (norms, RoPE, casts, cache writes) of
         # the decode step.  Compiled decode runs at static shapes — every slot of the cache, attending
         # over its whole length under the mask — so one graph serves every step (a dynamic graph

@@ -26,6 +26,10 @@ quantized independently, so a row's codes do not depend on which other rows shar
   ``hi = round(u)``, ``lo = round(254 (u - hi))``, so ``x = a (hi + lo / 254) + e`` with
   ``|e| <= a / 508`` (1/64516 of the row maximum; one digit alone would err by up to 1/254 of it).
   Both digit rows go through one product: ``y = a s (x_hi qᵀ + x_lo qᵀ / 254)``, exact in int32.
+  With oneDNN's int8 kernel available (:mod:`minimind.infer.onednn`: VNNI/AMX CPUs, checked at
+  load) the same two-digit product runs on codes prepacked once by ``qlinear_prepack``, with the
+  same results and faster from 2 rows on, so there ``M = 1`` keeps ``_weight_int8pack_mm`` and
+  ``2 <= M <= 32`` takes the packed GEMM (:meth:`Int8Linear.use_onednn`).
 * ``M > 32`` (prefill): the codes are dequantized to bf16 once per call and multiplied with the dense
   bf16 GEMM, whose cost per row is far lower than either int8 kernel's at this size.
 
@@ -56,8 +60,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minimind.infer import onednn
+
 __all__ = ["QUANT_MODES", "GemvLinear", "Int8Linear", "quantize_int8_", "quantize_model_", "quantize_rows",
-           "use_gemv_", "weight_bytes"]
+           "use_gemv_", "use_onednn_", "weight_bytes"]
 
 QUANT_MODES = ("int8",)
 _KERNEL_DTYPE = torch.bfloat16  # the activation dtype of the CPU kernel's fast path
@@ -67,17 +73,23 @@ GEMV_MAX_ROWS = 4  # rows up to which _weight_int8pack_mm is the fastest kernel 
 INT_MM_MAX_ROWS = 32  # rows up to which the two-digit _int_mm beats dequantize + bf16 GEMM
 
 
-def _two_digit_int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _two_digit_int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                       packed: Any | None = None) -> torch.Tensor:
     """``x (codes * scale)ᵀ`` in float32 through one int8 GEMM, ``x`` split into two int8 digits
-    per element (module doc): ``y = a s (hi qᵀ + lo qᵀ / 254)``.  ``x [M, K]``, ``codes [N, K]``."""
+    per element (module doc): ``y = a s (hi qᵀ + lo qᵀ / 254)``.  ``x [M, K]``, ``codes [N, K]``.
+    The GEMM is ``torch._int_mm``, or oneDNN's on ``packed`` (:func:`onednn.pack_int8` of ``codes``)."""
     xf = x.float()
     a = xf.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 127.0
     u = xf / a
     hi = torch.round(u)
     lo = torch.round((u - hi) * 254.0)
-    acc = torch._int_mm(torch.cat([hi, lo]).to(torch.int8), codes.t())  # int32 [2M, N], exact
+    digits = torch.cat([hi, lo]).to(torch.int8)
+    if packed is not None:
+        acc = onednn.int8_gemm(digits, packed)  # the int32 sums as float32 [2M, N]
+    else:
+        acc = torch._int_mm(digits, codes.t()).float()  # int32 [2M, N], exact
     m = x.shape[0]
-    return (acc[:m].float() + acc[m:].float() * (1.0 / 254.0)) * a * scale.float()
+    return (acc[:m] + acc[m:] * (1.0 / 254.0)) * a * scale.float()
 
 
 def quantize_rows(weight: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16
@@ -116,6 +128,8 @@ class Int8Linear(nn.Module):
                                                     device=device), persistent=False)
         self.register_buffer("scale", torch.ones(out_features, dtype=_KERNEL_DTYPE, device=device),
                              persistent=False)
+        self._packed: Any | None = None  # oneDNN-packed codes (use_onednn), rebuilt on every set_weight
+        self._onednn = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, out_dtype: torch.dtype | None = None) -> Int8Linear:
@@ -135,6 +149,26 @@ class Int8Linear(nn.Module):
         codes, scale = quantize_rows(weight.to(self.qweight.device), self.scale.dtype)
         self.qweight.copy_(codes)
         self.scale.copy_(scale.to(self.scale.dtype))
+        self._repack()
+
+    def use_onednn(self, on: bool = True) -> bool:
+        """Run 2-32 row products on oneDNN-packed codes where the CPU has its int8 kernel (checked
+        once, :func:`onednn.int8_gemm_supported`); returns whether it is on now."""
+        self._onednn = bool(on) and self.qweight.device.type == "cpu" and onednn.int8_gemm_supported()
+        self._repack()
+        return self._onednn
+
+    def _repack(self) -> None:
+        self._packed = onednn.pack_int8(self.qweight) if self._onednn else None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_packed"] = None  # opaque oneDNN tensor: not copyable, rebuilt from the codes
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._repack()
 
     def dequantized(self) -> torch.Tensor:
         """``q * s`` as float32 ``[out, in]``: the weight this module actually multiplies by."""
@@ -146,6 +180,8 @@ class Int8Linear(nn.Module):
         rows = x2.shape[0]
         if x2.device.type != "cpu" or not _HAS_INT8PACK:
             y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scale.to(x2.dtype)
+        elif self._packed is not None and 1 < rows <= INT_MM_MAX_ROWS:
+            y = _two_digit_int8_mm(x2, self.qweight, self.scale, self._packed)
         elif rows <= GEMV_MAX_ROWS:
             y = torch._weight_int8pack_mm(x2.to(_KERNEL_DTYPE).contiguous(), self.qweight, self.scale)
         elif rows <= INT_MM_MAX_ROWS and _HAS_INT_MM:
@@ -238,6 +274,26 @@ def use_gemv_(model: nn.Module) -> int:
     return swapped
 
 
+def use_onednn_(model: nn.Module) -> int:
+    """Switch ``model``'s layers **in place** to oneDNN-packed weights where this CPU runs them
+    natively (:mod:`minimind.infer.onednn`): bias-free bf16 ``nn.Linear`` / :class:`GemvLinear`
+    become :class:`~minimind.infer.onednn.PackedLinear` (weights stay shared), and
+    :class:`Int8Linear` layers run 2-32 rows on packed codes.  Returns how many layers changed (0
+    where neither kernel is available: the model is then untouched)."""
+    changed = 0
+    for name, child in list(model.named_children()):
+        if isinstance(child, Int8Linear):
+            changed += int(child.use_onednn())
+        elif (type(child) in (nn.Linear, GemvLinear) and getattr(child, "bias", None) is None
+              and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu"
+              and onednn.bf16_packing_supported()):
+            setattr(model, name, onednn.PackedLinear(child))
+            changed += 1
+        else:
+            changed += use_onednn_(child)
+    return changed
+
+
 def quantize_model_(model: nn.Module, mode: str | None) -> nn.Module:
     """Apply ``mode`` (``None`` or one of :data:`QUANT_MODES`) to ``model`` in place."""
     if mode is None:
@@ -251,7 +307,7 @@ def weight_bytes(model: nn.Module, per_token: bool = True) -> int:
     """Bytes of weights one decode step reads: every parameter and int8 code/scale buffer, without
     the embedding table when ``per_token`` (a step reads one row of it per token, not the matrix)."""
     embeds = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} if per_token else set()
-    heads = {id(m.weight) for m in model.modules() if type(m) in (nn.Linear, GemvLinear)}
+    heads = {id(m.weight) for m in model.modules() if type(m) in (nn.Linear, GemvLinear, onednn.PackedLinear)}
     total, seen = 0, set()
     for t in list(model.parameters()) + [b for m in model.modules() if isinstance(m, Int8Linear)
                                          for b in (m.qweight, m.scale)]:
