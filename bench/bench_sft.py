@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -256,13 +257,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        max_position_embeddings=max(2048, args.seq_len + 1))
     with tempfile.TemporaryDirectory() as tmp:
         packed, padded, counts, stats = build_batches(args, Path(tmp), mcfg.vocab_size)
+    print(f"[bench_sft] data: {stats}", file=sys.stderr, flush=True)
     steps: dict[str, Callable[[], torch.Tensor]] = {}
     for d, dtype in dtypes.items():
         for side in ("reference", "packed"):
             step = sft_step(side, mcfg, device, dtype, packed=packed, padded=padded, seed=args.seed)
+            print(f"[bench_sft] warm-up {side}_{d}", file=sys.stderr, flush=True)
             for _ in range(args.warmup):
                 step()
             steps[f"{side}_{d}"] = step
+    print(f"[bench_sft] timing {args.steps} rounds of {', '.join(steps)}", file=sys.stderr, flush=True)
     secs = round_robin(steps, args.steps, device)
     tps = {name: {what: round(n / secs[name], 1) for what, n in counts[name.split("_")[0]].items()}
            for name in steps}

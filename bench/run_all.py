@@ -45,8 +45,8 @@ QUICK_ARGS: dict[str, list[str]] = {
                  "--steps", "2"],
     "sft": ["--hidden_size", "128", "--num_hidden_layers", "2", "--batch_size", "4", "--seq_len", "512",
             "--conversations", "150", "--steps", "2"],
-    "decode": ["--quick"],
-    "rl": ["--steps", "6", "--loss_types", "grpo,ppo"],
+    "decode": ["--quick", "--repeats", "1"],
+    "rl": ["--steps", "20", "--loss_types", "grpo,ppo"],
 }
 SCRIPTS = {"pretrain": "bench_pretrain.py", "sft": "bench_sft.py", "decode": "bench_engine.py", "rl": "rl_toy.py"}
 
