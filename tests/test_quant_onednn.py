@@ -165,3 +165,30 @@ def test_refresh_repacks_the_new_weights(chain: tuple[MiniMindForCausalLM, torch
         want = GenerationEngine(trained, dtype=torch.bfloat16, onednn=False).model(ids).logits.float()
     assert torch.allclose(fresh, want, rtol=RTOL, atol=ATOL)
     assert rel_err(stale, want) > 0.1
+
+
+def test_frozen_compile_needs_an_own_copy_and_refuses_new_weights() -> None:
+    model = tiny_model(seed=2)
+    with pytest.raises(ValueError, match="own weight copy"):
+        GenerationEngine(model, compile="frozen")
+    with pytest.raises(ValueError, match="compile must be"):
+        GenerationEngine(model, compile="max")
+    engine = GenerationEngine(model, dtype=torch.bfloat16, compile="frozen")  # compiles lazily
+    with pytest.raises(RuntimeError, match="build a new engine"):
+        engine.refresh_weights()
+
+
+@pytest.mark.slow
+def test_frozen_int8_decode_matches_eager(chain: tuple[MiniMindForCausalLM, torch.Tensor]) -> None:
+    """compile="frozen" (inductor freezing + max_autotune): its GEMV kernels round differently from
+    ``_weight_int8pack_mm`` (float32 sums of bf16 activations, then bf16 outputs), so logits are held
+    to the int8 bound above (max|diff| <= 2^-6 max|logit|) and greedy tokens must be equal."""
+    model, perm = chain
+    eager = GenerationEngine(model, dtype=torch.bfloat16, num_slots=1, quantize="int8", onednn=False)
+    frozen = GenerationEngine(model, dtype=torch.bfloat16, num_slots=1, quantize="int8", compile="frozen")
+    got, want = _decode_logits(frozen, [[7, int(perm[7])]], 4), _decode_logits(eager, [[7, int(perm[7])]], 4)
+    assert float((got - want).abs().max()) <= 2 ** -6 * float(want.abs().max())
+    params = SamplingParams(max_new_tokens=24, temperature=0.0, stop_token_ids=())
+    a, b = frozen.generate([[11]], params), eager.generate([[11]], params)
+    assert a[0].token_ids == b[0].token_ids
+    assert a[0].token_ids[0] == int(perm[11])
