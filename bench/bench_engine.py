@@ -85,8 +85,8 @@ ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
     # the engine's previous kernels: no oneDNN-packed weights (minimind.infer.onednn), torch.mv for one
     # bf16 row, _weight_int8pack_mm / torch._int_mm for int8; "engine" packs where the CPU allows
     "engine_no_onednn": {"onednn": False},
-    # inductor freezing + max_autotune on the decode step (weights compiled in; ~100 s compile per batch
-    # shape, which lands in the first timed repeat); one slot so batch 1 is not padded to 8 rows
+    # inductor freezing + max_autotune on the decode step, meant for int8 b1 (weights compiled in;
+    # ~100 s compile per batch shape, in the first timed repeat); one slot: b1 is not padded to 8 rows
     "engine_frozen": {"compile": "frozen", "num_slots": 1},
 }
 GEMV_VARIANTS = {"engine_gemv"}

@@ -92,9 +92,11 @@ class GenerationEngine:
     rows decode together (``generate`` raises it for a larger batch); ``compile`` runs the decode step
     through ``torch.compile`` at static shapes (every slot, the cache's full length); ``compile="frozen"``
     also compiles the weights in as constants (inductor ``freezing`` with ``max_autotune``: its own
-    prepacked CPU GEMV/GEMM kernels; measured 1.46x faster int8 decode steps of one row, after a
-    compile of ~100 s per batch shape) — for fixed weights only: it needs the engine's own weight
-    copy and :meth:`refresh_weights` raises (build a new engine instead).  ``quantize="int8"``
+    prepacked CPU GEMV/GEMM kernels: the 57 int8 products of a minimind-3 step alone ran 1.35x
+    faster at one row, whole one-row int8 steps 1.0-1.46x in A/B runs on a loaded 2-core Xeon, so
+    it stays opt-in; bf16 steps were slower; a compile takes ~100 s per batch shape, seconds once
+    inductor's cache holds it) — for fixed weights only: it needs the engine's own weight copy and
+    :meth:`refresh_weights` raises (build a new engine instead).  ``quantize="int8"``
     stores the block matrices and LM head of the engine's own weight copy as int8 (see
     :mod:`minimind.infer.quant`; the model passed in is never modified).  ``onednn`` (default on)
     lets the engine's own CPU weight copy use oneDNN-packed weights where the CPU runs them natively
