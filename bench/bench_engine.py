@@ -54,7 +54,6 @@ import copy
 import gc
 import importlib.util
 import inspect
-import json
 import os
 import platform
 import sys
@@ -67,6 +66,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import emit_json  # bench/ is not a package: scripts import it from their own folder
 
 from minimind.config import PRESETS, preset
 from minimind.infer import GenerationEngine, SamplingParams
@@ -491,7 +491,7 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
     report["targets"] = targets(report["results"])
     report["wall_s"] = time.perf_counter() - t_start
     report["environment"]["load_average_at_end"] = load_average()
-    return emit(report, args.out)
+    return emit_json(report, args.out)
 
 
 def _bench_mode(args: argparse.Namespace, mode: Mode, base: MiniMindForCausalLM, all_prompts: torch.Tensor,
@@ -598,14 +598,6 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def emit(report: dict[str, Any], out: str | None) -> dict[str, Any]:
-    """Print the report as JSON and, with ``out``, also write it there."""
-    text = json.dumps(report, indent=2)
-    print(text)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text + "\n")
-    return report
 
 
 if __name__ == "__main__":

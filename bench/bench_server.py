@@ -46,7 +46,8 @@ from minimind.tokenizer import train_tokenizer
 from minimind.train.device import pick_device, pick_dtype
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import cpu_info, emit, load_average  # bench/ is not a package: imported by path
+from _common import emit_json  # bench/ is not a package: its scripts import each other by path
+from bench_engine import cpu_info, load_average
 
 FULL: dict[str, Any] = {"preset": "small", "concurrency": "1,8,32", "max_tokens": 128, "prompt_words": 48,
                         "requests": 2, "vocab_size": 6400}
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "results": results,
     }
-    return emit(report, args.out)
+    return emit_json(report, args.out)
 
 
 if __name__ == "__main__":

@@ -31,3 +31,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def chain():
+    """A tiny model trained (one thread, fixed seed) to continue a fixed permutation chain, with
+    wide argmax margins: the quantized-engine tests compare its greedy tokens and logits."""
+    import torch
+
+    from tests.test_quant import chain_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return chain_model()
+    finally:
+        torch.set_num_threads(threads)

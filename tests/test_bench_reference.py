@@ -22,9 +22,12 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _load(name: str) -> ModuleType:
-    """Import a bench script by path (bench/ is not a package)."""
+    """Import a bench script by path (bench/ is not a package; its scripts import ``_common`` from
+    their own folder)."""
     if name in sys.modules:
         return sys.modules[name]
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
     spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses resolve their module while the class is created

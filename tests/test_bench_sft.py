@@ -9,11 +9,6 @@ sides; only the padding differs), and stay equal after an optimizer step.  No ti
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import pytest
 import torch
 
@@ -21,23 +16,7 @@ from minimind.config import ModelConfig
 from minimind.data.batch import IGNORE_INDEX
 from minimind.model import MiniMindForCausalLM
 from minimind.train.stages.base import next_token_loss
-
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _load(name: str) -> ModuleType:
-    """Import a bench script by path (bench/ is not a package; its scripts import ``_common`` from
-    their own folder)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    if str(BENCH_DIR) not in sys.path:
-        sys.path.insert(0, str(BENCH_DIR))
-    spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
+from tests.test_bench_reference import _load
 
 bench = _load("bench_sft")
 

@@ -64,16 +64,6 @@ def chain_model(steps: int = 300) -> tuple[MiniMindForCausalLM, torch.Tensor]:
     return model.eval(), perm
 
 
-@pytest.fixture(scope="module")
-def chain() -> tuple[MiniMindForCausalLM, torch.Tensor]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return chain_model()
-    finally:
-        torch.set_num_threads(threads)
-
-
 def test_codes_round_to_nearest_within_half_a_step() -> None:
     torch.manual_seed(0)
     w = torch.randn(37, 50) * torch.logspace(-3, 1, 37).unsqueeze(1)  # rows of very different scales

@@ -29,7 +29,7 @@ from minimind.infer import GenerationEngine, SamplingParams, onednn, quant
 from minimind.infer.quant import GemvLinear, Int8Linear, use_onednn_
 from minimind.model import MiniMindForCausalLM
 from tests.test_generation import tiny_model
-from tests.test_quant import chain_model, rel_err
+from tests.test_quant import rel_err
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,16 +38,6 @@ needs_bf16 = pytest.mark.skipif(not onednn.bf16_packing_supported(),
                                 reason="no native oneDNN bf16 kernel on this CPU")
 needs_int8 = pytest.mark.skipif(not onednn.int8_gemm_supported(),
                                 reason="no native oneDNN int8 kernel on this CPU")
-
-
-@pytest.fixture(scope="module")
-def chain() -> tuple[MiniMindForCausalLM, torch.Tensor]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return chain_model()
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_probes_answer_and_a_missing_kernel_leaves_the_model_alone(monkeypatch: pytest.MonkeyPatch) -> None:
