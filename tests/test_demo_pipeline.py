@@ -86,14 +86,13 @@ def test_full_demo_meets_its_promises(tmp_path):
     answerable from the prompt 0.65-0.69 (unit conversion 0.88-0.94, next-day dates 0.72-0.80,
     single-digit arithmetic 0.34-0.40), tool calls exact 0.60-0.72, final answer after the executed
     call 0.54-0.60; knowledge kinds ~0.
-    Thinking (bf16, third round, DPO model, 50 items per kind): arithmetic 0.42 off -> 0.94 on, dates
-    0.66 -> 0.82, all 300 tasks 0.44 -> 0.55, every reply closes its think block.
-    GRPO with thinking on arithmetic and dates (R2, the default; deterministic on one CPU kind):
-    held-out sampled accuracy 0.631 -> 0.725 (800 samples), greedy with thinking on 0.88 -> 0.91 (100
-    items), untrained kinds with thinking off within 2 items of 50.  The same run with seed 1 (R7):
-    sampled 0.681 -> 0.701, greedy 0.88 -> 0.82: the greedy change is seed noise, and the issue's
-    +5 points is not met (docs/demo.md: the items GRPO could flip are 4 of 100).  So the test
-    asserts the sampled gain, and greedy only within two standard errors of 100 items.
+    Thinking and GRPO (fourth round of docs/demo.md, 100 held-out items per kind, seed 0): the DPO
+    model answers arithmetic 0.46 off -> 0.81 on, dates 0.62 -> 0.74 (fp32, the AVX2 path); GRPO with
+    thinking on arithmetic and dates lifts their greedy thinking-on accuracy 0.775 -> 0.81 in fp32 and
+    0.74 -> 0.83 in bf16 on an AMX Xeon (seeds 1 and 2 there: +5, +11), sampled accuracy 0.57 -> 0.66
+    and 0.55 -> 0.65; untrained kinds (thinking off) moved by at most 1 item of 100 in both runs of
+    seed 0, while seed 1 lost 6 tool calls.  So the test asserts the sampled gain, a greedy
+    thinking-on accuracy that does not fall, and untrained kinds within 5 items of 100.
     """
     res = _run(["demo", "--out_dir", str(tmp_path / "demo")])
     p = res["pretrain"]
@@ -101,8 +100,8 @@ def test_full_demo_meets_its_promises(tmp_path):
     assert p["heldout_bpb_after"] < 2.40  # the first recipe reached 2.59 on the same documents
     t = res["task_eval"]
     sft = t["sft"]
-    assert sft["n"] == 300 and sum(sft["n_per_kind"].values()) == 300
-    assert all(n >= 40 for n in sft["n_per_kind"].values())  # ~50 per kind: per-kind figures mean something
+    assert sft["n"] == 600 and sum(sft["n_per_kind"].values()) == 600
+    assert all(n >= 80 for n in sft["n_per_kind"].values())  # ~100 per kind: one item is one point
     assert t["pretrain"]["format_rate"] < 0.3 and sft["format_rate"] >= 0.85
     # the model answers, not only formats: exact accuracy on new items
     assert sft["accuracy_non_knowledge"] >= 0.5
@@ -124,16 +123,16 @@ def test_full_demo_meets_its_promises(tmp_path):
     assert h["mean_logp_margin"][1] > h["mean_logp_margin"][0]
     assert t["dpo"]["format_rate"] >= sft["format_rate"] - 0.05
     # GRPO: what it optimises (sampled accuracy on held-out items of its kinds) rises; greedy with
-    # thinking on stays within noise (2 standard errors of ~100 items: 6 points); untrained kinds
-    # (thinking off) lose at most 3 of their ~50 items
+    # thinking on does not fall (measured +3.5 and +9 points on 200 items); untrained kinds (thinking
+    # off) lose at most 5 of their ~100 items
     g = res["grpo"]
     before, after = g["heldout_sampled_accuracy"]
-    assert g["heldout_items"] >= 80 and after > before + 0.02
+    assert g["heldout_items"] >= 160 and after > before + 0.02
     assert g["sampled_with_thinking"] and set(g["kinds"]) == {"arithmetic", "date_fact"}
 
     def trained(v: dict) -> float:
         return sum(v["per_kind"][k] * v["n_per_kind"][k] for k in g["kinds"]) / sum(v["n_per_kind"][k]
                                                                                     for k in g["kinds"])
-    assert trained(t["grpo"]["thinking"]) >= trained(t["dpo"]["thinking"]) - 0.06
+    assert trained(t["grpo"]["thinking"]) >= trained(t["dpo"]["thinking"])
     for kind in ("unit_conversion", "tool_call"):
-        assert t["grpo"]["per_kind"][kind] >= t["dpo"]["per_kind"][kind] - 3 / t["dpo"]["n_per_kind"][kind]
+        assert t["grpo"]["per_kind"][kind] >= t["dpo"]["per_kind"][kind] - 5 / t["dpo"]["n_per_kind"][kind]

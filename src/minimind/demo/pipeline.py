@@ -39,13 +39,14 @@ class DemoSettings:
     sft_epochs: int = 2
     n_sft: int = 5000  # many distinct SFT items: copying the prompt's numbers beats memorising answers
     sft_lr: float = 1e-3
-    eval_tasks: int = 300  # every generated held-out task (n_eval) is evaluated
+    eval_tasks: int = 600  # every generated held-out task (n_eval) is evaluated
     device: str = "auto"
     # "auto" trains in bf16 where the CPU/GPU has it natively, else fp32; "float32" reproduces a
     # CPU without AVX-512 BF16 on one that has it (the time budget is set for such CPUs).
     dtype: str = "auto"
     pretrain_chars: int = 1_500_000
-    n_eval: int = 300
+    # 100 held-out items per kind: one item is one point, and a GRPO drift of 2 points is 2 items
+    n_eval: int = 600
     task_level: str = "easy"
     # Corpus recipe knobs (see minimind.demo.corpus.build_demo_corpus), for `--set` experiments.
     # A task-dense mix (task facts 35% of the characters, 26% computed facts) was measured and not
