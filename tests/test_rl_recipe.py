@@ -29,7 +29,9 @@ from minimind.rl.rollout import EngineBackend, agent_rollouts, single_turn_rollo
 from minimind.rl.toy import register_toy_reward
 from minimind.tokenizer import MiniMindTokenizer
 from minimind.train.core import Trainer
+from minimind.train.stages.base import LossOutput, next_token_loss
 from minimind.train.stages.rl import GRPOStage, PPOStage, SPOStage
+from minimind.train.stages.rl_loss import RatioStats, micro_batch_weight
 from minimind.train.stages.rl_recipe import (
     RLMicroBatch,
     Scored,
@@ -44,6 +46,7 @@ from minimind.train.stages.rl_recipe import (
     rollout_and_score,
     update,
 )
+from minimind.train.stages.rl_update import _micro_batches, ptx_batch, with_ptx
 from tests.rl_fixtures import toy_config, toy_options, toy_workspace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -297,6 +300,83 @@ def test_a_batch_without_signal_costs_no_step(ws: dict[str, Path], tmp_path: Pat
         assert (stats.steps, len(calls)) == (steps, steps)
         assert stats.skipped == 2 - steps
         assert bool(ctx.trainer.optimizer.state) == bool(steps)  # Adam's moments untouched when skipped
+
+
+# ---- 3b. PPO-ptx: a supervised term beside the RL loss -------------------------------------------------
+def _ptx_file(root: Path) -> Path:
+    """SFT conversations the toy tokenizer encodes: a fixed reply the toy reward never asks for."""
+    rows = [{"conversations": [{"role": "user", "content": f"say {d}"},
+                               {"role": "assistant", "content": f"digit {d} number {d}"}]} for d in range(10)]
+    path = root / "ptx.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    return path
+
+
+def _grads(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {k: v.grad.detach().clone() for k, v in model.named_parameters() if v.grad is not None}
+
+
+def test_ptx_adds_gamma_times_the_sft_nll_to_the_step(ws: dict[str, Path], tmp_path: Path) -> None:
+    """What the trainer accumulates, sum_i w_i L_i / sum_i w_i over the RL micro-batches plus the ptx
+    rows, has the gradient of L_RL + gamma * NLL_SFT; the RL metrics keep their values and ptx_nll is
+    the rows' NLL."""
+    gamma = 0.5
+    stage = GRPOStage(_opts(reward="test_spread:1", micro_batch_size=4, ptx_coef=gamma,
+                            ptx_data=str(_ptx_file(tmp_path)), ptx_rows=3))
+    ctx = _context(ws, tmp_path / "run", stage, max_steps=1)
+    assert ctx.ptx is not None
+    scored = rollout_and_score(ctx, 0, pick_prompts(ctx, 0))
+    old = old_log_probs(ctx, scored.batch)
+    mbs = _micro_batches(ctx, scored, old, advantages(ctx, scored, old), torch.arange(len(scored.batch)))
+    assert len(mbs) > 1
+    rl_w = [micro_batch_weight(ctx.obj, mb) for mb in mbs]
+    ptx = ptx_batch(ctx, 0, 0)
+    assert ptx.input_ids.shape[0] == 3 and int(ptx.num_target_tokens) > 0
+    model = ctx.trainer.base_model
+
+    def base(m: torch.nn.Module, mb: RLMicroBatch) -> LossOutput:
+        return rl_loss(ctx.parts, m, mb, RatioStats())
+
+    fn, all_mbs, w = with_ptx(base, mbs, rl_w, ptx, gamma)
+    outs = [fn(model, mb) for mb in all_mbs]
+    mixed = sum(o.loss * wi / sum(w) for o, wi in zip(outs, w))
+    g_mixed = _grads(model, mixed)
+    rl_mean = sum(base(model, mb).loss * wi / sum(rl_w) for mb, wi in zip(mbs, rl_w))
+    nll = next_token_loss(model, ptx).loss
+    g_direct = _grads(model, rl_mean + gamma * nll)
+    g_rl = _grads(model, sum(base(model, mb).loss * wi / sum(rl_w) for mb, wi in zip(mbs, rl_w)))
+    for k in g_direct:
+        assert torch.allclose(g_mixed[k], g_direct[k], rtol=1e-4, atol=1e-7), k
+    assert max((g_direct[k] - g_rl[k]).abs().max().item() for k in g_rl) > 1e-4  # the term acts
+    ptx_metric = sum(o.metrics["ptx_nll"] * wi / sum(w) for o, wi in zip(outs, w) if "ptx_nll" in o.metrics)
+    assert float(ptx_metric) == pytest.approx(float(nll.detach()), rel=1e-5)
+    # gamma 0 or no rows: the step is the plain RL step
+    assert with_ptx(base, mbs, rl_w, ptx, 0.0) == (base, mbs, rl_w)
+
+
+def test_ptx_keeps_the_supervised_rows_learnt_during_rl(ws: dict[str, Path], tmp_path: Path) -> None:
+    """Three GRPO steps with and without --ptx_coef: with it, the SFT rows' NLL falls and ends lower
+    (the run logs it as ptx_nll); a bad --ptx_data fails before training starts."""
+    tok = MiniMindTokenizer.from_dir(ws["tok"])
+    data = _ptx_file(tmp_path)
+    nll = {}
+    for gamma in (0.0, 1.0):
+        opts = _opts(reward="test_spread:1", ptx_coef=gamma, ptx_data=str(data) if gamma else "", ptx_rows=4)
+        res = GRPOStage(opts).run(_cfg(ws, tmp_path / str(gamma)), tok)
+        probe = GRPOStage(_opts(ptx_coef=1.0, ptx_data=str(data)))
+        ctx = _context(ws, tmp_path / f"probe{gamma}", probe, from_weight=str(res.weights_path))
+        with torch.no_grad():
+            nll[gamma] = float(next_token_loss(ctx.trainer.base_model.eval(), ptx_batch(ctx, 0, 0)).loss)
+        if gamma:
+            logged = [r["ptx_nll"] for r in res.records if "ptx_nll" in r]
+            assert len(logged) == len(res.records) and logged[-1] < logged[0]
+    assert nll[1.0] < nll[0.0] - 0.5
+    with pytest.raises(ValueError, match="--ptx_data"):
+        GRPOOptions(ptx_coef=0.5, ptx_data=str(tmp_path / "missing.jsonl")).validate()
+    with pytest.raises(ValueError, match="--ptx_coef"):
+        GRPOOptions(ptx_coef=float("nan")).validate()
 
 
 # ---- 4. PPO's critic ---------------------------------------------------------------------------------

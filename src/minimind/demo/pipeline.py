@@ -100,6 +100,9 @@ class DemoSettings:
     # is what RL can improve; the held-out sampled accuracy is measured in the mode trained most
     grpo_thinking_ratio: float = 1.0
     grpo_max_gen_len: int = 96  # reasoning (<= 9 counting steps or one date sentence) and the answer
+    # PPO-ptx: gamma of an SFT loss on the demo's SFT rows (both thinking modes, every kind) added to
+    # each GRPO step, so what the reward does not see (thinking-off answers, tool calls) stays put
+    grpo_ptx_coef: float = 0.0
 
     @classmethod
     def quick(cls, out_dir: Path) -> DemoSettings:
@@ -327,7 +330,8 @@ class ReinforcementLearning:
         opts = GRPOOptions(loss_type="grpo", num_generations=s.grpo_generations, beta=s.grpo_beta, reward="task:1",
                            max_gen_len=s.grpo_max_gen_len, temperature=s.grpo_temperature,
                            thinking_ratio=s.grpo_thinking_ratio,
-                           steps_per_generation=s.grpo_steps_per_generation, ppo_epochs=1)
+                           steps_per_generation=s.grpo_steps_per_generation, ppo_epochs=1,
+                           ptx_coef=s.grpo_ptx_coef, ptx_data=str(ctx.artifacts["sft"]) if s.grpo_ptx_coef > 0 else "")
         heldout = [row for row in _read_jsonl(ctx.artifacts["eval_tasks"]) if row["kind"] in s.grpo_kinds]
         thinking = s.grpo_thinking_ratio >= 0.5
         sample = {"n": s.grpo_generations, "max_new_tokens": s.grpo_max_gen_len, "open_thinking": thinking}
@@ -351,7 +355,7 @@ class ReinforcementLearning:
             "sampled_with_thinking": thinking, "thinking_ratio": s.grpo_thinking_ratio,
             "steps": res.steps, "seconds": round(res.seconds, 1), "prompts_per_step": s.grpo_prompts,
             "generations": s.grpo_generations, "kinds": list(s.grpo_kinds), "lr": s.grpo_lr,
-            "steps_per_generation": s.grpo_steps_per_generation,
+            "steps_per_generation": s.grpo_steps_per_generation, "ptx_coef": s.grpo_ptx_coef,
             "from": Path(start).name, "train_reward_first": round(sum(r[:k]) / k, 4),
             "train_reward_last": round(sum(r[-k:]) / k, 4),
             "sec_per_step_median": round(sec[len(sec) // 2], 3) if sec else None}

@@ -94,6 +94,10 @@ class RLOptions:
     overlong_filter: int = _opt(-1, "1: truncated completions carry no loss (DAPO's overlong filtering); "
                                     "0: they train (-1 = the loss type's default)")
     debug_interval: int = _opt(0, "print a prompt, its completions and rewards every N steps (0 = off)")
+    ptx_coef: float = _opt(0.0, "gamma: weight of a supervised loss on --ptx_data rows added to every optimizer "
+                                "step (InstructGPT's PPO-ptx; keeps what the reward does not see; 0 = off)")
+    ptx_data: str = _opt("", "SFT JSONL ({\"conversations\"} rows) for --ptx_coef")
+    ptx_rows: int = _opt(0, "packed --ptx_data rows per optimizer step (0 = --batch_size)")
     quantize: str = _opt("", "int8: rollouts decode with int8 weights (the engine's copy, re-quantized "
                              "after every update; --tis_cap corrects the policy mismatch); '' = off")
     rollout_backend: str = _opt("engine", "engine: sample in-process | server: on inference servers "
@@ -184,6 +188,12 @@ class RLOptions:
             problems.append(f"--thinking_ratio must be in [0, 1], got {self.thinking_ratio}")
         if self.tis_cap < 0:
             problems.append(f"--tis_cap must not be negative, got {self.tis_cap}")
+        if not 0 <= self.ptx_coef < float("inf") or self.ptx_rows < 0:
+            problems.append(f"--ptx_coef must be a finite number >= 0 and --ptx_rows >= 0, got {self.ptx_coef} "
+                            f"and {self.ptx_rows}")
+        elif self.ptx_coef > 0 and not Path(self.ptx_data).is_file():
+            problems.append(f"--ptx_coef {self.ptx_coef} needs --ptx_data, an SFT JSONL file "
+                            f"(got {self.ptx_data!r})")
         try:
             parse_reward_spec(self.reward, allow_empty=bool(self.reward_model_path))
         except (ValueError, KeyError) as e:

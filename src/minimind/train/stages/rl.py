@@ -147,7 +147,8 @@ class RLStage(StageBase):
         return micro_batch_weight(self.objective, batch)
 
     def useful_tokens(self, batch: Any) -> int:
-        return int(batch.mask.sum())
+        """Trained completion tokens (a PPO-ptx batch of SFT rows: its target tokens)."""
+        return int(batch.mask.sum()) if hasattr(batch, "mask") else int(batch.num_target_tokens)
 
     # ---- persistence -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

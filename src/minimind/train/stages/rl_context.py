@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from minimind.config import TrainConfig
+from minimind.data import PackedDataset
 from minimind.rl.critic import Critic, ValueHead
 from minimind.rl.data import PromptDataset
 from minimind.rl.objective import ObjectiveConfig, SPOBaseline
@@ -61,6 +62,7 @@ class RLContext:
     total: int
     warmup: int
     steps_per_epoch: int
+    ptx: PackedDataset | None = None  # --ptx_data's packed SFT rows (None: --ptx_coef 0)
 
     @property
     def cfg(self) -> TrainConfig:

@@ -5,6 +5,7 @@ nothing resumed yet).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from minimind.config import TrainConfig
+from minimind.data import PackedDataset
 from minimind.infer.engine import GenerationEngine
 from minimind.rl.data import PromptDataset
 from minimind.rl.options import RLOptions, parse_reward_spec
@@ -22,7 +25,7 @@ from minimind.train.core import Trainer, weights_path
 from minimind.train.stages.base import StageBase
 from minimind.train.stages.rl_context import RLContext, RLParts
 
-__all__ = ["MessagesRewardModel", "RunFiles", "build_context", "make_backend", "make_reward"]
+__all__ = ["MessagesRewardModel", "RunFiles", "build_context", "make_backend", "make_ptx_data", "make_reward"]
 
 
 class MessagesRewardModel:
@@ -69,6 +72,17 @@ def make_backend(trainer: Trainer, tokenizer: Any, parts: RLParts, limit: int) -
     return EngineBackend(engine)
 
 
+def make_ptx_data(cfg: TrainConfig, o: RLOptions, tokenizer: Any, rank: int) -> PackedDataset | None:
+    """``--ptx_data`` as packed SFT rows of ``--max_seq_len`` tokens (loss on assistant spans only,
+    as ``minimind sft`` trains), in a token cache of its own; ``None`` when ``--ptx_coef`` is 0."""
+    if o.ptx_coef <= 0:
+        return None
+    from minimind.train.stages.lm import SFT
+    shard_dir = str(Path(cfg.shard_dir) / "ptx") if cfg.shard_dir else ""
+    return SFT.build_dataset(dataclasses.replace(cfg, data_path=o.ptx_data, shard_dir=shard_dir), tokenizer,
+                             rank=rank)
+
+
 @dataclass
 class RunFiles:
     """Where a run writes: the exported weights, the resume file, the metrics log."""
@@ -103,5 +117,6 @@ def build_context(trainer: Trainer, stage: StageBase, tokenizer: Any) -> tuple[R
     files = RunFiles(weights_path(cfg, mcfg), Path(cfg.checkpoint_dir) / f"{stem}_resume.pt",
                      Path(cfg.metrics_path or Path(cfg.save_dir) / f"{stem}_metrics.jsonl"))
     ctx = RLContext(trainer, parts, dataset, make_backend(trainer, tokenizer, parts, limit),
-                    make_reward(o, parts.agentic), tokenizer, total, cfg.warmup_steps, steps_per_epoch)
+                    make_reward(o, parts.agentic), tokenizer, total, cfg.warmup_steps, steps_per_epoch,
+                    make_ptx_data(cfg, o, tokenizer, info.rank))
     return ctx, files

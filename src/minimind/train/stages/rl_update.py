@@ -1,25 +1,27 @@
 """The optimizer steps of one rollout batch: ``mu`` passes, each split (shuffled) into
 mini-batches of micro-batches, skipping mini-batches without signal and stopping at ``--target_kl``;
-and SPO's drift (the policy's KL from before to after them).
+the optional supervised term (PPO-ptx); and SPO's drift (the policy's KL from before to after them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from minimind.data import Batch
 from minimind.rl.rollout import RolloutBatch, derive_seed
 from minimind.train.distributed import all_reduce_sum
-from minimind.train.stages.base import LossOutput
+from minimind.train.stages.base import LossOutput, next_token_loss
 from minimind.train.stages.rl_advantages import Advantages, OldPass, policy_logps
 from minimind.train.stages.rl_context import RLContext
 from minimind.train.stages.rl_loss import RatioStats, RLMicroBatch, micro_batch_weight, rl_loss
 from minimind.train.stages.rl_rollout import Scored
 
-__all__ = ["UpdateStats", "spo_drift", "update"]
+__all__ = ["UpdateStats", "ptx_batch", "spo_drift", "update", "with_ptx"]
 
 
 @dataclass
@@ -70,6 +72,41 @@ def _has_signal(ctx: RLContext, mbs: Sequence[RLMicroBatch]) -> bool:
     return all_reduce_sum(flag, ctx.info).item() > 0
 
 
+def ptx_batch(ctx: RLContext, step: int, k: int) -> Batch:
+    """The ``k``-th optimizer step's supervised rows of rollout step ``step``: ``--ptx_rows`` rows of
+    the packed ``--ptx_data``, drawn from a stream fixed by (seed, step, rank, k), so a resumed run
+    draws the same rows without saving any data position."""
+    assert ctx.ptx is not None
+    n_rows = ctx.ptx.num_rows(0)
+    gen = torch.Generator().manual_seed(derive_seed(ctx.cfg.seed, step, ctx.info.rank, 31 + k))
+    rows = torch.randint(n_rows, (ctx.o.ptx_rows or ctx.cfg.batch_size,), generator=gen)
+    return ctx.ptx.get_batch(0, rows.tolist())
+
+
+def with_ptx(loss_fn: Callable[[nn.Module, Any], LossOutput], mbs: list[Any], weights: list[float],
+             ptx: Batch | None, gamma: float) -> tuple[Callable[[nn.Module, Any], LossOutput], list[Any], list[float]]:
+    """Add the supervised term of PPO-ptx (Ouyang et al., 2022) to one optimizer step:
+
+        L = L_RL + gamma * NLL_SFT
+
+    ``L_RL`` is the micro-batches' weighted mean; ``NLL_SFT`` the mean token NLL of the rows in ``ptx``
+    (assistant spans). The trainer averages micro-batch losses by weight, ``sum_i w_i L_i / sum_i w_i``,
+    so the ptx micro-batch gets the weight of all RL micro-batches together, ``W = sum_i w_i``, and
+    every loss is doubled: ``(sum_i w_i 2 L_i + W 2 gamma NLL) / 2W = L_RL + gamma NLL``. Metrics are
+    doubled the same way, so the RL ones keep their values and ``ptx_nll`` is the rows' NLL."""
+    if ptx is None or gamma <= 0:
+        return loss_fn, mbs, weights
+
+    def mixed(model: nn.Module, mb: Any) -> LossOutput:
+        if isinstance(mb, Batch):
+            out = next_token_loss(model, mb)
+            return LossOutput(2.0 * gamma * out.loss, out.weight, {"ptx_nll": 2.0 * out.metrics["ce"]})
+        out = loss_fn(model, mb)
+        return LossOutput(2.0 * out.loss, out.weight, {k: 2.0 * v for k, v in out.metrics.items()})
+
+    return mixed, [*mbs, ptx], [*weights, float(sum(weights))]
+
+
 def update(ctx: RLContext, step: int, scored: Scored, old: OldPass, adv: Advantages,
            lr: float) -> UpdateStats:
     """Phase 5: ``mu`` passes over the rollout batch, each split (shuffled) into
@@ -92,7 +129,10 @@ def update(ctx: RLContext, step: int, scored: Scored, old: OldPass, adv: Advanta
             if not _has_signal(ctx, mbs):
                 stats.skipped += 1
                 continue
-            st = tr.step(mbs, lr, loss_fn=loss_fn, weights=[micro_batch_weight(ctx.obj, mb) for mb in mbs])
+            ptx = ptx_batch(ctx, step, stats.steps) if ctx.ptx is not None else None
+            fn, mbs, weights = with_ptx(loss_fn, mbs, [micro_batch_weight(ctx.obj, mb) for mb in mbs], ptx,
+                                        o.ptx_coef)
+            st = tr.step(mbs, lr, loss_fn=fn, weights=weights)
             for k, v in {"loss": st.loss, **st.metrics}.items():
                 stats.metrics[k] = stats.metrics.get(k, 0.0) + v.float()
             stats.steps += 1
