@@ -56,7 +56,8 @@ from minimind.data.packing import PAD_DOC
 from minimind.data.sft import MaskMarkers, tokenize_conversation
 from minimind.data.store import write_docs
 from minimind.model import MiniMindForCausalLM
-from minimind.tasks.generators import generate_tasks, task_to_sft_row
+from minimind.tasks.generators import generate_tasks
+from minimind.tasks.rows import task_to_sft_row
 from minimind.tokenizer import MiniMindTokenizer, train_tokenizer
 from minimind.train.device import pick_device
 from minimind.train.stages.base import next_token_loss

@@ -208,7 +208,7 @@ def test_think_share_puts_reasoning_into_that_share_of_rows(corpus: tuple[Path, 
     the date's carry for arithmetic / next-day rows, one line for the others), the answers stay the
     same, and the draws leave every other file byte-identical."""
     from minimind.demo.corpus import build_demo_corpus
-    from minimind.tasks.generators import no_steps_reasoning
+    from minimind.tasks.rows import no_steps_reasoning
 
     out_a, _ = corpus
     stats = build_demo_corpus(tmp_path, seed=0, think_share=0.5, **SMALL)

@@ -35,7 +35,7 @@ from minimind.tasks import (
     task_to_sft_row,
     tool_call_reward,
 )
-from minimind.tasks.generators import task_reasoning
+from minimind.tasks.rows import task_reasoning
 from minimind.tasks.toolset import WEATHER, execute_tool, format_number, parse_tool_calls, safe_calculate
 
 
@@ -602,7 +602,7 @@ def test_sft_row_with_thinking_renders_the_reasoning_in_the_think_block() -> Non
     """With thinking every assistant turn renders ``<think>\\nREASONING\\n</think>\\n\\nANSWER``: the
     kind's steps, or one line for kinds without steps and tool turns; without thinking the empty block
     of the non-thinking generation prompt. Either prompt is a prefix of the matching training text."""
-    from minimind.tasks.generators import no_steps_reasoning
+    from minimind.tasks.rows import no_steps_reasoning
     from minimind.tokenizer.chat_template import render_chat
     arith = generate_tasks(1, seed=1, kinds=["arithmetic"], level="easy")[0]
     unit = generate_tasks(1, seed=1, kinds=["unit_conversion"], level="easy")[0]

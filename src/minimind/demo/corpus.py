@@ -41,11 +41,9 @@ from minimind.tasks.generators import (
     generate_tasks,
     idiom_answer,
     idiom_pool,
-    no_steps_reasoning,
     split_of,
-    task_fact_text,
-    task_to_sft_row,
 )
+from minimind.tasks.rows import no_steps_reasoning, task_fact_text, task_to_sft_row
 
 __all__ = ["DEFAULT_MIX", "TASK_SOURCE", "build_demo_corpus"]
 
@@ -275,7 +273,7 @@ def build_demo_corpus(
     computed facts); ``sft_kinds`` lists the SFT task kinds round robin, a kind named twice getting
     twice the rows (default: every available kind once); ``fact_kinds`` likewise for the computed
     facts of the pretraining text (a tool task becomes its question, call, result and answer).
-    ``think_share`` of the SFT rows whose kind has a reasoning (:data:`~minimind.tasks.generators.
+    ``think_share`` of the SFT rows whose kind has a reasoning (:data:`~minimind.tasks.rows.
     REASONING_KINDS`) carry it in ``<think>…</think>``; the rest of them, and every other row, keep the
     empty think block, so one model answers both with thinking on and off.  Its draws come from a
     generator of their own: the other files do not change with it.

@@ -66,7 +66,7 @@ class DemoSettings:
     # model sees one consistent format (the reference drops it from 80% of samples).
     empty_think_ratio: float = 1.0
     # Thinking: this share of the SFT rows of the kinds with a step-by-step reasoning (arithmetic,
-    # next-day dates; minimind.tasks.generators.task_reasoning) carry it in <think>...</think>, the others
+    # next-day dates; minimind.tasks.rows.task_reasoning) carry it in <think>...</think>, the others
     # keep the empty block; so the model answers both ways and open_thinking works in chat and server.
     sft_think_share: float = 0.5
     think_max_new_tokens: int = 128  # held-out replies with thinking on: reasoning + answer
@@ -314,7 +314,8 @@ class ReinforcementLearning:
     name = "grpo"
 
     def run(self, ctx: DemoContext) -> None:
-        from minimind.tasks.generators import generate_tasks, task_to_rl_row
+        from minimind.tasks.generators import generate_tasks
+        from minimind.tasks.rows import task_to_rl_row
         from minimind.train.stages.rl import GRPOOptions, GRPOStage
         s = ctx.settings
         start = ctx.artifacts.get("dpo_weights") or ctx.artifacts["sft_weights"]

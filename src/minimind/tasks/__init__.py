@@ -8,8 +8,9 @@ all of that lives here and nothing in it depends on the demo:
   the ``<tool_call>`` / reasoning parser;
 * :mod:`minimind.tasks.toolset`: the three tools the generated tool tasks offer, with the lenient
   :func:`execute_tool` their graders use;
-* :mod:`minimind.tasks.generators`: the seeded, bilingual task generators and the row formats
-  (SFT, agent-RL, pretraining facts);
+* :mod:`minimind.tasks.generators`: the seeded, bilingual task generators;
+* :mod:`minimind.tasks.rows`: the tasks as rows (SFT with or without reasoning, agent-RL,
+  pretraining facts);
 * :mod:`minimind.tasks.checks`: answer checkers and the same checks as RL rewards
   ``(prompt, completion, **fields) -> float``;
 * :mod:`minimind.tasks.sources`: the offline knowledge sources of the idiom and dictionary kinds
@@ -42,10 +43,8 @@ from minimind.tasks.generators import (
     idiom_answer,
     idiom_pool,
     split_of,
-    task_fact_text,
-    task_to_rl_row,
-    task_to_sft_row,
 )
+from minimind.tasks.rows import task_fact_text, task_to_rl_row, task_to_sft_row
 from minimind.tasks.toolcalls import (
     ParsedReply,
     ToolCall,

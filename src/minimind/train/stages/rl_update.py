@@ -78,7 +78,7 @@ def ptx_batch(ctx: RLContext, step: int, k: int) -> Batch:
     draws the same rows without saving any data position."""
     assert ctx.ptx is not None
     n_rows = ctx.ptx.num_rows(0)
-    gen = torch.Generator().manual_seed(derive_seed(ctx.cfg.seed, step, ctx.info.rank, 31 + k))
+    gen = torch.Generator().manual_seed(derive_seed(ctx.cfg.seed, step, ctx.info.rank, 31, k))
     rows = torch.randint(n_rows, (ctx.o.ptx_rows or ctx.cfg.batch_size,), generator=gen)
     return ctx.ptx.get_batch(0, rows.tolist())
 
