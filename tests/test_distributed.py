@@ -147,6 +147,17 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_kw: dict, kill_at: int, re
         if step == kill_at:
             raise Killed()
 
+    import gc
+
+    import torch.distributed as dist
+    destroy, alive = dist.destroy_process_group, []
+
+    def counting_destroy(*a, **kw):  # DDP wrappers still alive when the group goes (see cleanup())
+        gc.collect()
+        alive.append(sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects()))
+        return destroy(*a, **kw)
+
+    dist.destroy_process_group = counting_destroy
     cfg = TrainConfig(**cfg_kw)
     try:
         res = train(PRETRAIN, cfg, MiniMindTokenizer.from_dir(cfg.tokenizer_path), on_step=on_step)
@@ -156,6 +167,7 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_kw: dict, kill_at: int, re
         os._exit(0)
     if rank == 0:
         Path(result_file).write_text(json.dumps(res.losses))
+        Path(result_file + ".alive").write_text(json.dumps(alive))
 
 
 def _spawn(cfg_kw: dict, kill_at: int, result_file: Path) -> None:
@@ -179,6 +191,8 @@ def test_ddp_resume_restores_each_ranks_rng(ws, tmp_path):
     _spawn({**base, "save_dir": str(tmp_path / "a"), "checkpoint_dir": str(tmp_path / "a_ck")}, 0,
            tmp_path / "full.json")
     full = json.loads((tmp_path / "full.json").read_text())
+    # the DDP wrapper is gone before the group is destroyed (else gloo may abort the process at exit)
+    assert json.loads((tmp_path / "full.json.alive").read_text()) == [0]
     part = {**base, "save_dir": str(tmp_path / "b"), "checkpoint_dir": str(tmp_path / "b_ck")}
     _spawn(part, 4, tmp_path / "unused.json")  # killed after step 4; the last checkpoint is step 3
     state = torch.load(tmp_path / "b_ck" / "pretrain_64_resume.pt", weights_only=True)
@@ -266,7 +280,7 @@ def _bf16_grads_worker(rank: int, world: int, port: int, result_file: str) -> No
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from minimind.train.distributed import DistInfo, wrap_ddp
+    from minimind.train.distributed import DistInfo, cleanup, wrap_ddp
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
@@ -280,8 +294,11 @@ def _bf16_grads_worker(rank: int, world: int, port: int, result_file: str) -> No
         if rank == 0:
             torch.save({"reduced": layer.weight.grad, "locals": locals_,
                         "bucket_view": ddp.gradient_as_bucket_view}, result_file)
+        del ddp  # before the group goes: see cleanup()
+        cleanup(DistInfo(rank, world, rank), finished=True)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_ddp_bf16_gradient_compression_averages_in_bf16(tmp_path):

@@ -36,7 +36,7 @@ from minimind.model import MiniMindForCausalLM, load_model, load_weights
 from minimind.train import checkpoint as ckpt
 from minimind.train.device import autocast, pick_device, pick_dtype
 from minimind.train.distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier,
-                                        init_distributed, local_rank_zero_first, no_sync, wrap_ddp)
+                                        cleanup, init_distributed, local_rank_zero_first, no_sync, wrap_ddp)
 from minimind.train.prefetch import BatchStream
 from minimind.train.stages.base import LossOutput, StageBase, StageContext
 
@@ -328,6 +328,12 @@ class Trainer:
         if self.cfg.attention == "causal" and isinstance(batch, Batch):
             batch = batch.plain_causal()
         return batch
+
+    def close(self, finished: bool) -> None:
+        """End the run's distributed part: drop the DDP wrapper (it holds the process group), then
+        tear the group down (with a barrier when every rank ``finished``).  The plain model stays."""
+        self.model = None
+        cleanup(self.info, finished=finished)
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def save(self, weights_out: Path, resume_out: Path, *, step: int, epoch: int,

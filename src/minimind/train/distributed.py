@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -130,6 +131,18 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def cleanup(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup(info: DistInfo, *, finished: bool = False) -> None:
+    """Tear the process group down.  Call it after dropping every DDP wrapper of this process.
+
+    DDP's reducer holds the process group; if the wrapper outlives ``destroy_process_group`` the gloo
+    group is destroyed later, during interpreter finalisation, where it sometimes aborts the process
+    (SIGABRT, "terminate called without an active exception") after a run that saved everything.  So
+    the wrappers are collected here first, and a run that ``finished`` on every rank meets at a barrier
+    so that no rank closes its connections while a peer still uses them.  After an error there is no
+    barrier (the other ranks may never arrive)."""
+    if not (info.enabled and dist.is_initialized()):
+        return
+    gc.collect()  # wrappers caught in reference cycles
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()

@@ -23,7 +23,7 @@ from minimind.config import TrainConfig
 from minimind.train import checkpoint as ckpt
 from minimind.train.core import Trainer, weights_path
 from minimind.train.device import peak_flops
-from minimind.train.distributed import all_reduce_sum, cleanup
+from minimind.train.distributed import all_reduce_sum
 from minimind.train.metrics import MetricsWriter, model_flops_per_token, read_metrics
 from minimind.train.schedule import lr_at
 from minimind.train.stages.base import StageBase
@@ -107,6 +107,7 @@ def train(stage: StageBase, cfg: TrainConfig, tokenizer: Any,
     """Run ``stage`` with ``cfg``.  ``on_step(step, record)`` is called after each logged step."""
     trainer = Trainer(stage, cfg, tokenizer)
     info = trainer.info
+    finished = False  # every rank got to the end: meet at a barrier before the group goes
     try:
         dataset = trainer.prepare_data()  # data errors surface before the model is built
         model = trainer.setup_model()
@@ -137,6 +138,7 @@ def train(stage: StageBase, cfg: TrainConfig, tokenizer: Any,
                           f"weights in {out_path}")
                 done = read_metrics(metrics_path) if metrics_path.exists() else []
                 losses = [r["loss"] for r in done if "loss" in r]
+                finished = True
                 return TrainResult(out_path, resume_path, metrics_path, step,
                                    losses[-1] if losses else math.nan, losses)
         elif info.is_main:
@@ -144,10 +146,12 @@ def train(stage: StageBase, cfg: TrainConfig, tokenizer: Any,
                 print(f"--from_resume 1: no checkpoint at {resume_path}, starting from scratch")
             print(f"{model.describe()}  device={trainer.device} dtype={str(trainer.dtype).split('.')[-1]}"
                   f"{'  from ' + str(trainer.source) if trainer.source else ''}")
-        return _run_steps(trainer, dataset, steps_per_epoch, total_steps, warmup, step, out_path,
-                          resume_path, metrics_path, record, on_step)
+        result = _run_steps(trainer, dataset, steps_per_epoch, total_steps, warmup, step, out_path,
+                            resume_path, metrics_path, record, on_step)
+        finished = True
+        return result
     finally:
-        cleanup(info)
+        trainer.close(finished)
 
 
 def _run_steps(trainer: Trainer, dataset: Any, steps_per_epoch: list[int], total_steps: int, warmup: int,

@@ -65,7 +65,7 @@ from minimind.rl.options import GROUP_ADVANTAGES
 from minimind.rl.rewards import CombinedReward
 from minimind.rl.rollout import derive_seed
 from minimind.train.core import Trainer
-from minimind.train.distributed import all_reduce_sum, cleanup
+from minimind.train.distributed import all_reduce_sum
 from minimind.train.loop import TrainingInterrupted, TrainResult, open_metrics, resume_if_asked
 from minimind.train.metrics import read_metrics
 from minimind.train.schedule import lr_at
@@ -231,6 +231,7 @@ def train_rl(stage: StageBase, cfg: TrainConfig, tokenizer: Any,
              on_step: Callable[[int, dict[str, Any]], None] | None = None) -> RLResult:
     """Run an RL stage (:class:`minimind.train.stages.rl.RLStage`, which provides ``parts()``)."""
     trainer = Trainer(stage, cfg, tokenizer)
+    finished = False  # every rank got to the end: meet at a barrier before the group goes
     try:
         ctx, files = build_context(trainer, stage, tokenizer)
         o = ctx.o
@@ -243,9 +244,11 @@ def train_rl(stage: StageBase, cfg: TrainConfig, tokenizer: Any,
                   f"dtype={str(trainer.dtype).split('.')[-1]}  {ctx.parts.name} loss_type={o.loss_type} "
                   f"G={o.num_generations} beta={o.beta} mu={o.ppo_epochs} steps_per_generation="
                   f"{o.steps_per_generation}{'  from ' + str(trainer.source) if trainer.source else ''}")
-        return _run(ctx, step, files, record, on_step)
+        result = _run(ctx, step, files, record, on_step)
+        finished = True
+        return result
     finally:
-        cleanup(trainer.info)
+        trainer.close(finished)
 
 
 def _run(ctx: RLContext, step: int, files: RunFiles, record: dict[str, Any],
