@@ -29,6 +29,7 @@ Relation to the reference MiniMind implementation
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -438,6 +439,20 @@ def merge_lora(model: nn.Module) -> nn.Module:
         plain.train(module.training)
         _set_submodule(model, name, plain)
     return model
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the model ``merge_lora`` would make, without touching ``model``: each
+    LoRA'd weight is ``W + scale * B @ A`` and the adapter keys are gone, so it loads into a plain
+    model of the same config (an inference copy refreshed while the adapters train)."""
+    merged = {name + ".weight": m.merged_weight().detach() for name, m in model.named_modules()
+              if isinstance(m, LoRALinear)}
+    return {k: merged.get(k, v) for k, v in model.state_dict().items() if ".lora." not in k}
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A plain copy of ``model`` with its adapters folded in (``model`` itself when it has none)."""
+    return merge_lora(copy.deepcopy(model)) if has_lora(model) else model
 
 
 def merge_lora_files(base_weight: str | Path, lora_path: str | Path, out_path: str | Path) -> Path:

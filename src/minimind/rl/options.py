@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from minimind.model.lora import LoRAConfig
 from minimind.rl.objective import LOSS_TYPES, ObjectiveConfig
 
 __all__ = ["GROUP_ADVANTAGES", "RECIPE_DEFAULTS", "AgentOptions", "GRPOOptions", "LossTypeDefaults",
@@ -98,6 +99,11 @@ class RLOptions:
                                 "step (InstructGPT's PPO-ptx; keeps what the reward does not see; 0 = off)")
     ptx_data: str = _opt("", "SFT JSONL ({\"conversations\"} rows) for --ptx_coef")
     ptx_rows: int = _opt(0, "packed --ptx_data rows per optimizer step (0 = --batch_size)")
+    lora_rank: int = _opt(0, "train LoRA adapters of this rank on a frozen policy instead of every weight "
+                             "(0 = full fine-tuning); rollouts and the saved weights have them merged")
+    lora_alpha: float = _opt(0.0, "LoRA scale alpha / rank (0 = alpha equals rank: scale 1)")
+    lora_targets: str = _opt("all", "LoRA targets: all (every Linear of the decoder layers) | square | "
+                                    "q_proj,v_proj,...")
     quantize: str = _opt("", "int8: rollouts decode with int8 weights (the engine's copy, re-quantized "
                              "after every update; --tis_cap corrects the policy mismatch); '' = off")
     rollout_backend: str = _opt("engine", "engine: sample in-process | server: on inference servers "
@@ -145,6 +151,12 @@ class RLOptions:
             changes.update(kl=cfg.kl if cfg.kl != "none" else "k3", beta=o.beta)
         return cfg.with_(**changes)
 
+    def lora_config(self) -> LoRAConfig | None:
+        """The adapters ``--lora_rank`` asks for, or ``None`` (every weight trains)."""
+        if not self.lora_rank:
+            return None
+        return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, targets=self.lora_targets)
+
     def validate(self) -> None:
         problems = []
         if self.loss_type not in LOSS_TYPES:
@@ -163,6 +175,13 @@ class RLOptions:
             value = getattr(self, name)
             if value == 0 or value < -1:
                 problems.append(f"--{name} must be >= 1 (-1 = the loss type's default), got {value}")
+        if self.lora_rank < 0:
+            problems.append(f"--lora_rank must be >= 0 (0 = full fine-tuning), got {self.lora_rank}")
+        elif self.lora_rank:
+            try:
+                self.lora_config().validate()
+            except ValueError as e:
+                problems.append(str(e))
         if self.quantize not in ("", "int8"):
             problems.append(f"--quantize must be int8 or empty, got {self.quantize!r}")
         if self.overlong_filter not in (-1, 0, 1):

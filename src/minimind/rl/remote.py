@@ -341,11 +341,12 @@ class HTTPRolloutBackend:
         reads it as it reads an export) and ask every server to load it."""
         from minimind.export.hf import hf_config
         from minimind.fileio import atomic_write_text
+        from minimind.model.lora import merged_copy
         from minimind.model.weights import save_weights
 
         assert self.sync_dir is not None
         folder = (self.sync_dir / "policy").resolve()
-        save_weights(model, folder / "model.safetensors",  # type: ignore[arg-type]
+        save_weights(merged_copy(model), folder / "model.safetensors",  # type: ignore[arg-type]
                      extra_metadata={"weight_version": version})
         atomic_write_text(folder / "config.json", json.dumps(hf_config(model.config), indent=2))  # type: ignore[arg-type]
         body = {"model_path": str(folder), "weight_version": version}

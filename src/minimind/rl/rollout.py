@@ -147,7 +147,10 @@ class EngineBackend:
         return [res for req in requests for res in req.results]  # type: ignore[misc]
 
     def refresh(self, model: nn.Module) -> None:
-        self.engine.refresh_weights(model)
+        """Load ``model``'s weights; a LoRA'd policy's with its adapters merged (the engine's copy is a
+        plain model: adapters would cost two extra matmuls per Linear in every decode step)."""
+        from minimind.model.lora import has_lora, merged_state_dict
+        self.engine.refresh_weights(merged_state_dict(model) if has_lora(model) else model)
 
 
 # ---- the batch -----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ The recipe never reaches back into the stage object: it reads an explicit
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import nn
@@ -102,7 +103,8 @@ class RLStage(StageBase):
 
     def prepare_model(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:
         """Build the models that start as copies of the policy: the reference (beta > 0, no
-        ``--ref_weight``) and PPO's critic; their parameters are synchronised over ranks in :meth:`setup`."""
+        ``--ref_weight``) and PPO's critic; their parameters are synchronised over ranks in :meth:`setup`.
+        Then, with ``--lora_rank``, freeze the policy and give it adapters (the copies stay whole)."""
         o = self.settings
         if o.beta > 0 and not o.ref_weight:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -111,7 +113,17 @@ class RLStage(StageBase):
                 self.value_head = ValueHead(model.config.hidden_size)
             else:
                 self.critic = Critic(model)
+        lora = o.lora_config()
+        if lora is not None:
+            from minimind.model.lora import apply_lora
+            apply_lora(model, lora)
         return model
+
+    def export(self, model: nn.Module, path: Path) -> Path:
+        """Full weights, with LoRA adapters (``--lora_rank``) merged: the result loads as any model."""
+        from minimind.model import save_weights
+        from minimind.model.lora import merged_copy
+        return save_weights(merged_copy(model), path)
 
     def setup(self, ctx: StageContext) -> None:
         o = self.settings

@@ -17,6 +17,7 @@ from torch import Tensor
 from minimind.config import TrainConfig
 from minimind.data import PackedDataset
 from minimind.infer.engine import GenerationEngine
+from minimind.model.lora import merged_copy
 from minimind.rl.data import PromptDataset
 from minimind.rl.options import RLOptions, parse_reward_spec
 from minimind.rl.rewards import CombinedReward, RewardModel
@@ -66,8 +67,9 @@ def make_backend(trainer: Trainer, tokenizer: Any, parts: RLParts, limit: int) -
     if parts.options.rollout_backend == "server":
         from minimind.rl.remote import server_backend
         return server_backend(parts.options, trainer.cfg, tokenizer, trainer.base_model, limit, trainer.info)
-    engine = GenerationEngine(trainer.base_model, tokenizer, dtype=trainer.dtype, max_batch_len=limit,
-                              num_slots=max(1, trainer.cfg.batch_size * parts.options.num_generations),
+    # a LoRA'd policy decodes from a merged plain copy (EngineBackend.refresh keeps it current)
+    engine = GenerationEngine(merged_copy(trainer.base_model), tokenizer, dtype=trainer.dtype,
+                              max_batch_len=limit, num_slots=max(1, trainer.cfg.batch_size * parts.options.num_generations),
                               quantize=getattr(parts.options, "quantize", "") or None)
     return EngineBackend(engine)
 
