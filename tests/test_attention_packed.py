@@ -179,3 +179,25 @@ def test_folded_gqa_sdpa_equals_repeated_heads_forward_and_gradient(monkeypatch)
     for a, b in zip(grads, grads_expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(attend(q, k, v, mask), expected, atol=1e-5, rtol=1e-5)  # CPU path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_decode_attention_on_strided_cache_slices_equals_naive(monkeypatch, dtype):
+    """One query per row over the first ``n`` positions of a longer cache (the engine's strided K/V
+    views), grouped heads, a padding mask: equals float64 softmax attention to the dtype's precision,
+    without copying K/V per query head.  (fp32 runs the grouped matmuls, bf16 SDPA.)"""
+    g = torch.Generator().manual_seed(5)
+    b, h, kv, d, n, cap = 3, 8, 2, 16, 21, 40
+    cache_k = torch.randn(b, kv, cap, d, generator=g).to(dtype)
+    cache_v = torch.randn(b, kv, cap, d, generator=g).to(dtype)
+    k, v = cache_k[:, :, :n], cache_v[:, :, :n]
+    q = torch.randn(b, h, 1, d, generator=g).to(dtype)
+    mask = torch.ones(b, 1, 1, n, dtype=torch.bool)
+    mask[1, ..., :7] = False  # a left-padded row
+    kk, vv = (t.double().repeat_interleave(h // kv, 1) for t in (k, v))
+    scores = (q.double() @ kk.transpose(-1, -2)) * d ** -0.5
+    expected = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ vv
+    _forbid_kv_copies(monkeypatch)
+    got = attend(q, k, v, mask)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), expected, atol=tol, rtol=tol)
