@@ -354,3 +354,18 @@ def test_page_stays_reachable_for_loopback_clients(stack: dict[str, Any]) -> Non
 
     r = asyncio.run(go())
     assert r.status_code == 200 and "<html" in r.text.lower()
+
+
+def test_any_command_missing_an_optional_package_is_a_one_line_hint(capsys: pytest.CaptureFixture[str]) -> None:
+    """A reward model needs ``transformers``, which is not a base dependency: no traceback (exit 2)."""
+    from minimind.cli import _run, build_parser
+
+    args = build_parser().parse_args(["grpo", "--data_path", "x.jsonl"])
+
+    def needs_transformers(_args: object) -> int:
+        raise ModuleNotFoundError("No module named 'transformers'", name="transformers")
+
+    args.func = needs_transformers
+    assert _run(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "minimind grpo" in err and "pip install transformers" in err

@@ -511,6 +511,10 @@ def _run(args: argparse.Namespace) -> int:
         where = f": {e.filename}" if e.filename else ""
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:  # an optional package (a reward model's transformers, gguf, ...)
+        from minimind.serve.cli import missing_package_hint
+        print(f"error: {missing_package_hint(e, f'minimind {args.command}')}", file=sys.stderr)
+        return 2
     except TrainingInterrupted:
         return 130  # the loop saved and printed how to resume
     except KeyboardInterrupt:

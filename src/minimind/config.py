@@ -152,6 +152,10 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 #: plus the assistant header is about 12 tokens), and a pretraining row holds almost only BOS/EOS.
 MIN_SEQ_LEN = 16
 
+#: Largest learning rate accepted (any rate near it diverges at the first step; far above it, as with
+#: 1e38, AdamW and Muon fail inside torch with a float32 overflow instead of a clear message).
+MAX_RATE = 1e3
+
 
 def nonfinite_fields(obj: Any) -> list[str]:
     """``--name must be a finite number`` for every float field of a dataclass that is NaN or inf.
@@ -281,6 +285,9 @@ class TrainConfig:
                      "num_workers", "skip_nonfinite"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name} must not be negative, got {getattr(self, name)}")
+        for name in ("learning_rate", "muon_lr"):  # above MAX_RATE torch's optimizers overflow float32
+            if getattr(self, name) > MAX_RATE:
+                problems.append(f"--{name} must be at most {MAX_RATE:g}, got {getattr(self, name):g}")
         if self.learning_rate <= 0:
             problems.append(f"--learning_rate must be positive, got {self.learning_rate}")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -28,15 +28,16 @@ API_KEY_ENV = "MINIMIND_API_KEY"
 _INSTALL_HINTS = {
     "fastapi": "fastapi", "starlette": "fastapi", "pydantic": "fastapi", "uvicorn": "uvicorn",
     "h11": "uvicorn", "safetensors": "safetensors", "tokenizers": "tokenizers", "jinja2": "jinja2",
+    "transformers": "transformers", "gguf": "gguf", "matplotlib": "matplotlib",
 }
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
-def missing_package_hint(exc: ModuleNotFoundError) -> str:
+def missing_package_hint(exc: ModuleNotFoundError, command: str = "minimind serve") -> str:
     """One line saying which package to install, instead of a traceback."""
     top = (exc.name or "").split(".")[0]
     package = _INSTALL_HINTS.get(top, top or "the missing package")
-    return (f"minimind serve needs the Python package {package!r}, which is not installed: "
+    return (f"{command} needs the Python package {package!r}, which is not installed: "
             f"pip install {package}   (or reinstall minimind: pip install -e .)")
 
 

@@ -179,14 +179,17 @@ class Trainer:
 
     # ---- setup -----------------------------------------------------------------------------------
     def prepare_data(self) -> Any:
-        """The stage's dataset; local rank 0 tokenizes (and copies the tokenizer next to the
-        weights) while the node's other ranks wait, so they never race on the cache."""
+        """The stage's dataset; local rank 0 tokenizes while the node's other ranks wait, so they
+        never race on the cache."""
         with local_rank_zero_first(self.info):
-            keep = Path(self.cfg.save_dir) / "tokenizer"
-            if self.info.local_rank == 0 and not (keep / "tokenizer.json").exists() \
-                    and hasattr(self.tokenizer, "save"):
-                self.tokenizer.save(keep)  # weights and their tokenizer travel together
             return self.stage.build_dataset(self.cfg, self.tokenizer, rank=self.info.rank)
+
+    def keep_tokenizer(self) -> None:
+        """Copy the tokenizer next to the weights (they travel together); called once data and model
+        are known good, so a run refused for its input writes nothing into ``save_dir``."""
+        keep = Path(self.cfg.save_dir) / "tokenizer"
+        if self.info.local_rank == 0 and not (keep / "tokenizer.json").exists() and hasattr(self.tokenizer, "save"):
+            self.tokenizer.save(keep)
 
     def setup_model(self) -> MiniMindForCausalLM:
         """Build (or load) the model, let the stage wrap it and place its own models, create the

@@ -131,6 +131,7 @@ def train(stage: StageBase, cfg: TrainConfig, tokenizer: Any,
 
         record = trainer.config_record()
         step = resume_if_asked(trainer, cfg, resume_path, total_steps)
+        trainer.keep_tokenizer()  # input, model and resume file accepted: now write beside the weights
         if step:
             if step >= total_steps:
                 if info.is_main:

@@ -237,6 +237,7 @@ def train_rl(stage: StageBase, cfg: TrainConfig, tokenizer: Any,
         o = ctx.o
         record = trainer.config_record()
         step = resume_if_asked(trainer, cfg, files.resume, ctx.total)
+        trainer.keep_tokenizer()
         if step:
             ctx.backend.refresh(trainer.base_model)
         elif trainer.info.is_main:
