@@ -10,13 +10,16 @@ Then ``--grpo_steps`` GRPO steps on the toy task (``--grpo_hidden`` wide, 4 laye
 ``--group`` samples of ``--grpo_tokens`` tokens) through a ``minimind serve`` subprocess, lockstep and
 with ``--overlap 1`` (rollouts of step k+1 while step k trains)::
 
-    python bench/rl_remote_rollouts.py [--preset small] [--prompts 8] [--group 8] [--tokens 64]
+    python bench/rl_remote_rollouts.py [--preset small] [--prompts 8] [--group 8] [--tokens 64] [--out F]
+
+Stdout carries only the JSON (with the environment block: CPU model, flags, load average); the
+stages' own progress lines go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import socket
 import statistics
@@ -38,6 +41,9 @@ from minimind.rl.rollout import EngineBackend
 from minimind.rl.toy import write_toy_task
 from minimind.tokenizer import MiniMindTokenizer
 from minimind.train.core import build_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit_json, environment  # noqa: E402
 
 
 def start_server(weights: Path, tok_dir: Path, slots: int) -> tuple[subprocess.Popen, str]:
@@ -70,8 +76,16 @@ def main() -> None:
     ap.add_argument("--grpo_steps", type=int, default=8, help="0 = skip the GRPO comparison")
     ap.add_argument("--grpo_hidden", type=int, default=256)
     ap.add_argument("--grpo_tokens", type=int, default=32)
+    ap.add_argument("--out", default="", help="also write the JSON here")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON's alone
+        report = measure(args)
+    emit_json(report, args.out)
+
+
+def measure(args: argparse.Namespace) -> dict[str, object]:
+    """Rollout tokens/s both ways, one weight sync, then the GRPO lockstep/overlap comparison."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         tok_dir, _ = write_toy_task(root)
@@ -107,16 +121,16 @@ def main() -> None:
     tokens = rows * args.tokens
     med = {k: statistics.median(v) for k, v in times.items()}
     grpo = grpo_overlap(args) if args.grpo_steps else None
-    print(json.dumps({
-        "benchmark": "rl_rollouts_in_process_vs_server", "preset": args.preset,
+    return {
+        "benchmark": "rl_rollouts_in_process_vs_server", "environment": environment(torch.device("cpu")),
+        "preset": args.preset,
         "parameters": sum(p.numel() for p in model.parameters()), "prompts": args.prompts,
         "group": args.group,
         "tokens_per_completion": args.tokens, "repeats": args.repeats, "threads_each": 1,
         "tokens_per_s": {k: round(tokens / v, 1) for k, v in med.items()},
         "server_over_in_process": round(med["in_process"] / med["server"], 3),
         "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
-        "weight_sync_s": round(sync_s, 3), "grpo_through_server": grpo,
-        "cpu": "shared 2-core Xeon (other jobs running)"}, indent=2))
+        "weight_sync_s": round(sync_s, 3), "grpo_through_server": grpo}
 
 
 def grpo_overlap(args: argparse.Namespace) -> dict[str, object]:
@@ -149,7 +163,7 @@ def grpo_overlap(args: argparse.Namespace) -> dict[str, object]:
                 opts = GRPOOptions(loss_type="grpo", num_generations=args.group, beta=0.0,
                                    reward="toy_digit:1", max_gen_len=args.grpo_tokens, temperature=1.0,
                                    thinking_ratio=0.0, rollout_backend="server", rollout_url=url,
-                                   overlap=overlap)
+                                   overlap=overlap, tis_cap=2.0 if overlap else 0.0)
                 res = GRPOStage(opts).run(cfg(f"overlap{overlap}"), tok)
                 sec = [r["sec_per_step"] for r in res.records[1:]]
                 out[f"overlap_{overlap}"] = {"median_s_per_step": round(statistics.median(sec), 3),

@@ -17,6 +17,7 @@ import json
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -282,6 +283,47 @@ def test_a_busy_server_is_asked_again_not_failed() -> None:
         running.stop()
     assert calls == [1, 1] and not backend.failures
     assert result.token_ids == [7, 2] and result.logprobs == [-1.0, -0.5] and result.stop == 2
+
+
+def test_a_server_slower_than_the_timeout_is_failed_not_waited_on() -> None:
+    """A server that accepts the request and then never answers (frozen, swapping) is failed after
+    ``--rollout_timeout`` seconds with a reason naming the timeout: the run never hangs on it."""
+    from fastapi import FastAPI
+    stub = FastAPI()
+    release = threading.Event()
+
+    @stub.post("/generate")
+    def generate(body: dict[str, Any]) -> Any:
+        release.wait(30)  # far past the backend's timeout
+        return []
+
+    running = Running(stub)
+    backend = HTTPRolloutBackend(running.url, sync_interval=0, timeout=0.5, log=lambda _: None)
+    started = time.monotonic()
+    try:
+        with pytest.raises(RolloutServerError, match="no rollout server left") as err:
+            backend.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, stop_token_ids=(2,)), 1)
+        waited = time.monotonic() - started
+    finally:
+        release.set()
+        backend.close()
+        running.stop()
+    assert waited < 20, f"waited {waited:.1f} s on a server the backend gives 0.5 s"
+    assert backend.failures and "Timeout" in backend.failures[0].reason, backend.failures
+    assert running.url in str(err.value)
+
+
+def test_overlap_without_tis_warns() -> None:
+    """``--overlap 1`` samples one step off-policy; with ``--tis_cap 0`` nothing corrects that, so the
+    options say so (and say nothing once a cap is set)."""
+    from minimind.rl.options import RLOptions
+    base = dict(rollout_backend="server", rollout_url="http://127.0.0.1:1", overlap=1)
+    with pytest.warns(RuntimeWarning, match="--overlap 1 with --tis_cap 0"):
+        RLOptions(**base).validate()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RLOptions(**base, tis_cap=2.0).validate()
+        RLOptions(**{**base, "overlap": 0}).validate()
 
 
 # ---- the documented request/response shapes ------------------------------------------------------------

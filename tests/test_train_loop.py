@@ -490,6 +490,34 @@ def test_keyboard_interrupt_saves_and_resumes_exactly(workspace, full_run, tmp_p
     assert steps == list(range(1, FULL_STEPS + 1))
 
 
+def test_a_fresh_run_replaces_old_metrics_only_once_it_logs(workspace, full_run, tmp_path, monkeypatch):
+    """A fresh run over an earlier run's folder keeps the earlier metrics file until its own first
+    record: a run that dies before logging leaves the old curve whole (the old code deleted it when
+    the run started), and one that logs replaces it rather than appending to it."""
+    out = _copy_run(full_run, tmp_path / "run")
+    metrics = full_run["res"].metrics_path
+    mine = out / metrics.relative_to(full_run["out"])
+    before = mine.read_text()
+
+    from minimind.train.core import Trainer
+    real_step, calls = Trainer.step, []
+
+    def die_at_2(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # a crash inside step 2, before the first log at step 4
+            raise _Killed()
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "step", die_at_2)
+    with pytest.raises(_Killed):
+        train(PRETRAIN, _cfg(workspace, out, max_steps=FULL_STEPS, log_interval=4), _tok(workspace))
+    monkeypatch.undo()
+    assert len(calls) == 2 and mine.read_text() == before
+    res = train(PRETRAIN, _cfg(workspace, out, max_steps=2), _tok(workspace))
+    assert res.metrics_path == mine
+    assert [json.loads(x)["step"] for x in mine.read_text().splitlines()] == [1, 2]
+
+
 def test_from_weight_refuses_contradicting_shape(workspace, full_run, tmp_path):
     weights = full_run["res"].weights_path
     for flag, value in (("hidden_size", 128), ("num_hidden_layers", 3), ("use_moe", 1)):

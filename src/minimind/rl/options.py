@@ -9,6 +9,7 @@ soft overlong punishment; a flag the user sets always wins. :meth:`RLOptions.res
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,10 +220,12 @@ class RLOptions:
             problems.append(str(e).strip('"'))
         if self.reward_model_path and not Path(self.reward_model_path).is_dir():
             problems.append(f"--reward_model_path {self.reward_model_path}: no such folder")
-        from minimind.rl.remote import rollout_option_problems
+        from minimind.rl.remote import rollout_option_problems, rollout_option_warnings
         problems += rollout_option_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
+        for message in rollout_option_warnings(self):
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
 
 
 def parse_reward_spec(spec: str, allow_empty: bool = False) -> list[tuple[str, float]]:

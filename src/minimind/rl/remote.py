@@ -52,7 +52,8 @@ from minimind.infer.scheduler import GenerationResult
 from minimind.rl.remote_dialects import DIALECTS, Dialect, MalformedResponse, Unit
 
 __all__ = ["API_KEY_ENV", "HTTPRolloutBackend", "OneStepAhead", "RolloutServerError", "StaleWeightsError",
-           "parse_urls", "rollout_option_problems", "server_backend"]
+           "parse_urls", "rollout_option_problems", "rollout_option_warnings",
+           "server_backend"]
 
 #: The API key sent to the rollout servers (the one ``minimind serve`` reads too).
 API_KEY_ENV = "MINIMIND_API_KEY"
@@ -450,6 +451,18 @@ def rollout_option_problems(options: Any) -> list[str]:
     if not options.rollout_timeout > 0:
         problems.append(f"--rollout_timeout must be > 0, got {options.rollout_timeout}")
     return problems
+
+
+def rollout_option_warnings(options: Any) -> list[str]:
+    """Settings that run but probably not as meant: ``--overlap 1`` samples step k+1's rollouts from
+    the weights before step k's update, and without ``--tis_cap`` nothing reweights them to the
+    policy being trained (the objective's ratio is against the trainer's own log-probs)."""
+    warnings = []
+    if getattr(options, "overlap", 0) and options.rollout_backend == "server" and not options.tis_cap > 0:
+        warnings.append("--overlap 1 with --tis_cap 0: the rollouts are one step off-policy and no "
+                        "importance weight corrects them; pass --tis_cap 2 (or similar) to apply the "
+                        "truncated correction")
+    return warnings
 
 
 def server_backend(options: Any, cfg: Any, tokenizer: Any, model: nn.Module, max_context: int | None,

@@ -21,11 +21,14 @@ documentation:
   makes ``choices[k].logprobs.tokens`` read ``"token_id:<id>"``; ``choices[k].index = prompt * n +
   sample``.  One request carries one setting (the first prompt's; its seed seeds the request).
   vLLM reports no weight version in its body; a ``X-Weight-Version`` header is read if a server
-  sends one.  vLLM cannot load weights from disk over HTTP: its weight-update RPC is the NCCL /
-  CUDA-IPC weight-transfer API (``vllm serve --weight-transfer-config '{"backend": "nccl"}'`` with
-  ``VLLM_SERVER_DEV_MODE=1``: ``POST /init_weight_transfer_engine`` once, then ``/pause``,
-  ``/update_weights`` while the trainer broadcasts the tensors, ``/resume`` each step), which needs a
-  trainer-side NCCL group this project does not open; so with vLLM only ``--sync_interval 0`` runs.
+  sends one.  vLLM returns the log-probs of the raw logits by default (``--logprobs-mode
+  raw_logprobs``: before temperature), which are not the distribution it sampled at T != 1; its
+  server must run with ``--logprobs-mode processed_logprobs`` for the importance correction to
+  compare like with like.  vLLM cannot load weights from disk over HTTP: its weight updates go
+  through its weight-transfer engine (``--weight-transfer-config`` with an NCCL or CUDA-IPC backend,
+  driven by the ``/init_weight_transfer_engine`` ... ``/update_weights`` routes of its development
+  mode while the trainer sends the tensors itself), which needs a trainer-side NCCL group this
+  project does not open; so with vLLM only ``--sync_interval 0`` runs.
 
 Both dialects ask for the log-probs the server's sampler computed, which is what the importance
 correction of the objective compares against (see ``minimind.rl.rollout``).

@@ -97,8 +97,8 @@ def open_metrics(trainer: Trainer, metrics_path: Path, record: dict[str, Any], s
     if info.is_main:
         if step:
             metrics.truncate_after(step)
-        elif metrics_path.exists():
-            metrics_path.unlink()
+        else:
+            metrics.start_fresh()
     return metrics
 
 

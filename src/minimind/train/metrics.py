@@ -36,6 +36,7 @@ class MetricsWriter:
         """``project`` is the tracker's project name (``--wandb_project``; reference: MiniMind)."""
         self.path = Path(path)
         self.enabled = enabled
+        self._replace = False
         self._tracker = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,10 +47,16 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"time": round(time.time(), 3), **record}
-        with open(self.path, "a", encoding="utf-8") as f:
+        mode, self._replace = ("w" if self._replace else "a"), False
+        with open(self.path, mode, encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
         if self._tracker is not None:
             self._tracker.log({k: v for k, v in record.items() if isinstance(v, (int, float))})
+
+    def start_fresh(self) -> None:
+        """A fresh run replaces an earlier run's file, but only with its first record: a run that
+        fails before logging anything (bad data, an interrupt at step 0) leaves the old curve."""
+        self._replace = True
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records of steps that the resumed run will redo."""
