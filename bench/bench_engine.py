@@ -4,7 +4,8 @@ What is measured, for each mode and batch size, in one run on the same random-we
 
 * ``engine`` (and any other engine variant named with ``--variants``): our
   :class:`~minimind.infer.GenerationEngine`; mode ``float32`` / ``bfloat16`` is its ``dtype``, mode
-  ``int8`` is ``dtype=bfloat16, quantize="int8"`` (int8 block matrices and LM head, see
+  ``int8`` is ``quantize="int8"`` with the activations ``--dtype auto`` gives (bf16, float32 on an
+  AVX2-only CPU) (int8 block matrices and LM head, see
   :mod:`minimind.infer.quant`);
 * ``reference``: the reference decoder and sampling loop rebuilt in ``bench/reference_decode.py``
   (growing ``torch.cat`` KV cache, ``repeat_kv``, manual attention per decode step, logits for every
@@ -72,6 +73,7 @@ from minimind.config import PRESETS, preset
 from minimind.infer import GenerationEngine, SamplingParams
 from minimind.infer.quant import Int8Linear, use_gemv_, weight_bytes
 from minimind.model import MiniMindForCausalLM
+from minimind.train.device import pick_dtype
 
 TEMPERATURE, TOP_K, TOP_P = 0.85, 50, 0.85
 NEVER_SAMPLED_EOS = -1  # no token has this id: rows never finish early, the finished check still runs
@@ -105,8 +107,19 @@ MODES = {
     "float32": Mode(torch.float32, None, "f32", torch.float32),
     "bfloat16": Mode(torch.bfloat16, None, "bf16", torch.bfloat16),
     "float16": Mode(torch.float16, None, "f16", torch.float16),
-    "int8": Mode(torch.bfloat16, "int8", "q8_0", None),
+    "int8": Mode(torch.bfloat16, "int8", "q8_0", None),  # activations: see mode_for
 }
+
+
+def mode_for(name: str, device: torch.device) -> Mode:
+    """``MODES[name]``, with int8's activation dtype what ``--quantize int8`` runs with ``--dtype
+    auto`` on ``device``: bf16 where the CPU has native bf16 (and on CUDA), float32 on an AVX2-only
+    CPU, where bf16 arithmetic is emulated."""
+    mode = MODES[name]
+    if mode.quantize:
+        mode = Mode(pick_dtype(device, "auto"), mode.quantize, mode.gguf, mode.reference)
+    return mode
+
 DTYPES = {name: m.dtype for name, m in MODES.items()}  # kept for callers of the old name
 
 FULL_DEFAULTS: dict[str, Any] = {"preset": "minimind-3", "batches": "1,8,32", "prompt_len": 100,
@@ -474,7 +487,8 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
                      "dtypes": mode_names, "repeats": args.repeats, "floor_iters": args.floor_iters,
                      "variants": variants, "sampling": {"temperature": TEMPERATURE, "top_k": TOP_K,
                                                         "top_p": TOP_P, "stop": None},
-                     "seed": args.seed, "quick": args.quick},
+                     "seed": args.seed, "quick": args.quick,
+                     "int8_activation_dtype": str(mode_for("int8", device).dtype).replace("torch.", "")},
         "environment": {"cpu": cpu_info(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                         "python": platform.python_version(), "device": str(device),
                         "cpu_count": os.cpu_count(), "load_average_at_start": load_average(),
@@ -485,7 +499,7 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_engine_") as tmp:
         for mname in mode_names:
-            report["results"][mname] = _bench_mode(args, MODES[mname], base, all_prompts, batches, variants,
+            report["results"][mname] = _bench_mode(args, mode_for(mname, device), base, all_prompts, batches, variants,
                                                    reference, llama_skip, Path(tmp), device)
             gc.collect()
     report["targets"] = targets(report["results"])

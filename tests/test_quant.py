@@ -78,10 +78,13 @@ def test_codes_round_to_nearest_within_half_a_step() -> None:
     assert bool((codes.abs().amax(1)[torch.arange(37) != 5] >= 126).all())
 
 
+@pytest.mark.parametrize("kernels", [(True, True), (False, False)], ids=["vnni_bf16", "avx2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 4, 11])  # 3, 12, 33 rows: each CPU kernel (quant doc)
-def test_int8_linear_equals_dequantized_product(dtype: torch.dtype, rows: int,
+def test_int8_linear_equals_dequantized_product(dtype: torch.dtype, rows: int, kernels: tuple[bool, bool],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every kernel the CPU may pick (the kinds are forced: each runs, emulated if need be, anywhere)."""
+    monkeypatch.setattr(quant, "cpu_kernels", lambda: kernels)
     torch.manual_seed(1)
     lin = nn.Linear(64, 96, bias=False)
     q = Int8Linear.from_linear(lin, out_dtype=dtype)

@@ -48,8 +48,8 @@ from torch import nn
 __all__ = ["PackedLinear", "bf16_packing_supported", "cpu_flags", "int8_gemm", "int8_gemm_supported",
            "pack_bf16", "pack_int8"]
 
-_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
-_INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # native bf16 dot products
+INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # native int8 dot products
 
 
 @functools.cache
@@ -77,7 +77,7 @@ def bf16_packing_supported() -> bool:
     if not _has_ops(torch.ops.mkldnn, "_reorder_linear_weight", "_linear_pointwise", "_is_mkldnn_bf16_supported"):
         return False
     try:
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported() or not cpu_flags() & _BF16_FLAGS:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported() or not cpu_flags() & BF16_FLAGS:
             return False
         gen = torch.Generator().manual_seed(0)
         w = torch.randn(24, 40, generator=gen).to(torch.bfloat16)
@@ -94,7 +94,7 @@ def int8_gemm_supported() -> bool:
     """Whether oneDNN's int8 GEMM runs natively here and returns exact int32 products."""
     if not torch.backends.mkldnn.is_available():
         return False
-    if not _has_ops(torch.ops.onednn, "qlinear_prepack", "qlinear_pointwise") or not cpu_flags() & _INT8_FLAGS:
+    if not _has_ops(torch.ops.onednn, "qlinear_prepack", "qlinear_pointwise") or not cpu_flags() & INT8_FLAGS:
         return False
     gen = torch.Generator().manual_seed(0)
     codes = torch.randint(-127, 128, (24, 40), generator=gen, dtype=torch.int8)
