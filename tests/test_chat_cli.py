@@ -140,7 +140,8 @@ def test_real_engine_survives_an_interrupted_stream(tok_dir: Path, monkeypatch) 
     model = tiny_model()
     engine = GenerationEngine(model, tok)
     calls = {"n": 0}
-    real_forward = model.lm_head.forward
+    head = engine.model.lm_head  # the engine decodes through its own modules (the caller's weights)
+    real_forward = head.forward
 
     def flaky_forward(*a, **k):
         calls["n"] += 1
@@ -148,13 +149,13 @@ def test_real_engine_survives_an_interrupted_stream(tok_dir: Path, monkeypatch) 
             raise KeyboardInterrupt
         return real_forward(*a, **k)
 
-    monkeypatch.setattr(model.lm_head, "forward", flaky_forward)
+    monkeypatch.setattr(head, "forward", flaky_forward)
     greedy = SamplingParams(max_new_tokens=6, greedy=True, stop_token_ids=())
     buf = io.StringIO()
     replies = run_chat(engine, tok, ["hello", "world"], params=greedy, console=Console(file=buf))
     assert [r.finish_reason for r in replies] == ["interrupted"]
-    assert calls["n"] == 4 and not model.training
-    monkeypatch.setattr(model.lm_head, "forward", real_forward)
+    assert calls["n"] == 4 and not model.training and not engine.model.training
+    monkeypatch.setattr(head, "forward", real_forward)
     inputs = iter(["hello", "world"])
     replies = run_chat(engine, tok, None, params=greedy, history=2, console=Console(file=buf),
                        input_fn=lambda p: next(inputs, "/exit"))

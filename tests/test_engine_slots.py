@@ -143,8 +143,10 @@ def test_bf16_inference_copy_and_refresh() -> None:
     torch.testing.assert_close(engine.model.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))
     out = engine.generate([_prompt(8, 6)], SamplingParams(max_new_tokens=4, **GREEDY))[0]
     assert len(out.token_ids) == 4
-    fp32 = GenerationEngine(model)
-    assert fp32.model is model  # same dtype: no copy, nothing to refresh
+    fp32 = GenerationEngine(model)  # same dtype: the caller's very tensors, nothing to refresh
+    assert all(a is b for a, b in zip(fp32.model.parameters(), model.parameters()))
+    assert all(a is b for a, b in zip(fp32.model.buffers(), model.buffers()))
+    assert type(model.lm_head) is torch.nn.Linear and fp32.model.lm_head is not model.lm_head  # caller's layers kept
 
 
 def test_closing_a_stream_frees_its_slot() -> None:

@@ -239,11 +239,18 @@ def test_gemv_layers_compute_the_same_logits_and_keep_weights_shared(dtype: torc
     assert quant.use_gemv_(fast) == 2 * 7 + 1  # every block projection and the LM head
     assert isinstance(fast.lm_head, quant.GemvLinear)
     ids = torch.randint(0, 300, (3, 7))
+    threads = torch.get_num_threads()
     with torch.no_grad():
-        for batch in (ids[:1, :1], ids):  # one row: torch.mv; many rows: F.linear
-            # the same products, only the summation order may differ
-            tol = 1e-5 if dtype == torch.float32 else 1e-2
-            assert rel_err(fast(batch).logits, model(batch).logits) < tol
+        # one row: torch.mv (fp32 on several threads: one row block per thread, as up to 8 rows);
+        # many rows: F.linear.  The same products, only the summation order may differ.
+        for k in (1, 2, 3):
+            torch.set_num_threads(k)
+            try:
+                for batch in (ids[:1, :1], ids[:1], ids[:, :2], ids):
+                    tol = 1e-5 if dtype == torch.float32 else 1e-2
+                    assert rel_err(fast(batch).logits, model(batch).logits) < tol, (k, batch.shape)
+            finally:
+                torch.set_num_threads(threads)
         fast.load_state_dict(model.state_dict())  # same keys as the float model
         layer = fast.model.layers[0].self_attn.q_proj
         assert layer.weight is dict(fast.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
