@@ -499,8 +499,8 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_engine_") as tmp:
         for mname in mode_names:
-            report["results"][mname] = _bench_mode(args, mode_for(mname, device), base, all_prompts, batches, variants,
-                                                   reference, llama_skip, Path(tmp), device)
+            report["results"][mname] = _bench_mode(args, mode_for(mname, device), base, all_prompts, batches,
+                                                   variants, reference, llama_skip, Path(tmp), device)
             gc.collect()
     report["targets"] = targets(report["results"])
     report["wall_s"] = time.perf_counter() - t_start

@@ -146,7 +146,8 @@ def test_bf16_inference_copy_and_refresh() -> None:
     fp32 = GenerationEngine(model)  # same dtype: the caller's very tensors, nothing to refresh
     assert all(a is b for a, b in zip(fp32.model.parameters(), model.parameters()))
     assert all(a is b for a, b in zip(fp32.model.buffers(), model.buffers()))
-    assert type(model.lm_head) is torch.nn.Linear and fp32.model.lm_head is not model.lm_head  # caller's layers kept
+    # the caller's model keeps its own layers
+    assert type(model.lm_head) is torch.nn.Linear and fp32.model.lm_head is not model.lm_head
 
 
 def test_closing_a_stream_frees_its_slot() -> None:

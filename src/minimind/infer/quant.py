@@ -67,8 +67,8 @@ from torch import nn
 
 from minimind.infer import onednn
 
-__all__ = ["QUANT_MODES", "GemvLinear", "Int8Linear", "cpu_kernels", "quantize_int8_", "quantize_model_", "quantize_rows",
-           "use_gemv_", "use_onednn_", "weight_bytes"]
+__all__ = ["QUANT_MODES", "GemvLinear", "Int8Linear", "cpu_kernels", "quantize_int8_", "quantize_model_",
+           "quantize_rows", "use_gemv_", "use_onednn_", "weight_bytes"]
 
 QUANT_MODES = ("int8",)
 _KERNEL_DTYPE = torch.bfloat16  # the activation dtype of the CPU kernel's fast path
