@@ -38,32 +38,16 @@ rebuild it after every ``load_state_dict`` (:meth:`GenerationEngine.refresh_weig
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PackedLinear", "bf16_packing_supported", "cpu_flags", "int8_gemm", "int8_gemm_supported",
+from minimind.train.device import cpu_has_fast_bf16, cpu_has_fast_int8
+
+__all__ = ["PackedLinear", "bf16_packing_supported", "int8_gemm", "int8_gemm_supported",
            "pack_bf16", "pack_int8"]
-
-BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # native bf16 dot products
-INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # native int8 dot products
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The instruction-set flags ``/proc/cpuinfo`` lists (empty where there is no such file)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
-
 
 def _has_ops(namespace: Any, *names: str) -> bool:
     return all(hasattr(namespace, n) for n in names)
@@ -77,7 +61,7 @@ def bf16_packing_supported() -> bool:
     if not _has_ops(torch.ops.mkldnn, "_reorder_linear_weight", "_linear_pointwise", "_is_mkldnn_bf16_supported"):
         return False
     try:
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported() or not cpu_flags() & BF16_FLAGS:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported() or not cpu_has_fast_bf16():
             return False
         gen = torch.Generator().manual_seed(0)
         w = torch.randn(24, 40, generator=gen).to(torch.bfloat16)
@@ -94,7 +78,7 @@ def int8_gemm_supported() -> bool:
     """Whether oneDNN's int8 GEMM runs natively here and returns exact int32 products."""
     if not torch.backends.mkldnn.is_available():
         return False
-    if not _has_ops(torch.ops.onednn, "qlinear_prepack", "qlinear_pointwise") or not cpu_flags() & INT8_FLAGS:
+    if not _has_ops(torch.ops.onednn, "qlinear_prepack", "qlinear_pointwise") or not cpu_has_fast_int8():
         return False
     gen = torch.Generator().manual_seed(0)
     codes = torch.randint(-127, 128, (24, 40), generator=gen, dtype=torch.int8)

@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimind.infer import onednn
+from minimind.train.device import cpu_has_fast_bf16, cpu_has_fast_int8
 
 __all__ = ["QUANT_MODES", "GemvLinear", "Int8Linear", "cpu_kernels", "quantize_int8_", "quantize_model_",
            "quantize_rows", "use_gemv_", "use_onednn_", "weight_bytes"]
@@ -89,10 +90,7 @@ def cpu_kernels() -> tuple[bool, bool]:
     through ``_int_mm`` against 0.36 ms through ``_weight_int8pack_mm``, and a 100-row prefill 18.9
     ms dequantized to bf16 against 3.4 ms dequantized to float32.  So there the GEMV kernel serves up
     to :data:`GEMV_MAX_ROWS_NO_VNNI` rows and larger products dequantize to float32."""
-    flags = onednn.cpu_flags()
-    int8 = _HAS_INT_MM and bool(flags & onednn.INT8_FLAGS)
-    bf16 = bool(flags & onednn.BF16_FLAGS)
-    return int8, bf16
+    return _HAS_INT_MM and cpu_has_fast_int8(), cpu_has_fast_bf16()
 
 
 def _two_digit_int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,

@@ -188,7 +188,9 @@ class Trainer:
         """Copy the tokenizer next to the weights (they travel together); called once data and model
         are known good, so a run refused for its input writes nothing into ``save_dir``."""
         keep = Path(self.cfg.save_dir) / "tokenizer"
-        if self.info.local_rank == 0 and not (keep / "tokenizer.json").exists() and hasattr(self.tokenizer, "save"):
+        if self.info.local_rank != 0 or not hasattr(self.tokenizer, "save"):
+            return
+        if not (keep / "tokenizer.json").exists():
             self.tokenizer.save(keep)
 
     def setup_model(self) -> MiniMindForCausalLM:

@@ -36,14 +36,31 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-@functools.lru_cache(maxsize=1)
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # native bf16 dot products
+INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})  # native int8 dot products
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags ``/proc/cpuinfo`` lists (empty where there is no such file)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU advertises native bf16 matmul support (Linux flags)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
+    return bool(cpu_flags() & BF16_FLAGS)
+
+
+def cpu_has_fast_int8() -> bool:
+    """True when the CPU advertises native int8 dot products (VNNI / AMX-INT8)."""
+    return bool(cpu_flags() & INT8_FLAGS)
 
 
 def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
