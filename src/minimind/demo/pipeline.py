@@ -109,6 +109,9 @@ class DemoSettings:
     # PPO-ptx: gamma of an SFT loss on the demo's SFT rows (both thinking modes, every kind) added to
     # each GRPO step, so what the reward does not see (thinking-off answers, tool calls) stays put
     grpo_ptx_coef: float = 0.0
+    # DAPO's dynamic sampling: extra rounds of prompts until every group of the step has rewards that
+    # differ (a group all right or all wrong has advantage 0: no signal)
+    grpo_dynamic_sampling: int = 0
 
     @classmethod
     def quick(cls, out_dir: Path) -> DemoSettings:
@@ -339,7 +342,8 @@ class ReinforcementLearning:
                            thinking_ratio=s.grpo_thinking_ratio,
                            steps_per_generation=s.grpo_steps_per_generation, ppo_epochs=1,
                            lora_rank=s.grpo_lora_rank, lora_alpha=s.grpo_lora_alpha,
-                           ptx_coef=s.grpo_ptx_coef, ptx_data=str(ctx.artifacts["sft"]) if s.grpo_ptx_coef > 0 else "")
+                           ptx_coef=s.grpo_ptx_coef, dynamic_sampling=s.grpo_dynamic_sampling,
+                           ptx_data=str(ctx.artifacts["sft"]) if s.grpo_ptx_coef > 0 else "")
         heldout = [row for row in _read_jsonl(ctx.artifacts["eval_tasks"]) if row["kind"] in s.grpo_kinds]
         thinking = s.grpo_thinking_ratio >= 0.5
         sample = {"n": s.grpo_generations, "max_new_tokens": s.grpo_max_gen_len, "open_thinking": thinking}
@@ -365,6 +369,7 @@ class ReinforcementLearning:
             "generations": s.grpo_generations, "kinds": list(s.grpo_kinds), "lr": s.grpo_lr,
             "steps_per_generation": s.grpo_steps_per_generation, "ptx_coef": s.grpo_ptx_coef,
             "lora_rank": s.grpo_lora_rank, "lora_alpha": s.grpo_lora_alpha,
+            "dynamic_sampling": s.grpo_dynamic_sampling,
             "from": Path(start).name, "train_reward_first": round(sum(r[:k]) / k, 4),
             "train_reward_last": round(sum(r[-k:]) / k, 4),
             "sec_per_step_median": round(sec[len(sec) // 2], 3) if sec else None}

@@ -90,7 +90,9 @@ class GenerationEngine:
     ``dtype`` is the compute dtype (``None`` = the model's own); ``max_batch_len`` caps the positions
     per row (prompt + completion) below ``config.max_position_embeddings``; ``num_slots`` is how many
     rows decode together (``generate`` raises it for a larger batch); ``compile`` runs the decode step
-    through ``torch.compile`` at static shapes (every slot, the cache's full length); ``compile="frozen"``
+    through ``torch.compile`` at static shapes (rows padded to a power of two, the cache's full
+    length), one graph that writes the cache in place: measured on a 2-core AVX2 EPYC, fp32 and int8
+    one-row steps 1.3-1.4x faster than eager after a ~30-50 s first compile per shape; ``compile="frozen"``
     also compiles the weights in as constants (inductor ``freezing`` with ``max_autotune``: its own
     prepacked CPU GEMV/GEMM kernels: the 57 int8 products of a minimind-3 step alone ran 1.35x
     faster at one row, whole one-row int8 steps 1.0-1.46x in A/B runs on a loaded 2-core Xeon, so
@@ -127,7 +129,7 @@ class GenerationEngine:
             base = _inference_copy(model, self.dtype) if self.model is model else self.model
             self.model = quantize_model_(base, quantize)
         self._shares_source = False
-        if self.model is model and self.device.type == "cpu" and not compile:
+        if self.model is model and self.device.type == "cpu":
             # The caller's dtype: decode through a view of its model -- our own modules (so the layer
             # swaps below leave the caller's model alone) over the caller's very parameters and
             # buffers (so in-place updates, e.g. an RL policy's, are what the next rollout uses).
@@ -142,13 +144,13 @@ class GenerationEngine:
             # Compiled decode is left to inductor's own kernels (opaque packed tensors do not trace).
             self.onednn_layers = use_onednn_(self.model) if onednn and not compile else 0
         # torch.compile fuses the many small per-token kernels (norms, RoPE, casts, cache writes) of
-        # the decode step.  Compiled decode runs at static shapes — every slot of the cache, attending
-        # over its whole length under the mask — so one graph serves every step (a dynamic graph
-        # recompiles as the attended length grows); prefill, whose shapes vary, stays eager.
+        # the decode step.  Compiled decode runs at static shapes — rows padded to a power of two,
+        # attending over the cache's whole length under the mask — so one graph serves every step of
+        # a bucket (a dynamic graph recompiles as the attended length grows); prefill stays eager.
         if compile not in (False, True, "frozen"):
             raise ValueError(f"compile must be False, True or 'frozen', got {compile!r}")
         self.frozen = compile == "frozen"
-        if self.frozen and self.model is model:
+        if self.frozen and (self._shares_source or self.model is model):
             raise ValueError("compile='frozen' compiles the weights in as constants, so it needs the engine's "
                              "own weight copy: pass a dtype or quantize that differs from the model's")
         options = _FROZEN_OPTIONS if self.frozen else None
@@ -230,8 +232,10 @@ class GenerationEngine:
         """Feed ``tokens[i]`` at ``positions[i]`` into slot ``i`` for ``i < count``; float32 logits
         ``[count, V]``."""
         rows, kv_len = count, max(positions) + 1
-        if self._decode_call is not None:  # static shapes: pad to every slot and the full length
-            rows, kv_len = self.cache.batch_size, self.cache.max_len
+        if self._decode_call is not None:
+            # Static shapes: rows padded to a power of two (one graph per bucket, not per count) and
+            # attention over the cache's whole length under the mask (one graph per cache size).
+            rows, kv_len = min(1 << (count - 1).bit_length(), self.cache.batch_size), self.cache.max_len
             pad = rows - count  # free slots: their junk write at position 0 is overwritten on reuse
             tokens, positions = list(tokens) + [0] * pad, list(positions) + [0] * pad
         tok = torch.tensor(tokens, dtype=torch.long).view(rows, 1).to(self.device)

@@ -93,6 +93,12 @@ def cpu_kernels() -> tuple[bool, bool]:
     return _HAS_INT_MM and cpu_has_fast_int8(), cpu_has_fast_bf16()
 
 
+@torch.compiler.assume_constant_result
+def _kernels() -> tuple[bool, bool]:
+    """:func:`cpu_kernels`, a constant for ``torch.compile`` (a cached function would break the graph)."""
+    return cpu_kernels()
+
+
 def _two_digit_int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                        packed: Any | None = None) -> torch.Tensor:
     """``x (codes * scale)ᵀ`` in float32 through one int8 GEMM, ``x`` split into two int8 digits
@@ -203,7 +209,7 @@ class Int8Linear(nn.Module):
         elif self._packed is not None and 1 < rows <= INT_MM_MAX_ROWS:
             y = _two_digit_int8_mm(x2, self.qweight, self.scale, self._packed)
         else:
-            int8_native, bf16_native = cpu_kernels()
+            int8_native, bf16_native = _kernels()
             if rows <= (GEMV_MAX_ROWS if int8_native else GEMV_MAX_ROWS_NO_VNNI):
                 y = torch._weight_int8pack_mm(x2.to(_KERNEL_DTYPE).contiguous(), self.qweight, self.scale)
             elif rows <= INT_MM_MAX_ROWS and int8_native:
@@ -270,6 +276,13 @@ def quantize_int8_(model: nn.Module, lm_head: bool = True) -> nn.Module:
 SPLIT_MAX_ROWS = 8
 
 
+@torch.compiler.assume_constant_result
+def _threads() -> int:
+    """torch's intra-op thread count; a compiled decode step takes it as a constant (a call to
+    ``torch.get_num_threads`` would break the graph)."""
+    return torch.get_num_threads()
+
+
 class GemvLinear(nn.Module):
     """A bias-free linear layer for decode on the CPU; ``weight`` is the float parameter of the layer
     it replaces (shared, not copied).
@@ -296,7 +309,7 @@ class GemvLinear(nn.Module):
         rows = x.numel() // self.in_features
         if x.device.type != "cpu" or rows > SPLIT_MAX_ROWS:
             return F.linear(x, self.weight)
-        k = torch.get_num_threads()
+        k = _threads()
         if self.weight.dtype == torch.float32 and k > 1 and self.out_features % k == 0:
             blocks = self.weight.view(k, self.out_features // k, self.in_features)
             x2 = x.reshape(1, rows, self.in_features).expand(k, rows, self.in_features)

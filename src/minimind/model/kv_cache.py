@@ -14,7 +14,7 @@ index tensor (keys are gathered), which the engine avoids by keeping its busy sl
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -34,6 +34,7 @@ class KVCache:
         self.batch_size = batch_size
         self.max_len = max_len
         self._rows = torch.arange(batch_size, device=device).unsqueeze(1)
+        self._layers = torch.arange(config.num_hidden_layers, device=device).view(-1, 1, 1)  # [L, 1, 1]
 
     @property
     def num_slots(self) -> int:
@@ -48,7 +49,7 @@ class KVCache:
         """
         return self.slots(slice(0, k.shape[0])).update(layer, k, v, position_ids, kv_len)
 
-    def slots(self, slots: slice | Sequence[int] | torch.Tensor) -> "SlotView":
+    def slots(self, slots: slice | Sequence[int] | torch.Tensor) -> SlotView:
         """A cache view whose batch row ``b`` is slot ``slots[b]``."""
         return SlotView(self, slots)
 
@@ -80,21 +81,25 @@ class SlotView:
             else:
                 self._index = idx
         self.n = n
-        self._rows = (cache._rows[:n] if isinstance(self._index, slice)
-                      else self._index.unsqueeze(1))  # type: ignore[union-attr]
+        self._slots = (cache._rows[self._index] if isinstance(self._index, slice)
+                       else self._index.unsqueeze(1))  # type: ignore[union-attr]  # [B, 1] slot of row b
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor,
                kv_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """As :meth:`KVCache.update`, for the view's slots."""
         if k.shape[0] != self.n:
             raise ValueError(f"batch of {k.shape[0]} rows for a view of {self.n} slots")
-        kb, vb = self.cache.k[layer], self.cache.v[layer]
+        c = self.cache
+        slots = self._slots.expand_as(position_ids)
+        layers = c._layers[layer].expand_as(position_ids)
+        # Written on the whole cache tensor with index tensors only, never through a view of it: under
+        # torch.compile a write through a view becomes a copy of the whole cache (per layer, per step).
+        # Advanced indices around a slice put the indexed dims first: the target is [B, T, heads, d].
+        c.k[layers, slots, :, position_ids] = k.transpose(1, 2).to(c.k.dtype)
+        c.v[layers, slots, :, position_ids] = v.transpose(1, 2).to(c.v.dtype)
+        kb, vb = c.k[layer], c.v[layer]
         if isinstance(self._index, slice):
             kb, vb = kb[self._index], vb[self._index]
-        rows = self._rows.expand_as(position_ids)
-        # Advanced indices around a slice put the indexed dims first: target is [B, T, heads, d].
-        kb[rows, :, position_ids] = k.transpose(1, 2).to(kb.dtype)
-        vb[rows, :, position_ids] = v.transpose(1, 2).to(vb.dtype)
         n = kv_len if kv_len is not None else k.shape[2]
         if isinstance(self._index, slice):
             return kb[:, :, :n], vb[:, :, :n]

@@ -1,0 +1,80 @@
+"""The engine's decode step compiles as one graph that writes the KV cache in place.
+
+``GenerationEngine(compile=True)`` hands the decode forward of the engine's own modules (float
+``GemvLinear`` views, ``Int8Linear``) to ``torch.compile``.  Two things made that slower than eager
+before: a call that returns a Python int (``torch.get_num_threads``) split the step into a graph per
+layer, and the cache write went through a view of the whole ``[layers, slots, heads, len, d]`` cache,
+which functionalization turns into a rebuilt copy of the whole cache for every layer of every step.
+These tests trace the step through AOTAutograd (no inductor code generation, seconds on a CPU) with
+``fullgraph=True`` and read the graph it produced.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.backends.common import aot_autograd
+
+from minimind.infer import GenerationEngine, SamplingParams
+from minimind.model.masks import cache_attention_mask
+from tests.test_generation import reference_greedy, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SCATTERS = ("select_scatter", "slice_scatter", "as_strided_scatter")
+
+
+def _traced_decode(engine: GenerationEngine, rows: int, positions: list[int], tokens: list[int]):
+    """One decode step of ``engine``'s model compiled with ``fullgraph=True``: its logits, the
+    eager logits of the same step on a copy of the cache, and the traced forward graph's ops."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=record, bw_compiler=record)
+    compiled = torch.compile(engine.model, fullgraph=True, dynamic=False, backend=backend)
+    tok = torch.tensor(tokens).view(rows, 1)
+    pos = torch.tensor(positions).view(rows, 1)
+    mask = cache_attention_mask(pos, engine.cache.max_len)
+    k0, v0 = engine.cache.k.clone(), engine.cache.v.clone()
+    with torch.inference_mode():
+        got = compiled(tok, pos, mask, kv_cache=engine.cache.slots(slice(0, rows)), logits_to_keep=1).logits
+        k1, v1 = engine.cache.k.clone(), engine.cache.v.clone()
+        engine.cache.k.copy_(k0)
+        engine.cache.v.copy_(v0)
+        want = engine.model(tok, pos, mask, kv_cache=engine.cache.slots(slice(0, rows)), logits_to_keep=1).logits
+    torch.testing.assert_close(engine.cache.k, k1, rtol=1e-5, atol=1e-6)  # the compiled step wrote the cache
+    torch.testing.assert_close(engine.cache.v, v1, rtol=1e-5, atol=1e-6)
+    ops = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    return got, want, ops
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_decode_step_is_one_graph_without_cache_copies(quantize) -> None:
+    model = tiny_model()
+    engine = GenerationEngine(model, dtype=torch.float32, quantize=quantize, num_slots=4)
+    prompts = [[5, 9, 17, 33, 2], [7, 7, 8]]
+    engine.prefill([0, 1], prompts)
+    got, want, ops = _traced_decode(engine, 2, [len(p) for p in prompts], [11, 12])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert any("index_put" in op for op in ops), "the cache write is not in the graph"
+    copies = [op for op in ops if any(s in op for s in SCATTERS)]
+    assert not copies, f"the cache is rebuilt through view scatters: {copies}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_compiled_engine_greedy_equals_recomputation(quantize) -> None:
+    """Inductor end to end: the compiled engine (rows padded to a power of two, the whole cache
+    length) decodes the greedy tokens of a cache-free recomputation of its own weights."""
+    torch._dynamo.reset()
+    model = tiny_model()
+    engine = GenerationEngine(model, dtype=torch.float32, quantize=quantize, compile=True, num_slots=4)
+    prompts = [[5, 9, 17, 33, 2, 40], [7, 7, 8], [90, 91, 92, 93]]
+    results = engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0.0, stop_token_ids=()))
+    reference = engine.model if quantize else model  # int8: the engine's own (quantized) weights
+    for prompt, res in zip(prompts, results):
+        assert res.token_ids == reference_greedy(reference, prompt, 8)
