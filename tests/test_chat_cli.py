@@ -237,3 +237,25 @@ def test_non_weights_file_is_a_one_line_error(tmp_path: Path, capsys, content: b
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: not a weights file: ") and str(bad) in err
     assert len(err.splitlines()) == 1
+
+
+def test_compile_and_quantize_flags_reach_the_engine(tmp_path: Path, tok_dir: Path, monkeypatch) -> None:
+    """``--compile 1 --quantize int8`` build the engine with them (the default builds neither)."""
+    import minimind.infer.chat as chat_mod
+
+    out = tmp_path / "out"
+    save_weights(tiny_model(), out / f"full_sft_{H}.safetensors")
+    seen: list[dict[str, Any]] = []
+
+    class Recording(GenerationEngine):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            seen.append(kw)
+            super().__init__(*a, **{**kw, "compile": False})  # the flag is what is checked, not inductor
+
+    monkeypatch.setattr(chat_mod, "GenerationEngine", Recording)
+    common = ["--weight", "full_sft", "--save_dir", str(out), "--hidden_size", str(H), "--tokenizer_path",
+              str(tok_dir), "--prompts", str(_prompts(tmp_path)), "--max_new_tokens", "2", "--device", "cpu"]
+    assert chat_main(_args(*common)) == 0
+    assert chat_main(_args(*common, "--compile", "1", "--quantize", "int8")) == 0
+    assert (seen[0]["compile"], seen[0]["quantize"]) == (False, None)
+    assert (seen[1]["compile"], seen[1]["quantize"]) == (True, "int8")

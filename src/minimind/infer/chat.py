@@ -236,6 +236,9 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     a("--quantize", default="", choices=["", "int8"],
       help="int8: int8 weight-only decode (the engine's own weight copy; faster CPU decode)")
+    a("--compile", type=int, default=0, choices=[0, 1],
+      help="1: torch.compile the decode step (one graph per batch bucket; ~30-60 s first compile, "
+           "then faster steps, most on CPUs)")
     a("--raw", action="store_true",
       help="pretrained-model mode: no chat template (automatic for weights named pretrain*)")
     a("--seed", type=int, default=None, help="sampling seed (default: random)")
@@ -268,7 +271,8 @@ def _chat_main(args: argparse.Namespace) -> int:
     lora_note = f" + LoRA {loaded.lora.name}" if loaded.lora else ""
     device = pick_device(args.device)
     engine = GenerationEngine(model, tokenizer, device=device, dtype=pick_dtype(device, args.dtype),
-                              quantize=getattr(args, "quantize", "") or None)
+                              quantize=getattr(args, "quantize", "") or None,
+                              compile=bool(getattr(args, "compile", 0)))
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty,

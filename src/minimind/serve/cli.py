@@ -111,6 +111,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     a("--quantize", default="", choices=["", "int8"],
       help="int8: int8 weight-only decode (the engine's own weight copy; faster CPU decode)")
+    a("--compile", type=int, default=0, choices=[0, 1],
+      help="1: torch.compile the decode step (one graph per batch bucket; ~30-60 s first compile, "
+           "then faster steps, most on CPUs)")
     a("--no_ui", action="store_true", help="do not serve the web UI at /")
     a("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -178,7 +181,8 @@ def _serve(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     engine = GenerationEngine(model, tokenizer, device=device, dtype=pick_dtype(device, args.dtype),
                               max_batch_len=args.max_context or None, num_slots=args.slots,
-                              quantize=getattr(args, "quantize", "") or None)
+                              quantize=getattr(args, "quantize", "") or None,
+                              compile=bool(getattr(args, "compile", 0)))
     name = args.model_name or (source.name if source.is_dir() else source.stem)
     service = EngineService(engine)
     try:
