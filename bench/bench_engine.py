@@ -522,8 +522,11 @@ def _bench_mode(args: argparse.Namespace, mode: Mode, base: MiniMindForCausalLM,
         if kwargs is not None and mode.quantize is not None:
             kwargs, reason = ({**kwargs, "quantize": mode.quantize}, None) if "quantize" in inspect.signature(
                 GenerationEngine.__init__).parameters else (None, "GenerationEngine does not accept quantize")
-        engines[v] = reason if kwargs is None else GenerationEngine(
-            copy.deepcopy(base), device=device, dtype=mode.dtype, **kwargs)
+        try:
+            engines[v] = reason if kwargs is None else GenerationEngine(
+                copy.deepcopy(base), device=device, dtype=mode.dtype, **kwargs)
+        except ValueError as err:  # e.g. engine_frozen without an own weight copy (fp32 on fp32 weights)
+            engines[v] = str(err)
         if v in GEMV_VARIANTS and not isinstance(engines[v], str):
             use_gemv_(engines[v].model)  # the engine's own copy (a deepcopy of base): int8 layers stay
     ref_model = None

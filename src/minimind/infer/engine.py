@@ -58,7 +58,10 @@ __all__ = ["FinishReason", "GenerationEngine", "GenerationResult", "TextStream",
 OnToken = Callable[[int, int], None]
 # compile="frozen": weights become constants of the graph, so inductor may prepack them and pick its
 # own GEMM kernels by timing them (the CPP backend's micro-kernels beat _weight_int8pack_mm at one row).
-_FROZEN_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+# No epilogue fusion: with the whole step in one graph, inductor (torch 2.13) fused the v-projection's
+# cache write into its CPP GEMM template and failed an indexing assertion at compile time.
+_FROZEN_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                   "epilogue_fusion": False}
 _MIN_CACHE_LEN = 256
 
 
