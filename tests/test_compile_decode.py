@@ -16,6 +16,7 @@ import torch
 from torch._dynamo.backends.common import aot_autograd
 
 from minimind.infer import GenerationEngine, SamplingParams
+from minimind.infer.scheduler import Request
 from minimind.model.masks import cache_attention_mask
 from tests.test_generation import reference_greedy, tiny_model
 
@@ -68,13 +69,20 @@ def test_decode_step_is_one_graph_without_cache_copies(quantize) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_compiled_engine_greedy_equals_recomputation(quantize) -> None:
-    """Inductor end to end: the compiled engine (rows padded to a power of two, the whole cache
-    length) decodes the greedy tokens of a cache-free recomputation of its own weights."""
+    """Inductor end to end: the compiled engine (the whole cache length; row counts 3, 2, 1 as
+    rows finish) decodes the greedy tokens of a cache-free recomputation of its own weights."""
     torch._dynamo.reset()
     model = tiny_model()
     engine = GenerationEngine(model, dtype=torch.float32, quantize=quantize, compile=True, num_slots=4)
     prompts = [[5, 9, 17, 33, 2, 40], [7, 7, 8], [90, 91, 92, 93]]
-    results = engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0.0, stop_token_ids=()))
     reference = engine.model if quantize else model  # int8: the engine's own (quantized) weights
-    for prompt, res in zip(prompts, results):
-        assert res.token_ids == reference_greedy(reference, prompt, 8)
+    one = engine.generate(prompts[:1], SamplingParams(max_new_tokens=4, temperature=0.0, stop_token_ids=()))
+    assert one[0].token_ids == reference_greedy(reference, prompts[0], 4)  # the first, specialised graph
+    budgets = [9, 5, 2]  # rows leave at different steps: 3, then 2, then 1 row per step
+    reqs = [Request(p, SamplingParams(max_new_tokens=k, temperature=0.0, stop_token_ids=()), track_text=False)
+            for p, k in zip(prompts, budgets)]
+    for r in reqs:
+        engine.scheduler.add(r)
+    engine.run(reqs)
+    for prompt, k, req in zip(prompts, budgets, reqs):
+        assert req.results[0].token_ids == reference_greedy(reference, prompt, k)
