@@ -258,11 +258,16 @@ DPO_FLAGS: list[tuple[str, str, str]] = [
     ("loss_type", "kto", "--loss_type"), ("ref_cache", "2", "--ref_cache"),
 ]
 
+GRPO_FLAGS: list[tuple[str, str, str]] = [
+    ("compile_rollouts", "2", "--compile_rollouts"), ("quantize", "int4", "--quantize"),
+]
+
 
 def _flag_cases() -> list[Case]:
     cases = [Case(f"pretrain-flag-{f}-{v}", "pretrain", want, flags=[f"--{f}", v])
              for f, v, want in BAD_FLAGS]
     cases += [Case(f"dpo-flag-{f}-{v}", "dpo", want, flags=[f"--{f}", v]) for f, v, want in DPO_FLAGS]
+    cases += [Case(f"grpo-flag-{f}-{v}", "grpo", want, flags=[f"--{f}", v]) for f, v, want in GRPO_FLAGS]
     cases += [Case(f"{s}-flag-learning_rate-nan", s, "--learning_rate", flags=["--learning_rate", "nan"])
               for s in ("sft", "dpo", "grpo")]
     return cases

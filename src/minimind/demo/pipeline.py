@@ -112,6 +112,7 @@ class DemoSettings:
     # DAPO's dynamic sampling: extra rounds of prompts until every group of the step has rewards that
     # differ (a group all right or all wrong has advantage 0: no signal)
     grpo_dynamic_sampling: int = 0
+    grpo_compile_rollouts: int = 0  # 1: the rollout engine's decode step through torch.compile
 
     @classmethod
     def quick(cls, out_dir: Path) -> DemoSettings:
@@ -343,6 +344,7 @@ class ReinforcementLearning:
                            steps_per_generation=s.grpo_steps_per_generation, ppo_epochs=1,
                            lora_rank=s.grpo_lora_rank, lora_alpha=s.grpo_lora_alpha,
                            ptx_coef=s.grpo_ptx_coef, dynamic_sampling=s.grpo_dynamic_sampling,
+                           compile_rollouts=s.grpo_compile_rollouts,
                            ptx_data=str(ctx.artifacts["sft"]) if s.grpo_ptx_coef > 0 else "")
         heldout = [row for row in _read_jsonl(ctx.artifacts["eval_tasks"]) if row["kind"] in s.grpo_kinds]
         thinking = s.grpo_thinking_ratio >= 0.5

@@ -107,6 +107,9 @@ class RLOptions:
                                     "q_proj,v_proj,...")
     quantize: str = _opt("", "int8: rollouts decode with int8 weights (the engine's copy, re-quantized "
                              "after every update; --tis_cap corrects the policy mismatch); '' = off")
+    compile_rollouts: int = _opt(0, "1: torch.compile the in-process rollout engine's decode step (a "
+                                    "compile per new row count / cache size, ~30-60 s each on a CPU; pays "
+                                    "over long runs)")
     rollout_backend: str = _opt("engine", "engine: sample in-process | server: on inference servers "
                                           "(--rollout_url; see the README, 'RL at scale')")
     rollout_url: str = _opt("", "rollout server base URLs, comma-separated (SGLang, vLLM or minimind serve)")
@@ -183,6 +186,8 @@ class RLOptions:
                 self.lora_config().validate()
             except ValueError as e:
                 problems.append(str(e))
+        if self.compile_rollouts not in (0, 1):
+            problems.append(f"--compile_rollouts must be 0 or 1, got {self.compile_rollouts}")
         if self.quantize not in ("", "int8"):
             problems.append(f"--quantize must be int8 or empty, got {self.quantize!r}")
         if self.overlong_filter not in (-1, 0, 1):

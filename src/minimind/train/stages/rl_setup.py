@@ -70,7 +70,8 @@ def make_backend(trainer: Trainer, tokenizer: Any, parts: RLParts, limit: int) -
     # a LoRA'd policy decodes from a merged plain copy (EngineBackend.refresh keeps it current)
     engine = GenerationEngine(merged_copy(trainer.base_model), tokenizer, dtype=trainer.dtype,
                               max_batch_len=limit, num_slots=max(1, trainer.cfg.batch_size * parts.options.num_generations),
-                              quantize=getattr(parts.options, "quantize", "") or None)
+                              quantize=getattr(parts.options, "quantize", "") or None,
+                              compile=bool(getattr(parts.options, "compile_rollouts", 0)))
     return EngineBackend(engine)
 
 
