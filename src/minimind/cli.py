@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     from minimind.eval.report import add_report_parser
     add_report_parser(sub)
 
-    from minimind.demo.pipeline import add_demo_arguments, demo_main
+    from minimind.demo.cli import add_demo_arguments, demo_main
     dm = sub.add_parser("demo", help="the embedded default: build a corpus and run the whole pipeline")
     add_demo_arguments(dm)
     dm.set_defaults(func=demo_main)

@@ -237,8 +237,8 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     a("--quantize", default="", choices=["", "int8"],
       help="int8: int8 weight-only decode (the engine's own weight copy; faster CPU decode)")
     a("--compile", type=int, default=0, choices=[0, 1],
-      help="1: torch.compile the decode step (one graph per batch bucket; ~30-60 s first compile, "
-           "then faster steps, most on CPUs)")
+      help="1: torch.compile the decode step (~30-60 s first compile on a CPU, then 1.2-1.6x faster "
+           "steps)")
     a("--raw", action="store_true",
       help="pretrained-model mode: no chat template (automatic for weights named pretrain*)")
     a("--seed", type=int, default=None, help="sampling seed (default: random)")

@@ -98,9 +98,7 @@ class SlotView:
         c.k[layers, slots, :, position_ids] = k.transpose(1, 2).to(c.k.dtype)
         c.v[layers, slots, :, position_ids] = v.transpose(1, 2).to(c.v.dtype)
         kb, vb = c.k[layer], c.v[layer]
-        if isinstance(self._index, slice):
-            kb, vb = kb[self._index], vb[self._index]
         n = kv_len if kv_len is not None else k.shape[2]
         if isinstance(self._index, slice):
-            return kb[:, :, :n], vb[:, :, :n]
+            return kb[self._index, :, :n], vb[self._index, :, :n]
         return kb[:, :, :n].index_select(0, self._index), vb[:, :, :n].index_select(0, self._index)
