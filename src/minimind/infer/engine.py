@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minimind.infer.quant import quantize_model_, use_gemv_, use_onednn_
+from minimind.infer.quant import quantize_model_, use_avx2_kernel_, use_gemv_, use_onednn_
 from minimind.infer.sampling import SamplingParams, seen_token_mask
 from minimind.infer.scheduler import (
     FinishReason,
@@ -106,8 +106,9 @@ class GenerationEngine:
     stores the block matrices and LM head of the engine's own weight copy as int8 (see
     :mod:`minimind.infer.quant`; the model passed in is never modified).  ``onednn`` (default on)
     lets the engine's own CPU weight copy use oneDNN-packed weights where the CPU runs them natively
-    (bf16 linears, int8 products of 2-32 rows; :mod:`minimind.infer.onednn`, checked at load);
-    ``onednn=False`` keeps the plain kernels (``torch.mv`` for single rows).  The cache grows on
+    (bf16 linears, int8 products of 2-32 rows; :mod:`minimind.infer.onednn`, checked at load), and
+    int8 products of 1-2 rows use :mod:`minimind.infer.avx2_int8` on CPUs without int8 dot-product
+    instructions; ``onednn=False`` keeps the plain kernels (``torch.mv`` for single rows).  The cache grows on
     demand (more slots, longer rows) and keeps its contents when it does.
     """
 
@@ -129,6 +130,7 @@ class GenerationEngine:
         self.model = model if self.dtype == own else _inference_copy(model, self.dtype)
         self.quantize = quantize
         self.onednn_layers = 0  # layers on oneDNN-packed weights (0: the plain kernels everywhere)
+        self.avx2_layers = 0  # int8 layers on the AVX2 integer kernel
         if quantize is not None:  # refresh_weights re-quantizes: Int8Linear loads float weights
             base = _inference_copy(model, self.dtype) if self.model is model else self.model
             self.model = quantize_model_(base, quantize)
@@ -147,6 +149,9 @@ class GenerationEngine:
             # decode steps of 8 rows 1.29x (bf16) / 1.16x (int8) faster, one row unchanged.
             # Compiled decode is left to inductor's own kernels (opaque packed tensors do not trace).
             self.onednn_layers = use_onednn_(self.model) if onednn and not compile else 0
+            # Int8 on a CPU without int8 dot products: one- and two-row products in integers
+            # (minimind.infer.avx2_int8; an opaque op that compiled graphs call too).
+            self.avx2_layers = use_avx2_kernel_(self.model) if onednn and quantize else 0
         # torch.compile fuses the many small per-token kernels (norms, RoPE, casts, cache writes) of
         # the decode step.  Compiled decode attends over the cache's whole length under the mask, so
         # the attended length is not a shape that changes every step; the row count and the cache size

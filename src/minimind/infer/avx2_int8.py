@@ -1,0 +1,95 @@
+"""An int8 product for CPUs with AVX2 and no int8 dot-product instructions (``csrc/int8_avx2.cpp``).
+
+Why: on such a CPU (many laptops, AMD Zen 1-3, Intel before Ice Lake) torch has no fast int8 kernel
+for a few activation rows.  ``torch._int_mm`` and oneDNN's int8 GEMM are emulated there, and
+``torch._weight_int8pack_mm`` (the int8 weight-only GEMV) converts every weight to a float and
+re-reads the whole matrix for each activation row, so a decode step of 8 sequences costs ~8 times
+one of a single sequence.  This kernel multiplies in integers with AVX2's ``vpmaddubsw``, reading
+each weight once for up to 4 activation rows.
+
+Numbers.  The weights are :class:`~minimind.infer.quant.Int8Linear`'s own per-row codes, unchanged.
+Each activation row is written in two 7-bit digits, ``x = a (hi + lo / 127)`` with
+``a = max|x| / 63``, so it is carried to 1/16002 of the row's maximum: the product is closer to the
+float one than the bf16 activations of ``_weight_int8pack_mm`` (relative error ~1e-4 against ~3e-3,
+measured on a random 2432 x 768 matrix).  One digit would be as fast as llama.cpp's q8_0 scheme
+but err ~5e-3; the second digit costs ~10% at one row.
+
+It is built on first use with torch's C++ extension loader (a C++ compiler is needed; ~20 s once,
+cached by torch under ``~/.cache/torch_extensions``) and used only where :func:`available` says so:
+an x86 CPU listing ``avx2`` and ``fma``, the build succeeded, and a small product matches float64.
+Set ``MINIMIND_NO_CPP_EXTENSIONS=1`` to keep torch's own kernels.  The ops are registered with torch
+(``torch.ops.minimind_int8_avx2``) with fake implementations, so ``torch.compile`` traces them as
+opaque calls.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from minimind.train.device import cpu_flags
+
+__all__ = ["available", "linear", "pack"]
+
+_SOURCE = Path(__file__).with_name("csrc") / "int8_avx2.cpp"
+_NAME = "minimind_int8_avx2"
+
+
+def _build() -> None:
+    from torch.utils.cpp_extension import load
+
+    print("minimind: building the AVX2 int8 kernel (once, ~20 s) ...", file=sys.stderr, flush=True)
+    load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma"], is_python_module=False,
+         verbose=False)
+
+    @torch.library.register_fake(f"{_NAME}::pack")
+    def _pack_fake(codes: torch.Tensor) -> torch.Tensor:
+        return codes.new_empty(codes.numel(), dtype=torch.uint8)
+
+    @torch.library.register_fake(f"{_NAME}::linear")
+    def _linear_fake(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], scale.shape[0], dtype=torch.float32)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel runs here: x86 with AVX2 + FMA, built, and exact on a small product."""
+    if os.environ.get("MINIMIND_NO_CPP_EXTENSIONS", "") not in ("", "0"):
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma"} <= cpu_flags():
+        return False
+    try:
+        _build()
+        gen = torch.Generator().manual_seed(0)
+        codes = torch.randint(-127, 128, (16, 64), generator=gen, dtype=torch.int8)
+        scale = torch.rand(16, generator=gen) + 0.5
+        x = torch.randn(5, 64, generator=gen)
+        got = linear(x, pack(codes), scale).double()
+    except Exception as err:  # no compiler, unsupported toolchain: torch's kernels serve instead
+        warnings.warn(f"the AVX2 int8 kernel is unavailable ({type(err).__name__}: {err}); "
+                      "using torch's int8 kernels", stacklevel=2)
+        return False
+    want = x.double() @ (codes.double() * scale.double().unsqueeze(1)).t()
+    return bool(torch.allclose(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item()))
+
+
+def supports(out_features: int, in_features: int) -> bool:
+    """Shapes the tiles cover: 8 output rows by 4 inputs."""
+    return out_features % 8 == 0 and in_features % 4 == 0
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """Int8 codes ``[N, K]`` as the kernel's tiled u8 weight (``codes + 128``, 8 rows x 4 inputs)."""
+    return torch.ops.minimind_int8_avx2.pack(codes)
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x (codes * scale)ᵀ`` as float32 ``[M, N]`` for ``x [M, K]`` (float32 or bf16), ``scale``
+    float32 ``[N]`` and ``packed`` from :func:`pack`."""
+    return torch.ops.minimind_int8_avx2.linear(x, packed, scale)

@@ -1,0 +1,157 @@
+// Int8 weight x float activation products for CPUs with AVX2 and no int8 dot-product instructions.
+//
+// Scheme (see minimind/infer/avx2_int8.py for why and the measured figures):
+//   * weights: the per-row int8 codes q [N, K] of Int8Linear, stored once as u8 = q + 128 in tiles
+//     of 8 output rows x 4 inputs, [N/8][K/4][8][4], so one 32-byte load feeds 8 outputs;
+//   * activations: each row x [K] written as two 7-bit digits, x = a (hi + lo / 127) with
+//     a = max|x| / 63, |hi| <= 63, |lo| <= 64 (error <= a / 254, 1/16002 of the row maximum);
+//   * product: vpmaddubsw (u8 x s8, pairs summed to int16) then vpmaddwd by 1 (int32). With
+//     |u8| <= 255 and |digit| <= 64 a pair is at most 2 * 255 * 64 = 32640 < 2^15: no saturation;
+//     the +128 offset is removed at the end with the digit sums: sum (q + 128) d = q.d + 128 sum d.
+//   y[m, n] = a_m s_n ((H - 128 sum hi) + (L - 128 sum lo) / 127), exact in int32 up to the final
+//   float scaling (|H| <= K/4 * 2 * 32640 < 2^31 for K < 65000).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t kCols = 8;   // output rows per tile (one int32 lane each)
+constexpr int64_t kGroup = 4;  // inputs per lane in one 32-byte load
+
+at::Tensor pack(const at::Tensor& codes) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar, "pack: int8 codes [N, K]");
+  const int64_t n = codes.size(0), k = codes.size(1);
+  TORCH_CHECK(n % kCols == 0 && k % kGroup == 0, "pack: N must be a multiple of 8 and K of 4");
+  const at::Tensor c = codes.contiguous();
+  at::Tensor out = at::empty({n * k}, codes.options().dtype(at::kByte));
+  const int8_t* src = c.data_ptr<int8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, n / kCols, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j)
+      for (int64_t g = 0; g < k / kGroup; ++g)
+        for (int64_t c8 = 0; c8 < kCols; ++c8)
+          for (int64_t i = 0; i < kGroup; ++i)
+            dst[((j * (k / kGroup) + g) * kCols + c8) * kGroup + i] =
+                static_cast<uint8_t>(src[(j * kCols + c8) * k + g * kGroup + i] + 128);
+  });
+  return out;
+}
+
+// Rows of x as two 7-bit digits, with each row's scale a and digit sums.
+template <typename T>
+void to_digits(const T* x, int64_t m_rows, int64_t k, int8_t* hi, int8_t* lo, float* a, int32_t* sum_hi,
+               int32_t* sum_lo) {
+  for (int64_t m = 0; m < m_rows; ++m) {
+    const T* row = x + m * k;
+    float amax = 0.f;
+    for (int64_t i = 0; i < k; ++i) amax = std::fmax(amax, std::fabs(static_cast<float>(row[i])));
+    const float inv = amax > 0.f ? 63.f / amax : 0.f;
+    a[m] = amax / 63.f;
+    int32_t s_hi = 0, s_lo = 0;
+    for (int64_t i = 0; i < k; ++i) {
+      const float u = static_cast<float>(row[i]) * inv;
+      const float h = std::nearbyint(u);
+      const float l = std::fmin(std::fmax(std::nearbyint((u - h) * 127.f), -64.f), 64.f);
+      hi[m * k + i] = static_cast<int8_t>(h);
+      lo[m * k + i] = static_cast<int8_t>(l);
+      s_hi += static_cast<int32_t>(h);
+      s_lo += static_cast<int32_t>(l);
+    }
+    sum_hi[m] = s_hi;
+    sum_lo[m] = s_lo;
+  }
+}
+
+struct Digits {
+  const int8_t* hi;
+  const int8_t* lo;
+  const float* a;
+  const int32_t* sum_hi;
+  const int32_t* sum_lo;
+};
+
+// Outputs [m0, m0 + MT) x [8 j, 8 j + 8): each weight load serves MT activation rows.
+template <int MT>
+void tile(const uint8_t* packed, const float* scale, const Digits& d, float* y, int64_t n, int64_t k, int64_t j,
+          int64_t m0) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc_hi[MT], acc_lo[MT];
+  for (int t = 0; t < MT; ++t) acc_hi[t] = acc_lo[t] = _mm256_setzero_si256();
+  const uint8_t* w = packed + j * k * kCols;
+  for (int64_t g = 0; g < k / kGroup; ++g) {
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * kCols * kGroup));
+    for (int t = 0; t < MT; ++t) {
+      const int64_t at = (m0 + t) * k + g * kGroup;
+      int32_t xh, xl;
+      std::memcpy(&xh, d.hi + at, 4);
+      std::memcpy(&xl, d.lo + at, 4);
+      acc_hi[t] = _mm256_add_epi32(acc_hi[t], _mm256_madd_epi16(_mm256_maddubs_epi16(wv, _mm256_set1_epi32(xh)), ones));
+      acc_lo[t] = _mm256_add_epi32(acc_lo[t], _mm256_madd_epi16(_mm256_maddubs_epi16(wv, _mm256_set1_epi32(xl)), ones));
+    }
+  }
+  const __m256 s = _mm256_loadu_ps(scale + j * kCols);
+  for (int t = 0; t < MT; ++t) {
+    const int64_t m = m0 + t;
+    const __m256 h = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc_hi[t], _mm256_set1_epi32(128 * d.sum_hi[m])));
+    const __m256 l = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc_lo[t], _mm256_set1_epi32(128 * d.sum_lo[m])));
+    const __m256 v = _mm256_fmadd_ps(l, _mm256_set1_ps(1.f / 127.f), h);
+    _mm256_storeu_ps(y + m * n + j * kCols, _mm256_mul_ps(_mm256_mul_ps(v, _mm256_set1_ps(d.a[m])), s));
+  }
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale) {
+  TORCH_CHECK(x.dim() == 2 && scale.dim() == 1 && scale.scalar_type() == at::kFloat, "linear: x [M, K], scale float32 [N]");
+  const int64_t m_rows = x.size(0), k = x.size(1), n = scale.size(0);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() == n * k && n % kCols == 0 && k % kGroup == 0,
+              "linear: packed weight of another shape");
+  TORCH_CHECK(k < 65000, "linear: K too large for int32 accumulation");
+  const at::Tensor xc = x.contiguous(), sc = scale.contiguous();
+  at::Tensor digits = at::empty({2 * m_rows * k}, x.options().dtype(at::kChar));
+  at::Tensor row_scale = at::empty({m_rows}, x.options().dtype(at::kFloat));
+  at::Tensor sums = at::empty({2 * m_rows}, x.options().dtype(at::kInt));
+  int8_t* hi = digits.data_ptr<int8_t>();
+  int32_t* sum_hi = sums.data_ptr<int32_t>();
+  const Digits d{hi, hi + m_rows * k, row_scale.data_ptr<float>(), sum_hi, sum_hi + m_rows};
+  if (x.scalar_type() == at::kFloat) {
+    to_digits(xc.data_ptr<float>(), m_rows, k, hi, hi + m_rows * k, row_scale.data_ptr<float>(), sum_hi, sum_hi + m_rows);
+  } else if (x.scalar_type() == at::kBFloat16) {
+    to_digits(xc.data_ptr<at::BFloat16>(), m_rows, k, hi, hi + m_rows * k, row_scale.data_ptr<float>(), sum_hi,
+              sum_hi + m_rows);
+  } else {
+    TORCH_CHECK(false, "linear: x must be float32 or bfloat16");
+  }
+  at::Tensor y = at::empty({m_rows, n}, x.options().dtype(at::kFloat));
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const float* sp = sc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, n / kCols, 4, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      int64_t m = 0;
+      for (; m + 4 <= m_rows; m += 4) tile<4>(wp, sp, d, yp, n, k, j, m);
+      switch (m_rows - m) {
+        case 3: tile<3>(wp, sp, d, yp, n, k, j, m); break;
+        case 2: tile<2>(wp, sp, d, yp, n, k, j, m); break;
+        case 1: tile<1>(wp, sp, d, yp, n, k, j, m); break;
+        default: break;
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(minimind_int8_avx2, m) {
+  m.def("pack(Tensor codes) -> Tensor");
+  m.def("linear(Tensor x, Tensor packed, Tensor scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(minimind_int8_avx2, CPU, m) {
+  m.impl("pack", &pack);
+  m.impl("linear", &linear);
+}
