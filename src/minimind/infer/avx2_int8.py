@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -71,7 +72,7 @@ def available() -> bool:
         scale = torch.rand(16, generator=gen) + 0.5
         x = torch.randn(5, 64, generator=gen)
         got = linear(x, pack(codes), scale).double()
-    except Exception as err:  # no compiler, unsupported toolchain: torch's kernels serve instead
+    except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as err:  # no compiler, old toolchain
         warnings.warn(f"the AVX2 int8 kernel is unavailable ({type(err).__name__}: {err}); "
                       "using torch's int8 kernels", stacklevel=2)
         return False
