@@ -85,8 +85,10 @@ ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
     "engine_compiled": {"compile": True},
     "engine_gemv": {},  # the engine's float layers swapped for GemvLinear (single rows through torch.mv)
     # the engine's previous kernels: no oneDNN-packed weights (minimind.infer.onednn), torch.mv for one
-    # bf16 row, _weight_int8pack_mm / torch._int_mm for int8; "engine" packs where the CPU allows
+    # bf16 row, _weight_int8pack_mm / torch._int_mm for int8, no AVX2 int8 kernel
+    # (minimind.infer.avx2_int8); "engine" uses them where the CPU allows
     "engine_no_onednn": {"onednn": False},
+    "engine_compiled_no_onednn": {"compile": True, "onednn": False},
     # inductor freezing + max_autotune on the decode step, meant for int8 b1 (weights compiled in;
     # ~100 s compile per batch shape, paid in the warm-up); one slot
     "engine_frozen": {"compile": "frozen", "num_slots": 1},
@@ -94,7 +96,7 @@ ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
 GEMV_VARIANTS = {"engine_gemv"}
 # compiled variants warm up with a whole-length call: the decode graph is specialised to the cache
 # length, which grows past its first size during a 100 + 200-token row (a recompile in the timed run)
-FULL_WARMUP = {"engine_compiled", "engine_frozen"}
+FULL_WARMUP = {"engine_compiled", "engine_compiled_no_onednn", "engine_frozen"}
 
 
 class Mode:
