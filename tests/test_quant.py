@@ -202,6 +202,8 @@ def test_refresh_requantizes_the_new_weights(chain: tuple[MiniMindForCausalLM, t
         fresh_model = quantize_int8_(copy.deepcopy(trained))
         if engine.onednn_layers:  # the same kernels as the engine's copy (oneDNN-packed codes)
             quant.use_onednn_(fresh_model)
+        if engine.avx2_layers:  # (the AVX2 integer kernel)
+            quant.use_avx2_kernel_(fresh_model)
         want = fresh_model(ids).logits
     assert torch.equal(fresh, want)
     assert rel_err(stale, want) > 0.1

@@ -107,7 +107,7 @@ class GenerationEngine:
     :mod:`minimind.infer.quant`; the model passed in is never modified).  ``onednn`` (default on)
     lets the engine's own CPU weight copy use oneDNN-packed weights where the CPU runs them natively
     (bf16 linears, int8 products of 2-32 rows; :mod:`minimind.infer.onednn`, checked at load), and
-    int8 products of 1-2 rows use :mod:`minimind.infer.avx2_int8` on CPUs without int8 dot-product
+    int8 products of 1-8 rows use :mod:`minimind.infer.avx2_int8` on CPUs without int8 dot-product
     instructions; ``onednn=False`` keeps the plain kernels (``torch.mv`` for single rows).  The cache grows on
     demand (more slots, longer rows) and keeps its contents when it does.
     """
@@ -149,10 +149,9 @@ class GenerationEngine:
             # decode steps of 8 rows 1.29x (bf16) / 1.16x (int8) faster, one row unchanged.
             # Compiled decode is left to inductor's own kernels (opaque packed tensors do not trace).
             self.onednn_layers = use_onednn_(self.model) if onednn and not compile else 0
-            # Int8 on a CPU without int8 dot products: one- and two-row products in integers
-            # (minimind.infer.avx2_int8): eager b1 1.18x faster on an AVX2 EPYC; compiled steps were
-            # not faster with it (131.7 vs 137.1 tok/s), so compiled decode keeps _weight_int8pack_mm.
-            self.avx2_layers = use_avx2_kernel_(self.model) if onednn and quantize and not compile else 0
+            # Int8 on a CPU without int8 dot products: products of up to 8 rows in integers
+            # (minimind.infer.avx2_int8, an opaque op that compiled graphs call too).
+            self.avx2_layers = use_avx2_kernel_(self.model) if onednn and quantize else 0
         # torch.compile fuses the many small per-token kernels (norms, RoPE, casts, cache writes) of
         # the decode step.  Compiled decode attends over the cache's whole length under the mask, so
         # the attended length is not a shape that changes every step; the row count and the cache size

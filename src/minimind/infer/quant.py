@@ -35,11 +35,11 @@ quantized independently, so a row's codes do not depend on which other rows shar
 
 On a CPU without int8 and bf16 dot-product instructions (AVX2 only) the two-digit ``_int_mm`` and the
 bf16 GEMM are emulated and 10-30x slower, so there (:func:`cpu_kernels`) ``_weight_int8pack_mm`` serves
-up to 24 rows and larger products dequantize to float32.  One and two rows go through our own AVX2
+up to 24 rows and larger products dequantize to float32.  Up to 8 rows go through our own AVX2
 integer kernel instead where it builds (:mod:`minimind.infer.avx2_int8`, :meth:`Int8Linear.use_avx2_kernel`):
-activations in two 7-bit digits (to 1/16002 of the row maximum, closer than bf16), 1.16-1.32x faster
-than ``_weight_int8pack_mm`` at one row, level at two, slower from four (it runs out of integer
-throughput, not bandwidth).
+activations in two 7-bit digits (to 1/16002 of the row maximum, closer than bf16), measured over the
+57 products of a minimind-3 step 1.35x faster than ``_weight_int8pack_mm`` at one row, 1.05-1.29x at
+2-8 rows, and slower from 12 rows on (it runs out of integer throughput, not bandwidth).
 
 Elsewhere (CUDA, or a build without the ops) ``linear(x, q.to(dtype)) * s`` computes the same numbers.
 
@@ -82,7 +82,7 @@ _HAS_INT_MM = hasattr(torch, "_int_mm")
 GEMV_MAX_ROWS = 4  # rows up to which _weight_int8pack_mm is the fastest kernel (see module doc)
 INT_MM_MAX_ROWS = 32  # rows up to which the two-digit _int_mm beats dequantize + bf16 GEMM
 GEMV_MAX_ROWS_NO_VNNI = 24  # without int8 dot-product instructions: _weight_int8pack_mm up to here
-AVX2_MAX_ROWS = 2  # without them, the AVX2 integer kernel (minimind.infer.avx2_int8) up to here
+AVX2_MAX_ROWS = 8  # without them, the AVX2 integer kernel (minimind.infer.avx2_int8) up to here
 
 
 @functools.cache
@@ -194,7 +194,7 @@ class Int8Linear(nn.Module):
         return self._onednn
 
     def use_avx2_kernel(self, on: bool = True) -> bool:
-        """Run 1-2 row products through :mod:`minimind.infer.avx2_int8` where the CPU lacks int8
+        """Run 1-8 row products through :mod:`minimind.infer.avx2_int8` where the CPU lacks int8
         dot-product instructions and the kernel builds (checked once); returns whether it is on now."""
         self._avx2 = (bool(on) and self.qweight.device.type == "cpu" and not cpu_kernels()[0]
                       and avx2_int8.supports(self.out_features, self.in_features) and avx2_int8.available())
@@ -377,7 +377,7 @@ def use_onednn_(model: nn.Module) -> int:
 
 
 def use_avx2_kernel_(model: nn.Module) -> int:
-    """Switch ``model``'s :class:`Int8Linear` layers **in place** to the AVX2 integer kernel for 1-2
+    """Switch ``model``'s :class:`Int8Linear` layers **in place** to the AVX2 integer kernel for 1-8
     row products where the CPU lacks int8 dot-product instructions (:mod:`minimind.infer.avx2_int8`);
     returns how many layers use it (0 elsewhere: the model is then untouched)."""
     layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
