@@ -47,7 +47,7 @@ _NAME = "minimind_int8_avx2"
 def _build() -> None:
     from torch.utils.cpp_extension import load
 
-    print("minimind: building the AVX2 int8 kernel (once, ~20 s) ...", file=sys.stderr, flush=True)
+    print("minimind: loading the AVX2 int8 kernel (built on first use, ~20 s) ...", file=sys.stderr, flush=True)
     load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma"], is_python_module=False,
          verbose=False)
 
