@@ -147,3 +147,17 @@ def test_bench_engine_smoke(capsys: pytest.CaptureFixture[str]) -> None:
         assert cell[side]["completion_tokens"] == 2 * 4
     assert cell["matmul_floor"]["tok_s"] > 0
     assert cell["engine_vs_reference"]["decode"] > 0
+
+
+def test_bench_engine_b8_target_uses_the_fp32_reference_where_bf16_was_not_run() -> None:
+    """On an AVX2-only CPU the bench runs float32 and int8 (bf16 is emulated there): the b8 target
+    is then the best engine against the float32 reference loop, and says so in its key."""
+    bench = _load("bench_engine")
+    cell = {"reference": {"decode_tok_s": 100.0}, "engine": {"decode_tok_s": 250.0}}
+    results = {"float32": {"8": cell}, "int8": {"8": {"engine_compiled": {"decode_tok_s": 340.0}}}}
+    t = bench.targets(results)
+    assert "b8_best_engine_vs_reference_bf16" not in t
+    assert t["b8_best_engine_vs_reference_fp32"] == {"ratio": 3.4, "target": 3.0,
+                                                     "engine_variant": "engine_compiled", "engine_mode": "int8"}
+    results["bfloat16"] = {"8": {"reference": {"decode_tok_s": 170.0}, "engine": {"decode_tok_s": 300.0}}}
+    assert bench.targets(results)["b8_best_engine_vs_reference_bf16"]["ratio"] == 2.0
