@@ -114,3 +114,18 @@ def test_without_the_kernel_the_model_is_left_alone(monkeypatch: pytest.MonkeyPa
     engine = GenerationEngine(chain[0], quantize="int8")
     assert engine.avx2_layers == 0 and use_avx2_kernel_(engine.model) == 0
     assert all(m._tiled is None for m in engine.model.modules() if isinstance(m, Int8Linear))
+
+
+@pytest.mark.skipif(not avx2_int8.available(), reason="the AVX2 int8 kernel does not build or run here")
+def test_a_nan_or_inf_input_poisons_its_own_row_only() -> None:
+    """A float product propagates a NaN; the digit conversion must not turn one into a finite
+    answer (a max over AVX lanes drops NaNs), and the other rows stay exact."""
+    codes, scale = _codes(16, 100, seed=1)  # K = 100: a scalar tail after the 32-wide blocks too
+    x = torch.randn(4, 100, generator=torch.Generator().manual_seed(2))
+    x[0, 5] = float("nan")  # in a vector block
+    x[1, 98] = float("nan")  # in the tail
+    x[2, 40] = float("inf")
+    y = avx2_int8.linear(x, avx2_int8.pack(codes), scale)
+    assert bool(y[:3].isnan().all())
+    want = x[3:].double() @ (codes.double() * scale.double().unsqueeze(1)).t()
+    assert rel_err(y[3:], want) < 1e-3

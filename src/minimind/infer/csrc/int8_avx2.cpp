@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 namespace {
 
@@ -72,15 +73,26 @@ void to_digits(const T* x, int64_t m_rows, int64_t k, int8_t* hi, int8_t* lo, fl
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int64_t m = 0; m < m_rows; ++m) {
     const T* row = x + m * k;
-    __m256 vmax = _mm256_setzero_ps();
-    for (int64_t i = 0; i < k8; i += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(load8(row + i), abs_mask));
+    __m256 vmax = _mm256_setzero_ps(), vnan = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k8; i += 8) {
+      const __m256 v = load8(row + i);
+      vmax = _mm256_max_ps(vmax, _mm256_and_ps(v, abs_mask));
+      vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));  // max_ps drops NaNs: track them
+    }
     float lanes[8];
     _mm256_storeu_ps(lanes, vmax);
     float amax = 0.f;
     for (float v : lanes) amax = std::fmax(amax, v);
-    for (int64_t i = k8; i < k; ++i) amax = std::fmax(amax, std::fabs(static_cast<float>(row[i])));
-    const float inv = amax > 0.f ? 63.f / amax : 0.f;
-    a[m] = amax / 63.f;
+    bool nan = _mm256_movemask_ps(vnan) != 0;
+    for (int64_t i = k8; i < k; ++i) {
+      const float v = static_cast<float>(row[i]);
+      amax = std::fmax(amax, std::fabs(v));
+      nan = nan || std::isnan(v);
+    }
+    const float inv = amax > 0.f && std::isfinite(amax) ? 63.f / amax : 0.f;
+    // a NaN or infinite input makes its whole output row NaN (the digits are 0, a is NaN), as a float
+    // product would propagate it, rather than a finite answer that hides it
+    a[m] = nan || !std::isfinite(amax) ? std::numeric_limits<float>::quiet_NaN() : amax / 63.f;
     const __m256 vinv = _mm256_set1_ps(inv), c127 = _mm256_set1_ps(127.f);
     const __m256 lo_min = _mm256_set1_ps(-64.f), lo_max = _mm256_set1_ps(64.f);
     __m256i s_hi = _mm256_setzero_si256(), s_lo = _mm256_setzero_si256();
