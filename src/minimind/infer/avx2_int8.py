@@ -3,8 +3,8 @@
 Why: on such a CPU (many laptops, AMD Zen 1-3, Intel before Ice Lake) torch has no fast int8 kernel
 for a few activation rows.  ``torch._int_mm`` and oneDNN's int8 GEMM are emulated there, and
 ``torch._weight_int8pack_mm`` (the int8 weight-only GEMV) converts every weight to a float and
-re-reads the whole matrix for each activation row, so a decode step of 8 sequences costs ~8 times
-one of a single sequence.  This kernel multiplies in integers with AVX2's ``vpmaddubsw``, reading
+re-reads the whole matrix for each activation row (the products of a minimind-3 decode step: 6.1 ms
+for one row, 17.9 ms for eight).  This kernel multiplies in integers with AVX2's ``vpmaddubsw``, reading
 each weight once for up to 4 activation rows.
 
 Numbers.  The weights are :class:`~minimind.infer.quant.Int8Linear`'s own per-row codes, unchanged.
