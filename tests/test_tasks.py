@@ -545,6 +545,13 @@ def test_evaluate_tasks_reports_tool_exactness_and_multi_round_answers() -> None
     assert res["tool_final_accuracy"] == pytest.approx(share)
     assert res["per_kind"]["arithmetic"] == 1.0 and res["per_kind"]["tool_call"] == pytest.approx(share)
     assert res["n_per_kind"] == {"arithmetic": 8, "tool_call": 8, "unit_conversion": 8}
+    assert res["distinct_per_kind"] == {kind: len({t.key for t in tasks if t.kind == kind})
+                                        for kind in res["n_per_kind"]}
+    # the same problem twice (another wording, the same key) is one distinct problem
+    twice = [t.to_dict() for t in tasks[:6]] * 2
+    again = evaluate_tasks(_ScriptedEngine(tasks, good), _EchoTokenizer(), twice, check_answer)
+    assert sum(again["n_per_kind"].values()) == 12 and sum(again["distinct_per_kind"].values()) == len(
+        {t.key for t in tasks[:6]})
     assert "accuracy_knowledge" not in res
     assert res["accuracy_non_knowledge"] == pytest.approx((16 + len(good)) / 24)
     assert all(s["correct"] for s in res["tool_final_samples"])

@@ -146,7 +146,9 @@ def _thinking_table(t: dict[str, Any]) -> list[str]:
     kinds = sorted({k for lb in labels for k in t[lb]["per_kind"]})
     for k in kinds:
         cells = [f"{t[lb]['per_kind'].get(k, 0):.2f} | {t[lb]['thinking']['per_kind'].get(k, 0):.2f}" for lb in labels]
-        lines.append(f"| {k} (n={t[labels[0]]['n_per_kind'].get(k, 0)}) | " + " | ".join(cells) + " |")
+        n, distinct = t[labels[0]]["n_per_kind"].get(k, 0), t[labels[0]].get("distinct_per_kind", {}).get(k)
+        shown = f"n={n}" if distinct in (None, n) else f"n={n}, {distinct} distinct"
+        lines.append(f"| {k} ({shown}) | " + " | ".join(cells) + " |")
     lines.append("| **all** | " + " | ".join(f"**{t[lb]['accuracy']:.2f}** | **{t[lb]['thinking']['accuracy']:.2f}**"
                                           for lb in labels) + " |")
     lines.append("| think block closed (on) | " + " | ".join(f"– | {t[lb]['thinking']['think_closed']:.2f}"
