@@ -190,7 +190,7 @@ class Int8Linear(nn.Module):
         """Run 2-32 row products on oneDNN-packed codes where the CPU has its int8 kernel (checked
         once, :func:`onednn.int8_gemm_supported`); returns whether it is on now."""
         self._onednn = bool(on) and self.qweight.device.type == "cpu" and onednn.int8_gemm_supported()
-        self._repack()
+        self._pack_onednn()
         return self._onednn
 
     def use_avx2_kernel(self, on: bool = True) -> bool:
@@ -198,24 +198,29 @@ class Int8Linear(nn.Module):
         dot-product instructions and the kernel builds (checked once); returns whether it is on now."""
         self._avx2 = (bool(on) and self.qweight.device.type == "cpu" and not cpu_kernels()[0]
                       and avx2_int8.supports(self.out_features, self.in_features) and avx2_int8.available())
-        self._repack()
+        self._tile_avx2()
         return self._avx2
 
     def _repack(self) -> None:
+        """Rebuild the kernels' own copies of the codes (after the codes change)."""
+        self._pack_onednn()
+        self._tile_avx2()
+
+    def _pack_onednn(self) -> None:
         self._packed = onednn.pack_int8(self.qweight) if self._onednn else None
-        avx2 = getattr(self, "_avx2", False)
-        self._tiled = avx2_int8.pack(self.qweight) if avx2 else None
-        self._tiled_scale = self.scale.float() if avx2 else None
+
+    def _tile_avx2(self) -> None:
+        self._tiled = avx2_int8.pack(self.qweight) if self._avx2 else None
+        self._tiled_scale = self.scale.float() if self._avx2 else None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_packed"] = None  # opaque oneDNN tensor: not copyable, rebuilt from the codes
-        state["_tiled"] = state["_tiled_scale"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._repack()
+        self._pack_onednn()  # the AVX2 tiles are plain tensors: copied with the rest
 
     def dequantized(self) -> torch.Tensor:
         """``q * s`` as float32 ``[out, in]``: the weight this module actually multiplies by."""
@@ -380,10 +385,7 @@ def use_avx2_kernel_(model: nn.Module) -> int:
     """Switch ``model``'s :class:`Int8Linear` layers **in place** to the AVX2 integer kernel for 1-8
     row products where the CPU lacks int8 dot-product instructions (:mod:`minimind.infer.avx2_int8`);
     returns how many layers use it (0 elsewhere: the model is then untouched)."""
-    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
-    if not layers or cpu_kernels()[0] or not avx2_int8.available():
-        return 0
-    return sum(int(m.use_avx2_kernel()) for m in layers)
+    return sum(int(m.use_avx2_kernel()) for m in model.modules() if isinstance(m, Int8Linear))
 
 
 def quantize_model_(model: nn.Module, mode: str | None) -> nn.Module:
