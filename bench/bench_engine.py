@@ -89,6 +89,9 @@ ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
     # (minimind.infer.avx2_int8); "engine" uses them where the CPU allows
     "engine_no_onednn": {"onednn": False},
     "engine_compiled_no_onednn": {"compile": True, "onednn": False},
+    # int8 with separate q/k/v and gate/up products (the engine fuses them: minimind.infer.fuse)
+    "engine_unfused": {"fuse": False},
+    "engine_compiled_unfused": {"compile": True, "fuse": False},
     # inductor freezing + max_autotune on the decode step, meant for int8 b1 (weights compiled in;
     # ~100 s compile per batch shape, paid in the warm-up); one slot
     "engine_frozen": {"compile": "frozen", "num_slots": 1},
@@ -96,7 +99,8 @@ ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
 GEMV_VARIANTS = {"engine_gemv"}
 # compiled variants warm up with a whole-length call: the decode graph is specialised to the cache
 # length, which grows past its first size during a 100 + 200-token row (a recompile in the timed run)
-FULL_WARMUP = {"engine_compiled", "engine_compiled_no_onednn", "engine_frozen"}
+FULL_WARMUP = {"engine_compiled", "engine_compiled_no_onednn", "engine_compiled_unfused",
+               "engine_frozen"}
 
 
 class Mode:

@@ -403,9 +403,9 @@ def weight_bytes(model: nn.Module, per_token: bool = True) -> int:
     embeds = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} if per_token else set()
     heads = {id(m.weight) for m in model.modules() if type(m) in (nn.Linear, GemvLinear, onednn.PackedLinear)}
     total, seen = 0, set()
-    for t in list(model.parameters()) + [b for m in model.modules() if isinstance(m, Int8Linear)
-                                         for b in (m.qweight, m.scale)]:
-        if id(t) in seen:
+    int8 = [b for m in model.modules() if isinstance(m, Int8Linear) for b in (m.qweight, m.scale)]
+    for t in list(model.parameters()) + int8:
+        if id(t) in seen or t._base is not None:  # a view (a fused layer's part) is counted in its base
             continue
         seen.add(id(t))
         if id(t) in embeds and id(t) not in heads:  # a tied head still streams the matrix

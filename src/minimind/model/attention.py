@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from minimind.model.kv_cache import KVCache, SlotView
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: "torch.Tensor | BlockMask | None",
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | BlockMask | None,
            dropout_p: float = 0.0) -> torch.Tensor:
     """``softmax(q kᵀ / sqrt(d) + mask) v`` for ``q [B, H, T, d]``, ``k, v [B, KV, S, d]`` with
     ``H`` a multiple of ``KV``; returns ``[B, H, T, d]``.
@@ -92,16 +92,24 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        # An inference copy may replace the three projections' products by one (the same rows,
+        # stacked; minimind.infer.fuse): fewer, larger products decode faster.
+        self.qkv_proj: nn.Module | None = None
+        self.qkv_sizes = (self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: "torch.Tensor | BlockMask | None", position_ids: torch.Tensor,
-                kv_cache: "KVCache | SlotView | None" = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | BlockMask | None, position_ids: torch.Tensor,
+                kv_cache: KVCache | SlotView | None = None) -> torch.Tensor:
         """x ``[B, T, H]``; cos/sin ``[B, T, 1, d]``; ``attn_mask`` as :func:`attend` takes it (a
         bool mask ``[B, 1, T, S]`` when a KV cache supplies ``S`` keys)."""
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim))
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        q = self.q_norm(q.view(b, t, self.n_heads, self.head_dim))
+        k = self.k_norm(k.view(b, t, self.n_kv, self.head_dim))
+        v = v.view(b, t, self.n_kv, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, d]
         if kv_cache is not None:
