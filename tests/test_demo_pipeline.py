@@ -94,8 +94,10 @@ def test_full_demo_meets_its_promises(tmp_path):
     seed 0, while seed 1 lost 6 tool calls.  With the carry's month named in the date reasoning
     (seventh round, a 2-core AVX2 EPYC, fp32): SFT dates with thinking on 0.82, GRPO on the trained
     kinds 0.755 -> 0.82, sampled 0.51 -> 0.60, untrained kinds within 1 item; every assertion below
-    holds on that run's results.  So the test asserts the sampled gain, a greedy thinking-on accuracy
-    that does not fall, and untrained kinds within 5 items of 100.
+    holds on that run's results.  With 80 GRPO steps and a KL term (eighth round, same CPU and DPO
+    model, GRPO seeds 0-4): greedy thinking-on lift on the trained kinds +4.5 to +10.5 points, untrained
+    kinds within 3 items.  So the test asserts the sampled gain, a greedy thinking-on lift of more than
+    2 points, and untrained kinds within 5 items of 100.
     """
     res = _run(["demo", "--out_dir", str(tmp_path / "demo")])
     p = res["pretrain"]
@@ -126,8 +128,8 @@ def test_full_demo_meets_its_promises(tmp_path):
     assert h["mean_logp_margin"][1] > h["mean_logp_margin"][0]
     assert t["dpo"]["format_rate"] >= sft["format_rate"] - 0.05
     # GRPO: what it optimises (sampled accuracy on held-out items of its kinds) rises; greedy with
-    # thinking on does not fall (measured +3.5 and +9 points on 200 items); untrained kinds (thinking
-    # off) lose at most 5 of their ~100 items
+    # thinking on rises by more than 2 points (measured +4.5 to +10.5 on 200 items over five seeds);
+    # untrained kinds (thinking off) lose at most 5 of their ~100 items
     g = res["grpo"]
     before, after = g["heldout_sampled_accuracy"]
     assert g["heldout_items"] >= 160 and after > before + 0.02
@@ -136,6 +138,6 @@ def test_full_demo_meets_its_promises(tmp_path):
     def trained(v: dict) -> float:
         return sum(v["per_kind"][k] * v["n_per_kind"][k] for k in g["kinds"]) / sum(v["n_per_kind"][k]
                                                                                     for k in g["kinds"])
-    assert trained(t["grpo"]["thinking"]) >= trained(t["dpo"]["thinking"])
+    assert trained(t["grpo"]["thinking"]) >= trained(t["dpo"]["thinking"]) + 0.02
     for kind in ("unit_conversion", "tool_call"):
         assert t["grpo"]["per_kind"][kind] >= t["dpo"]["per_kind"][kind] - 5 / t["dpo"]["n_per_kind"][kind]
