@@ -55,6 +55,9 @@ the general GEMM (oneDNN for bf16), while ``torch.mv`` takes the matrix-vector k
 :class:`GemvLinear` keeps the float ``weight`` parameter (same state-dict key), so loading and
 refreshing weights are unchanged.
 
+In the engine's copy each block's q/k/v and gate/up layers are then fused into one product each
+(:mod:`minimind.infer.fuse`; exact, since the scales are per row).
+
 Quantized modules load *float* checkpoints: :class:`Int8Linear` takes the ``weight`` key of a state
 dict and quantizes it, so ``engine_model.load_state_dict(training_model.state_dict())`` re-quantizes
 after every RL update with no special path.
