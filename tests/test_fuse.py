@@ -63,6 +63,8 @@ def test_fused_model_gives_the_parts_logits_and_keeps_its_state_dict(moe: bool, 
     a, b = plain.state_dict(), fused.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert weight_bytes(fused) == weight_bytes(plain)
+    use_avx2_kernel_(fused)  # choosing kernels after the fusion packs the fused layers, never the parts
+    assert layer.self_attn.k_proj._tiled is None and layer.self_attn.k_proj.fused_part
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -138,6 +138,9 @@ class GenerationEngine:
         if quantize is not None:  # refresh_weights re-quantizes: Int8Linear loads float weights
             base = _inference_copy(model, self.dtype) if self.model is model else self.model
             self.model = quantize_model_(base, quantize)
+            # q/k/v and gate/up as one product each (minimind.infer.fuse): 33 products per minimind-3
+            # step instead of 57; the kernels chosen below pack the fused layers only.
+            self.fused_layers = fuse_int8_projections_(self.model) if fuse else 0
         self._shares_source = False
         if self.model is model and self.device.type == "cpu":
             # The caller's dtype: decode through a view of its model -- our own modules (so the layer
@@ -156,10 +159,6 @@ class GenerationEngine:
             # Int8 on a CPU without int8 dot products: products of up to 8 rows in integers
             # (minimind.infer.avx2_int8, an opaque op that compiled graphs call too).
             self.avx2_layers = use_avx2_kernel_(self.model) if onednn and quantize else 0
-        if quantize is not None and fuse:
-            # q/k/v and gate/up as one product each, with the kernels chosen above (minimind.infer.fuse):
-            # 33 products per minimind-3 step instead of 57.
-            self.fused_layers = fuse_int8_projections_(self.model)
         # torch.compile fuses the many small per-token kernels (norms, RoPE, casts, cache writes) of
         # the decode step.  Compiled decode attends over the cache's whole length under the mask, so
         # the attended length is not a shape that changes every step; the row count and the cache size

@@ -54,7 +54,8 @@ class FusedInt8Linear(Int8Linear):
 @torch.no_grad()
 def fuse_int8_projections_(model: nn.Module) -> int:
     """Fuse, **in place**, the q/k/v and gate/up :class:`Int8Linear` layers of every block of ``model``
-    into one :class:`FusedInt8Linear` each, using the kernels the parts used; returns the number of
+    into one :class:`FusedInt8Linear` each, on the kernels the parts used (later ``use_onednn_`` /
+    ``use_avx2_kernel_`` calls pack the fused layers and skip the parts); returns the number of
     fused layers (0 where no block's parts are all int8 with the same input)."""
     fused = 0
     for block in list(model.modules()):
@@ -75,18 +76,15 @@ def _fuse(block: nn.Module, name: str, part_names: tuple[str, ...]) -> int:
                             device=first.qweight.device)
     fused.qweight.copy_(torch.cat([p.qweight for p in parts]))
     fused.scale.copy_(torch.cat([p.scale for p in parts]))
-    onednn_on, avx2_on = first._onednn, first._avx2
+    fused.use_onednn(first._onednn)  # the kernels the parts used (none, before the engine picks them)
+    fused.use_avx2_kernel(first._avx2)
     start = 0
     for p in parts:
         rows = slice(start, start + p.out_features)
-        p.use_onednn(False)
-        p.use_avx2_kernel(False)
         p.qweight, p.scale = fused.qweight[rows], fused.scale[rows]
+        p.use_onednn(False)  # a fused part keeps no kernel copies (Int8Linear.fused_part)
+        p.use_avx2_kernel(False)
         start += p.out_features
-    if onednn_on:
-        fused.use_onednn()
-    if avx2_on:
-        fused.use_avx2_kernel()
     setattr(block, name, fused)
     block.register_load_state_dict_post_hook(_repack_fused)
     return 1

@@ -192,17 +192,25 @@ class Int8Linear(nn.Module):
     def use_onednn(self, on: bool = True) -> bool:
         """Run 2-32 row products on oneDNN-packed codes where the CPU has its int8 kernel (checked
         once, :func:`onednn.int8_gemm_supported`); returns whether it is on now."""
-        self._onednn = bool(on) and self.qweight.device.type == "cpu" and onednn.int8_gemm_supported()
+        self._onednn = (bool(on) and not self.fused_part and self.qweight.device.type == "cpu"
+                        and onednn.int8_gemm_supported())
         self._pack_onednn()
         return self._onednn
 
     def use_avx2_kernel(self, on: bool = True) -> bool:
         """Run 1-8 row products through :mod:`minimind.infer.avx2_int8` where the CPU lacks int8
         dot-product instructions and the kernel builds (checked once); returns whether it is on now."""
-        self._avx2 = (bool(on) and self.qweight.device.type == "cpu" and not cpu_kernels()[0]
+        self._avx2 = (bool(on) and not self.fused_part and self.qweight.device.type == "cpu"
+                      and not cpu_kernels()[0]
                       and avx2_int8.supports(self.out_features, self.in_features) and avx2_int8.available())
         self._tile_avx2()
         return self._avx2
+
+    @property
+    def fused_part(self) -> bool:
+        """Rows of a fused layer (:mod:`minimind.infer.fuse`): its codes are a view of the fused codes
+        and it is never called, so it keeps no kernel copies."""
+        return self.qweight._base is not None
 
     def _repack(self) -> None:
         """Rebuild the kernels' own copies of the codes (after the codes change)."""
@@ -408,7 +416,7 @@ def weight_bytes(model: nn.Module, per_token: bool = True) -> int:
     total, seen = 0, set()
     int8 = [b for m in model.modules() if isinstance(m, Int8Linear) for b in (m.qweight, m.scale)]
     for t in list(model.parameters()) + int8:
-        if id(t) in seen or t._base is not None:  # a view (a fused layer's part) is counted in its base
+        if id(t) in seen or t._base is not None:  # a fused part's codes are counted in the fused layer's
             continue
         seen.add(id(t))
         if id(t) in embeds and id(t) not in heads:  # a tied head still streams the matrix
