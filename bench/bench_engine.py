@@ -95,12 +95,14 @@ ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
     # inductor freezing + max_autotune on the decode step, meant for int8 b1 (weights compiled in;
     # ~100 s compile per batch shape, paid in the warm-up); one slot
     "engine_frozen": {"compile": "frozen", "num_slots": 1},
+    # CUDA only: the compiled decode step replayed as a CUDA graph (inductor's reduce-overhead mode)
+    "engine_cudagraphs": {"compile": "cudagraphs"},
 }
 GEMV_VARIANTS = {"engine_gemv"}
 # compiled variants warm up with a whole-length call: the decode graph is specialised to the cache
 # length, which grows past its first size during a 100 + 200-token row (a recompile in the timed run)
 FULL_WARMUP = {"engine_compiled", "engine_compiled_no_onednn", "engine_compiled_unfused",
-               "engine_frozen"}
+               "engine_frozen", "engine_cudagraphs"}
 
 
 class Mode:

@@ -5,7 +5,8 @@ variant, so a busy machine moves the ratios less than the absolute figures):
 
 * ``reference_style`` -- what the reference trainer feeds the model: every document in its own row,
   truncated/padded to ``seq_len`` (``--pad_fraction`` of the tokens are padding, 30% by default as
-  measured for pretrain_t2t_mini at 340), plain causal attention, fp32 logits for the loss, fp32;
+  measured for pretrain_t2t_mini at 340), plain causal attention, fp32 logits for the loss; in fp32
+  on a CPU and under bf16 autocast on CUDA, as the reference's trainer runs on each;
 * ``doc_<dtype>`` -- this project's step: packed rows (no padding), document-causal attention
   (dense mask on the CPU, FlexAttention block mask on CUDA), the chunked cross-entropy;
 * ``causal_<dtype>`` -- the same with ``--attention causal`` (SDPA ``is_causal``: flash on CUDA);
@@ -13,7 +14,9 @@ variant, so a busy machine moves the ratios less than the absolute figures):
 
 for ``dtype`` fp32 and, where the hardware runs it fast (CUDA, AVX-512 BF16 / AMX CPUs), bf16
 autocast.  Prints one JSON object: tokens/s per variant, the ratios against ``reference_style``,
-``causal / doc`` and ``bf16 / fp32``, and the CPU's model name and matmul-relevant flags.
+``causal / doc`` and ``bf16 / fp32``, the model FLOPs utilisation of each variant (``6 N + 12 L H T``
+FLOPs per useful token against the GPU's datasheet bf16 peak, or on a CPU against a measured GEMM:
+:func:`minimind.train.device.peak_flops`), and the CPU's model name and matmul-relevant flags.
 
     python bench/bench_pretrain.py --hidden_size 512 --num_hidden_layers 8 --batch_size 32 --seq_len 340
 """
@@ -30,7 +33,8 @@ from _common import bench_dtypes, environment, optimizer_step, round_robin
 from minimind.config import ModelConfig
 from minimind.data.batch import Batch
 from minimind.model import MiniMindForCausalLM
-from minimind.train.device import pick_device
+from minimind.train.device import peak_flops, pick_device
+from minimind.train.metrics import model_flops_per_token
 from minimind.train.stages.base import next_token_loss
 
 
@@ -68,7 +72,7 @@ def make_step(variant: str, mcfg: ModelConfig, args, device: torch.device, dtype
     model = MiniMindForCausalLM(mcfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     gen = torch.Generator().manual_seed(0)
-    if variant == "reference_style":
+    if variant.startswith("reference_style"):
         ids, targets, useful = (x.to(device) if torch.is_tensor(x) else x
                                 for x in padded_rows(args.batch_size, args.seq_len, mcfg.vocab_size,
                                                      args.pad_fraction, gen))
@@ -104,10 +108,30 @@ def measure(variants: list[str], mcfg: ModelConfig, args, device: torch.device,
     (:func:`_common.round_robin`)."""
     steps = {}
     for v in variants:
-        dtype = next((dt for name, dt in dtypes.items() if f"_{name}" in v), torch.float32)
-        steps[v] = make_step(v, mcfg, args, device, dtype)
+        steps[v] = make_step(v, mcfg, args, device, variant_dtype(v, device, dtypes))
     secs = round_robin({v: s[0] for v, s in steps.items()}, args.steps, device)
     return {v: round(steps[v][1] / secs[v], 1) for v in variants}
+
+
+def variant_dtype(variant: str, device: torch.device, dtypes: dict[str, torch.dtype]) -> torch.dtype:
+    """The autocast dtype a variant runs in: named in it (``doc_bf16``), else the reference trainer's
+    own choice (bf16 on CUDA, fp32 on a CPU)."""
+    named = next((dt for name, dt in dtypes.items() if f"_{name}" in variant), None)
+    if named is not None:
+        return named
+    return torch.bfloat16 if variant.startswith("reference_style") and device.type == "cuda" else torch.float32
+
+
+def mfu(tps: dict[str, float], mcfg: ModelConfig, seq_len: int, device: torch.device,
+        dtypes: dict[str, torch.dtype]) -> dict[str, float]:
+    """Model FLOPs utilisation per variant: useful tokens/s x training FLOPs per token / peak."""
+    model = MiniMindForCausalLM(mcfg)
+    n_matmul = model.num_parameters(active=True)
+    if not mcfg.tie_word_embeddings:
+        n_matmul -= model.model.embed_tokens.weight.numel()
+    per_tok = model_flops_per_token(n_matmul, mcfg.num_hidden_layers, mcfg.hidden_size, seq_len)
+    return {v: round(t * per_tok / peak_flops(device, variant_dtype(v, device, dtypes)), 4)
+            for v, t in tps.items()}
 
 
 def ratios(tps: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -128,6 +152,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden_size", type=int, default=512)
     p.add_argument("--num_hidden_layers", type=int, default=8)
+    p.add_argument("--use_moe", type=int, default=0, help="1 = the MoE preset's experts")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--seq_len", type=int, default=340)
     p.add_argument("--pad_fraction", type=float, default=0.30)
@@ -139,7 +164,7 @@ def main() -> None:
     args = p.parse_args()
     device = pick_device(args.device)
     mcfg = ModelConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                       max_position_embeddings=max(2048, args.seq_len))
+                       use_moe=bool(args.use_moe), max_position_embeddings=max(2048, args.seq_len))
     dtypes = bench_dtypes(device)
     if args.variants:
         variants = args.variants.split(",")
@@ -153,6 +178,7 @@ def main() -> None:
         "pad_fraction_reference": args.pad_fraction, "steps": args.steps}
     tps = measure(variants, mcfg, args, device, dtypes)
     out["useful_tokens_per_s"] = tps
+    out["mfu"] = mfu(tps, mcfg, args.seq_len, device, dtypes)
     out.update(ratios(tps))
     print(json.dumps(out, indent=1))
 

@@ -111,6 +111,26 @@ def test_flex_block_mask_loss_and_gradient_equal_dense_mask_cuda(use_moe):
         torch.testing.assert_close(results[0][1][name], g, atol=1e-4, rtol=1e-3, msg=name)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="block masks are built where FlexAttention trains")
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_document_loss_step_compiles_fullgraph_with_its_block_mask_cuda(use_moe):
+    """The compiled loss step builds its block mask inside the graph: ``create_block_mask`` must not
+    hit code dynamo refuses (its ``_compile=True`` flag warns since torch 2.11, a graph break that
+    ``fullgraph=True`` turns into an error), and the compiled loss equals the eager one."""
+    model = tiny_model(use_moe).cuda()
+    ids, pos, doc = (t.cuda() for t in packed_row())
+    targets = ids.roll(-1, 1)
+    targets[:, -1] = -100
+    batch = Batch(ids, targets, pos, doc, num_target_tokens=int((targets != -100).sum()))
+
+    def step(m: torch.nn.Module, b: Batch) -> torch.Tensor:
+        return next_token_loss(m, b).loss
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(model, batch), step(model, batch), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("use_moe", [False, True])
 def test_causal_mode_is_sdpa_causal_over_the_row_with_continuing_positions(use_moe):
     """``--attention causal``: the loss of a packed batch equals cross-entropy of the model run with
@@ -179,6 +199,24 @@ def test_folded_gqa_sdpa_equals_repeated_heads_forward_and_gradient(monkeypatch)
     for a, b in zip(grads, grads_expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(attend(q, k, v, mask), expected, atol=1e-5, rtol=1e-5)  # CPU path
+
+
+def test_folded_gqa_sdpa_takes_outputs_in_any_stride_order(monkeypatch):
+    """CUDA's attention kernels return ``[B, KV, r*T, d]`` laid out as ``[B, r*T, KV, d]``: the
+    folded path must regroup that without assuming a contiguous output (``view`` raised there)."""
+    sdpa = F.scaled_dot_product_attention
+
+    def strided_sdpa(*args, **kwargs):
+        return sdpa(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2)
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(2, 8, 5, 16, generator=g), torch.randn(2, 2, 7, 16, generator=g), \
+        torch.randn(2, 2, 7, 16, generator=g)
+    mask = torch.rand(2, 1, 5, 7, generator=g) > 0.3
+    mask[..., 0] = True
+    expected = _folded_gqa_sdpa(q, k, v, mask, 0.0)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", strided_sdpa)
+    torch.testing.assert_close(_folded_gqa_sdpa(q, k, v, mask, 0.0), expected, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -103,7 +103,9 @@ class GenerationEngine:
     faster at one row, whole one-row int8 steps 1.0-1.46x in A/B runs on a loaded 2-core Xeon, so
     it stays opt-in; bf16 steps were slower; a compile takes ~100 s per batch shape, seconds once
     inductor's cache holds it) — for fixed weights only: it needs the engine's own weight copy and
-    :meth:`refresh_weights` raises (build a new engine instead).  ``quantize="int8"``
+    :meth:`refresh_weights` raises (build a new engine instead); ``compile="cudagraphs"`` (CUDA
+    only) compiles the decode step in inductor's ``reduce-overhead`` mode, which replays it as a CUDA
+    graph.  ``quantize="int8"``
     stores the block matrices and LM head of the engine's own weight copy as int8 (see
     :mod:`minimind.infer.quant`; the model passed in is never modified).  ``onednn`` (default on)
     lets the engine's own CPU weight copy use oneDNN-packed weights where the CPU runs them natively
@@ -164,14 +166,24 @@ class GenerationEngine:
         # the attended length is not a shape that changes every step; the row count and the cache size
         # change rarely, and each change recompiles once with that size symbolic (dynamic=None: measured
         # as fast as static graphs at 1, 3 and 8 rows).  Prefill, whose shapes vary, stays eager.
-        if compile not in (False, True, "frozen"):
-            raise ValueError(f"compile must be False, True or 'frozen', got {compile!r}")
+        if compile not in (False, True, "frozen", "cudagraphs"):
+            raise ValueError(f"compile must be False, True, 'frozen' or 'cudagraphs', got {compile!r}")
+        if compile == "cudagraphs" and self.device.type != "cuda":
+            raise ValueError("compile='cudagraphs' replays CUDA graphs: it needs a CUDA device")
         self.frozen = compile == "frozen"
+        # compile="cudagraphs": inductor's "reduce-overhead" mode records each decode graph once per
+        # row count and replays it, one launch for the whole step instead of hundreds of small ones.
+        # The graph writes the KV cache in place, which a replay may only do to tensors whose address
+        # never changes: reserve() marks each new cache's k/v as such static inputs.
+        self._cudagraphs = compile == "cudagraphs"
         if self.frozen and (self._shares_source or self.model is model):
             raise ValueError("compile='frozen' compiles the weights in as constants, so it needs the engine's "
                              "own weight copy: pass a dtype or quantize that differs from the model's")
         options = _FROZEN_OPTIONS if self.frozen else None
-        self._decode_call = torch.compile(self.model, dynamic=None, options=options) if compile else None
+        if self._cudagraphs:
+            self._decode_call = torch.compile(self.model, mode="reduce-overhead", dynamic=False)
+        else:
+            self._decode_call = torch.compile(self.model, dynamic=None, options=options) if compile else None
         self.max_batch_len = max_batch_len
         self.num_slots = num_slots
         self.cache: KVCache | None = None
@@ -223,6 +235,9 @@ class GenerationEngine:
         n = max(slots, cur.batch_size if cur else 0, self.num_slots)
         want = max(length, 2 * cur.max_len if cur else _MIN_CACHE_LEN)
         new = KVCache(self.model.config, n, min(want, self.max_context), self.device, self.dtype)
+        if self._cudagraphs:
+            torch._dynamo.mark_static_address(new.k)
+            torch._dynamo.mark_static_address(new.v)
         seen = torch.zeros(n, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
         if cur is not None:
             new.k[:, :cur.batch_size, :, :cur.max_len] = cur.k
@@ -255,6 +270,8 @@ class GenerationEngine:
         pos = torch.tensor(positions, dtype=torch.long).view(rows, 1).to(self.device)
         mask = cache_attention_mask(pos, kv_len)
         out = self._forward(tok, pos, mask, self.cache.slots(slice(0, rows)), 1, self._decode_call)
+        if self._cudagraphs:  # a replay's output lives in the graph's pool: the next replay overwrites it
+            return out[:count, -1].float().clone()
         return out[:count, -1].float()
 
     def copy_slot(self, src: int, dst: Sequence[int], length: int) -> None:

@@ -60,7 +60,8 @@ def _folded_gqa_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     folded_mask = folded_mask.reshape(b, mask.shape[1], r * t, mask.shape[-1])
     out = F.scaled_dot_product_attention(q.reshape(b, kv, r * t, d), k, v, attn_mask=folded_mask,
                                          dropout_p=dropout_p)
-    return out.view(b, h, t, d)
+    # reshape, not view: CUDA's attention kernels may return the heads and rows in another stride order
+    return out.reshape(b, h, t, d)
 
 
 def _grouped_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -41,7 +41,7 @@ def flex_available(device: torch.device) -> bool:
     return create_block_mask is not None and device.type == "cuda"
 
 
-def document_block_mask(doc_ids: torch.Tensor) -> "BlockMask":
+def document_block_mask(doc_ids: torch.Tensor) -> BlockMask:
     """The document-causal mask of ``doc_ids [B, T]`` as a FlexAttention block mask (no ``T x T``
     tensor is materialised: the mask is evaluated per 128 x 128 block by a compiled predicate)."""
     if create_block_mask is None:
@@ -51,11 +51,19 @@ def document_block_mask(doc_ids: torch.Tensor) -> "BlockMask":
     def same_doc_causal(batch, head, q_idx, kv_idx):
         return (doc_ids[batch, q_idx] == doc_ids[batch, kv_idx]) & (kv_idx <= q_idx)
 
-    return create_block_mask(same_doc_causal, b, None, t, t, device=doc_ids.device,
-                             _compile=doc_ids.device.type == "cuda")
+    # Built by a compiled create_block_mask on CUDA (eager it materialises the T x T predicate); inside
+    # a graph that is already being compiled the plain function is traced into it instead.
+    eager = torch.compiler.is_compiling() or doc_ids.device.type != "cuda"
+    build = create_block_mask if eager else _compiled_create_block_mask()
+    return build(same_doc_causal, b, None, t, t, device=doc_ids.device)
 
 
-def document_attention_mask(doc_ids: torch.Tensor) -> "torch.Tensor | BlockMask":
+@functools.cache
+def _compiled_create_block_mask():
+    return torch.compile(create_block_mask)
+
+
+def document_attention_mask(doc_ids: torch.Tensor) -> torch.Tensor | BlockMask:
     """Document-causal mask for ``doc_ids [B, T]``: a block mask where FlexAttention trains (CUDA),
     the dense bool mask elsewhere."""
     if flex_available(doc_ids.device):
