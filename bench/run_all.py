@@ -9,7 +9,10 @@ not leak into the next) and with its own arguments:
   with the assistant-only loss mask, fp32 vs bf16;
 * ``decode`` -- ``bench_engine.py``: our engine vs the reference ``generate()`` loop vs llama.cpp
   (where ``llama-cpp-python`` is installed), per dtype and batch size;
-* ``rl`` -- ``rl_toy.py``: seconds per RL step split into rollout and update, per loss type.
+* ``rl`` -- ``rl_toy.py``: seconds per RL step split into rollout and update, per loss type;
+* ``reference_pretrain`` -- ``reference_pretrain.py``: the reference project's own
+  ``train_pretrain.py`` timed from its log (only with ``--reference_pretrain_args "--reference_repo
+  <checkout> --data_path <jsonl>"``: nothing of that project ships here).
 
 ``--quick`` gives every part small sizes (a tiny model, short rows, a few steps: about 3 minutes
 on 2 CPU cores); without it each part runs its own full defaults.  ``--device auto`` picks CUDA when
@@ -47,14 +50,19 @@ QUICK_ARGS: dict[str, list[str]] = {
             "--conversations", "150", "--steps", "2"],
     "decode": ["--quick", "--repeats", "1"],
     "rl": ["--steps", "20", "--loss_types", "grpo,ppo"],
+    "reference_pretrain": ["--seconds", "40", "--batch_size", "4", "--hidden_size", "128",
+                           "--num_hidden_layers", "2", "--extra", "--num_workers 1"],
 }
-SCRIPTS = {"pretrain": "bench_pretrain.py", "sft": "bench_sft.py", "decode": "bench_engine.py", "rl": "rl_toy.py"}
+SCRIPTS = {"pretrain": "bench_pretrain.py", "sft": "bench_sft.py", "decode": "bench_engine.py", "rl": "rl_toy.py",
+           "reference_pretrain": "reference_pretrain.py"}
 
 
 def part_args(name: str, device: torch.device, quick: bool, extra: str) -> list[str]:
     """The command-line arguments of one part: device, quick sizes, then the user's extras (argparse
     keeps the last value of a repeated flag, so the extras win)."""
     args = list(QUICK_ARGS[name]) if quick else []
+    if name == "reference_pretrain":  # the reference's trainer picks its own device
+        return args + shlex.split(extra)
     if name == "rl":
         args += ["--out", "", "--device", device.type,
                  "--dtype", "bfloat16" if device.type == "cuda" else "float32"]
@@ -98,6 +106,8 @@ def summary(name: str, report: dict[str, Any]) -> dict[str, Any]:
         return {k: report.get(k) for k in ("vs_reference_style", "causal_vs_doc", "bf16_vs_fp32")}
     if name == "sft":
         return {k: report.get(k) for k in ("packed_vs_reference", "bf16_vs_fp32")}
+    if name == "reference_pretrain":
+        return {k: report.get(k) for k in ("useful_tokens_per_s", "mfu", "micro_steps_per_s")}
     if name == "decode":  # decode tok/s of each engine variant over the other sides, per mode and batch
         per_mode = {mode: {b: {k: round(v["decode"], 3) for k, v in cell.items() if "_vs_" in k}
                            for b, cell in batches.items()}
@@ -127,6 +137,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [n for n in parts if n not in SCRIPTS]
     if unknown:
         p.error(f"--only: unknown parts {unknown}; choose from {', '.join(SCRIPTS)}")
+    if args.reference_pretrain_args and "reference_pretrain" not in parts:
+        parts.append("reference_pretrain")
+    if "reference_pretrain" in parts and "--reference_repo" not in args.reference_pretrain_args:
+        p.error("reference_pretrain needs --reference_pretrain_args \"--reference_repo DIR --data_path JSONL\"")
     timeout = args.timeout or (900 if args.quick else 7200)
     out: dict[str, Any] = {**environment(device), "quick": args.quick, "ratios": {}, "parts": {}}
     for name in parts:
