@@ -129,3 +129,19 @@ def test_a_nan_or_inf_input_poisons_its_own_row_only() -> None:
     assert bool(y[:3].isnan().all())
     want = x[3:].double() @ (codes.double() * scale.double().unsqueeze(1)).t()
     assert rel_err(y[3:], want) < 1e-3
+
+
+@pytest.mark.skipif(not avx2_int8.available(), reason="the AVX2 int8 kernel does not build or run here")
+def test_kernel_splits_its_rows_over_torch_threads_with_the_same_result() -> None:
+    """The kernel's at::parallel_for must really run on torch's threads (built without -fopenmp it
+    ran every product on one thread), and a split product equals the one-thread product bit for bit:
+    each output belongs to one thread."""
+    codes, scale = _codes(256, 96, seed=3)
+    packed = avx2_int8.pack(codes)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(4))
+    one = avx2_int8.linear(x, packed, scale)
+    torch.set_num_threads(2)  # the one_thread fixture restores the count
+    assert avx2_int8.parallel_threads() == 2
+    assert torch.equal(avx2_int8.linear(x, packed, scale), one)
+    torch.set_num_threads(1)
+    assert avx2_int8.parallel_threads() == 1

@@ -209,14 +209,29 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
   return y;
 }
 
+// How many threads at::parallel_for gives n items here.  at::parallel_for is inline code: built
+// without -fopenmp its "#pragma omp parallel" is dropped and every product silently runs on one thread.
+int64_t parallel_threads(int64_t n) {
+  std::vector<int> seen(at::get_num_threads() + 1, 0);
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) { seen.at(at::get_thread_num()) = 1; });
+  int64_t used = 0;
+  for (int v : seen) used += v;
+  return used;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(minimind_int8_avx2, m) {
   m.def("pack(Tensor codes) -> Tensor");
   m.def("linear(Tensor x, Tensor packed, Tensor scale) -> Tensor");
+  m.def("parallel_threads(int n) -> int");
 }
 
 TORCH_LIBRARY_IMPL(minimind_int8_avx2, CPU, m) {
   m.impl("pack", &pack);
   m.impl("linear", &linear);
+}
+
+TORCH_LIBRARY_IMPL(minimind_int8_avx2, CompositeExplicitAutograd, m) {
+  m.impl("parallel_threads", &parallel_threads);
 }
