@@ -86,3 +86,23 @@ def test_compiled_engine_greedy_equals_recomputation(quantize) -> None:
     engine.run(reqs)
     for prompt, k, req in zip(prompts, budgets, reqs):
         assert req.results[0].token_ids == reference_greedy(reference, prompt, k)
+
+
+def test_compiled_decode_attends_over_the_used_length_in_buckets(monkeypatch) -> None:
+    """A compiled engine attends over the used cache length rounded up to 64 positions, not over the
+    whole allocated cache (a 2048-position cache for a few hundred tokens read 2048 keys per step),
+    and still decodes the cache-free greedy tokens across a bucket boundary."""
+    import minimind.infer.engine as engine_mod
+
+    seen: list[int] = []
+    real = engine_mod.cache_attention_mask
+    monkeypatch.setattr(engine_mod, "cache_attention_mask", lambda pos, kv_len: seen.append(kv_len) or real(pos, kv_len))
+    model = tiny_model(max_position_embeddings=2048)
+    engine = GenerationEngine(model, dtype=torch.float32, compile=True, num_slots=2, max_batch_len=2048)
+    engine._decode_call = torch.compile(engine.model, dynamic=None, backend="eager")  # dynamo only: seconds
+    engine.reserve(2, 2048)
+    prompt = [5, 9, 17, 33, 2] * 11  # 55 tokens: decoding crosses position 64
+    got = engine.generate([prompt], SamplingParams(max_new_tokens=30, temperature=0.0, stop_token_ids=()))
+    assert got[0].token_ids == reference_greedy(model, prompt, 30)
+    decode_lens = seen[-29:]  # one mask per decode step (prefill builds none)
+    assert decode_lens[0] == 64 and decode_lens[-1] == 128 and engine.cache.max_len == 2048
