@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from minimind.infer import GenerationEngine, SamplingParams
+from minimind.infer.engine import compile_mode
 from tests.test_generation import reference_greedy, tiny_model
 
 
@@ -37,3 +38,10 @@ def test_cudagraph_decode_is_greedy_equal_to_the_uncached_reference_cuda() -> No
     long = SamplingParams(max_new_tokens=300, temperature=0.0, stop_token_ids=())  # past the first cache
     got = engine.generate([prompts[0]], long)[0].token_ids
     assert got == reference_greedy(cpu_model, prompts[0], 300)
+
+
+def test_compile_flag_means_cuda_graphs_on_cuda_only() -> None:
+    """``--compile 1`` of chat and serve: CUDA graphs on CUDA, inductor's kernels elsewhere."""
+    assert compile_mode(True, "cuda:0") == "cudagraphs"
+    assert compile_mode(True, torch.device("cpu")) is True
+    assert compile_mode(False, "cuda") is False

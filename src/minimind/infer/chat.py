@@ -23,7 +23,7 @@ from typing import Any
 
 from rich.console import Console
 
-from minimind.infer.engine import GenerationEngine, GenerationResult
+from minimind.infer.engine import GenerationEngine, GenerationResult, compile_mode
 from minimind.infer.sampling import SamplingParams
 from minimind.model.weights import infer_model_config  # noqa: F401  (re-export)
 
@@ -237,8 +237,8 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     a("--quantize", default="", choices=["", "int8"],
       help="int8: int8 weight-only decode (the engine's own weight copy; faster CPU decode)")
     a("--compile", type=int, default=0, choices=[0, 1],
-      help="1: torch.compile the decode step (~30-60 s first compile on a CPU, then 1.2-1.6x faster "
-           "steps)")
+      help="1: torch.compile the decode step (~30-60 s first compile on a CPU, then 1.2-2x faster "
+           "steps; on CUDA the step is replayed as a CUDA graph, 7x at one row on an H200)")
     a("--raw", action="store_true",
       help="pretrained-model mode: no chat template (automatic for weights named pretrain*)")
     a("--seed", type=int, default=None, help="sampling seed (default: random)")
@@ -272,7 +272,7 @@ def _chat_main(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     engine = GenerationEngine(model, tokenizer, device=device, dtype=pick_dtype(device, args.dtype),
                               quantize=getattr(args, "quantize", "") or None,
-                              compile=bool(getattr(args, "compile", 0)))
+                              compile=compile_mode(bool(getattr(args, "compile", 0)), device))
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty,

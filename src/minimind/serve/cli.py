@@ -112,8 +112,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--quantize", default="", choices=["", "int8"],
       help="int8: int8 weight-only decode (the engine's own weight copy; faster CPU decode)")
     a("--compile", type=int, default=0, choices=[0, 1],
-      help="1: torch.compile the decode step (~30-60 s first compile on a CPU, then 1.2-1.6x faster "
-           "steps)")
+      help="1: torch.compile the decode step (~30-60 s first compile on a CPU, then 1.2-2x faster "
+           "steps; on CUDA the step is replayed as a CUDA graph, 7x at one row on an H200)")
     a("--no_ui", action="store_true", help="do not serve the web UI at /")
     a("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -172,7 +172,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from minimind.infer.engine import GenerationEngine
+    from minimind.infer.engine import GenerationEngine, compile_mode
     from minimind.infer.service import EngineService
     from minimind.serve.app import DEFAULT_STATIC_DIR, create_app
     from minimind.train.device import pick_device, pick_dtype
@@ -182,7 +182,7 @@ def _serve(args: argparse.Namespace) -> int:
     engine = GenerationEngine(model, tokenizer, device=device, dtype=pick_dtype(device, args.dtype),
                               max_batch_len=args.max_context or None, num_slots=args.slots,
                               quantize=getattr(args, "quantize", "") or None,
-                              compile=bool(getattr(args, "compile", 0)))
+                              compile=compile_mode(bool(getattr(args, "compile", 0)), device))
     name = args.model_name or (source.name if source.is_dir() else source.stem)
     service = EngineService(engine)
     try:
