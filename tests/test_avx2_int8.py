@@ -145,3 +145,24 @@ def test_kernel_splits_its_rows_over_torch_threads_with_the_same_result() -> Non
     assert torch.equal(avx2_int8.linear(x, packed, scale), one)
     torch.set_num_threads(1)
     assert avx2_int8.parallel_threads() == 1
+
+
+def test_a_compiler_without_openmp_gets_the_one_thread_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel is built with -fopenmp where torch has OpenMP; if that build fails, the plain build
+    is tried instead of giving up the kernel, and a plain build's failure is still reported."""
+    calls: list[list[str]] = []
+
+    def fake_load(**kwargs):
+        calls.append(kwargs["extra_cflags"])
+        if "-fopenmp" in kwargs["extra_cflags"]:
+            raise RuntimeError("error: unsupported option '-fopenmp'")
+
+    monkeypatch.setattr(torch.backends.openmp, "is_available", lambda: True)
+    avx2_int8._load_kernel(fake_load)
+    assert calls == [["-O3", "-mavx2", "-mfma", "-fopenmp"], ["-O3", "-mavx2", "-mfma"]]
+
+    def failing_load(**kwargs):
+        raise RuntimeError("no compiler")
+
+    with pytest.raises(RuntimeError, match="no compiler"):
+        avx2_int8._load_kernel(failing_load)

@@ -34,6 +34,7 @@ import platform
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,13 +51,7 @@ def _build() -> None:
     from torch.utils.cpp_extension import load
 
     print("minimind: loading the AVX2 int8 kernel (built on first use, ~20 s) ...", file=sys.stderr, flush=True)
-    # -fopenmp: the kernel splits its output rows with at::parallel_for, whose OpenMP pragma is dropped
-    # without it (every product then ran on one thread: 1.5x slower at one row on 2 cores, 1.9x at
-    # eight).  Not linked: the OpenMP calls resolve to the runtime torch has already loaded, so the
-    # kernel shares torch's thread pool and torch.set_num_threads.
-    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
-    load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", *openmp],
-         is_python_module=False, verbose=False)
+    _load_kernel(load)
 
     @torch.library.register_fake(f"{_NAME}::pack")
     def _pack_fake(codes: torch.Tensor) -> torch.Tensor:
@@ -65,6 +60,24 @@ def _build() -> None:
     @torch.library.register_fake(f"{_NAME}::linear")
     def _linear_fake(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], scale.shape[0], dtype=torch.float32)
+
+
+def _load_kernel(load: Callable[..., object]) -> None:
+    """Build and load the kernel with ``load`` (torch's C++ extension loader).
+
+    -fopenmp: the kernel splits its output rows with at::parallel_for, whose OpenMP pragma is dropped
+    without it (every product then ran on one thread: 1.5x slower at one row on 2 cores, 1.9x at
+    eight).  Not linked: the OpenMP calls resolve to the runtime torch has already loaded, so the
+    kernel shares torch's thread pool and torch.set_num_threads.  A compiler without OpenMP gets the
+    one-thread build rather than no kernel."""
+    flags = ["-O3", "-mavx2", "-mfma"]
+    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
+    try:
+        load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=flags + openmp, is_python_module=False, verbose=False)
+    except (RuntimeError, OSError, subprocess.SubprocessError):
+        if not openmp:
+            raise
+        load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=flags, is_python_module=False, verbose=False)
 
 
 @functools.cache
