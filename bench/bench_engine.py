@@ -514,7 +514,8 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
             report["results"][mname] = _bench_mode(args, mode_for(mname, device), base, all_prompts, batches,
                                                    variants, reference, llama_skip, Path(tmp), device)
             gc.collect()
-    report["targets"] = targets(report["results"])
+    report["targets"] = targets(report["results"],
+                                torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     report["wall_s"] = time.perf_counter() - t_start
     report["environment"]["load_average_at_end"] = load_average()
     return emit_json(report, args.out)
@@ -600,10 +601,17 @@ def _bench_mode(args: argparse.Namespace, mode: Mode, base: MiniMindForCausalLM,
     return per_batch
 
 
-def targets(results: dict[str, Any]) -> dict[str, Any]:
+#: Datasheet memory bandwidth of GPUs in TB/s (SXM parts where there are several), for decode's
+#: share of it; matched by substring of the device name like the MFU table.
+GPU_BANDWIDTH_TBS = {"H200": 4.8, "H100": 3.35, "A100": 2.0, "A800": 2.0, "L40S": 0.864, "4090": 1.008,
+                     "3090": 0.936, "A10": 0.6, "V100": 0.9, "T4": 0.32}
+
+
+def targets(results: dict[str, Any], gpu: str | None = None) -> dict[str, Any]:
     """The issue's decode targets as measured ratios (``None`` where a side was not measured), each
     with the fastest engine variant: b1 int8 / llama.cpp q8_0 >= 1, b1 bf16 / llama.cpp bf16 >= 0.8,
-    b8 best engine mode / the reference loop >= 3 (bf16; float32 where bf16 was not measured)."""
+    b8 best engine mode / the reference loop >= 3 (bf16; float32 where bf16 was not measured); on a
+    GPU of :data:`GPU_BANDWIDTH_TBS` also b1 bf16 weight bandwidth / the datasheet's >= 0.5."""
     def best(mode: str, batch: str) -> tuple[float | None, str | None]:
         cell = results.get(mode, {}).get(batch, {})
         found = [(v["decode_tok_s"], k) for k, v in cell.items()
@@ -622,15 +630,21 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
     # the reference loop's bf16 run; its float32 run where bf16 was not measured (AVX2-only CPUs,
     # whose bf16 is emulated); the key names which
     ref = "bfloat16" if side("bfloat16", "8", "reference") else "float32"
-    return {
+    out = {
         "b1_int8_vs_llama_cpp_q8_0": entry(best("int8", "1"), side("int8", "1", "llama_cpp"), 1.0, "int8"),
         "b1_bf16_vs_llama_cpp_bf16": entry(best("bfloat16", "1"), side("bfloat16", "1", "llama_cpp"), 0.8,
                                            "bfloat16"),
         f"b8_best_engine_vs_reference_{'bf16' if ref == 'bfloat16' else 'fp32'}":
             entry(b8[0], side(ref, "8", "reference"), 3.0, b8[1]),
     }
-
-
+    peak = next((tbs for key, tbs in GPU_BANDWIDTH_TBS.items() if gpu and key in gpu), None)
+    if peak is not None:
+        _, variant = best("bfloat16", "1")
+        gb_s = results.get("bfloat16", {}).get("1", {}).get(variant, {}).get("weight_gb_s") if variant else None
+        out["b1_bf16_bandwidth_fraction"] = {"ratio": gb_s / (peak * 1e3) if gb_s else None, "target": 0.5,
+                                             "engine_variant": variant, "engine_mode": "bfloat16",
+                                             "peak_tb_s": peak}
+    return out
 
 
 if __name__ == "__main__":

@@ -161,3 +161,17 @@ def test_bench_engine_b8_target_uses_the_fp32_reference_where_bf16_was_not_run()
                                                      "engine_variant": "engine_compiled", "engine_mode": "int8"}
     results["bfloat16"] = {"8": {"reference": {"decode_tok_s": 170.0}, "engine": {"decode_tok_s": 300.0}}}
     assert bench.targets(results)["b8_best_engine_vs_reference_bf16"]["ratio"] == 2.0
+
+
+def test_bench_engine_gpu_bandwidth_target_uses_the_fastest_b1_variant() -> None:
+    """On a GPU of the bandwidth table the b1 target is the fastest bf16 variant's weight bandwidth
+    over the datasheet's; on a CPU (no GPU name) there is no such target."""
+    bench = _load("bench_engine")
+    cell = {"engine": {"decode_tok_s": 100.0, "weight_gb_s": 12.8},
+            "engine_cudagraphs": {"decode_tok_s": 800.0, "weight_gb_s": 102.4},
+            "reference": {"decode_tok_s": 120.0, "weight_gb_s": 15.4}}
+    results = {"bfloat16": {"1": cell}}
+    t = bench.targets(results, "NVIDIA H200")["b1_bf16_bandwidth_fraction"]
+    assert t["engine_variant"] == "engine_cudagraphs" and t["peak_tb_s"] == 4.8
+    assert t["ratio"] == pytest.approx(102.4 / 4800)
+    assert "b1_bf16_bandwidth_fraction" not in bench.targets(results)
