@@ -34,7 +34,7 @@ from minimind.config import ModelConfig
 from minimind.data.batch import Batch
 from minimind.model import MiniMindForCausalLM
 from minimind.train.device import peak_flops, pick_device
-from minimind.train.metrics import model_flops_per_token
+from minimind.train.metrics import training_flops_per_token
 from minimind.train.stages.base import next_token_loss
 
 
@@ -125,11 +125,7 @@ def variant_dtype(variant: str, device: torch.device, dtypes: dict[str, torch.dt
 def mfu(tps: dict[str, float], mcfg: ModelConfig, seq_len: int, device: torch.device,
         dtypes: dict[str, torch.dtype]) -> dict[str, float]:
     """Model FLOPs utilisation per variant: useful tokens/s x training FLOPs per token / peak."""
-    model = MiniMindForCausalLM(mcfg)
-    n_matmul = model.num_parameters(active=True)
-    if not mcfg.tie_word_embeddings:
-        n_matmul -= model.model.embed_tokens.weight.numel()
-    per_tok = model_flops_per_token(n_matmul, mcfg.num_hidden_layers, mcfg.hidden_size, seq_len)
+    per_tok = training_flops_per_token(MiniMindForCausalLM(mcfg), seq_len)
     return {v: round(t * per_tok / peak_flops(device, variant_dtype(v, device, dtypes)), 4)
             for v, t in tps.items()}
 

@@ -38,7 +38,7 @@ from _common import emit_json, environment
 from minimind.config import ModelConfig
 from minimind.model import MiniMindForCausalLM
 from minimind.train.device import peak_flops
-from minimind.train.metrics import model_flops_per_token
+from minimind.train.metrics import training_flops_per_token
 
 STEP = re.compile(r"\((\d+)/(\d+)\)")
 
@@ -121,15 +121,16 @@ def main() -> dict[str, Any]:
     steps_s = (s1 - s0) / (t1 - t0)
     frac = useful_fraction(data, repo / "model" / "tokenizer.json", args.max_seq_len)
     positions = args.batch_size * args.max_seq_len
-    mcfg = ModelConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers)
-    model = MiniMindForCausalLM(mcfg)  # the same architecture and parameter count as the reference's
-    n_matmul = model.num_parameters() - (0 if mcfg.tie_word_embeddings else model.model.embed_tokens.weight.numel())
-    per_tok = model_flops_per_token(n_matmul, mcfg.num_hidden_layers, mcfg.hidden_size, args.max_seq_len)
+    # the same architecture and parameter count as the reference's model
+    model = MiniMindForCausalLM(ModelConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers))
+    per_tok = training_flops_per_token(model, args.max_seq_len)
     useful = steps_s * positions * frac
+    # the reference trains under bf16 autocast on CUDA and in fp32 on a CPU
+    peak = peak_flops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     out.update(micro_steps_per_s=round(steps_s, 3), timed_steps=s1 - s0, timed_s=round(t1 - t0, 2),
                positions_per_s=round(steps_s * positions, 1), useful_fraction=round(frac, 4),
                useful_tokens_per_s=round(useful, 1),
-               mfu=round(useful * per_tok / peak_flops(device, torch.bfloat16 if device.type == "cuda" else torch.float32), 4),
+               mfu=round(useful * per_tok / peak, 4),
                last_log=lines[-1] if lines else "")
     return emit_json(out, args.out)
 

@@ -15,7 +15,7 @@ measured on a random 2432 x 768 matrix).  One digit would be llama.cpp's q8_0 pr
 ~5e-3); the second digit costs ~10% at one row.  Over the 57 products of a minimind-3 decode step
 (2-core AVX2 EPYC) it took 4.5 ms at one row against 6.1 ms for ``_weight_int8pack_mm``, 16.4
 against 17.9 ms at eight, and was slower from 12 rows on, so it serves up to 8 rows.  Those figures
-were one thread's (the build lacked ``-fopenmp``, see :func:`_build`); split over 2 threads the 33
+were one thread's (the build lacked ``-fopenmp``, see :func:`_load_kernel`); split over 2 threads the 33
 fused products of a step take 3.9 ms at one row and 8.9 ms at eight.
 
 It is built on first use with torch's C++ extension loader (a C++ compiler is needed; ~20 s once,

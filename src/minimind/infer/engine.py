@@ -109,8 +109,9 @@ class GenerationEngine:
     rows decode together (``generate`` raises it for a larger batch); ``compile`` runs the decode step
     through ``torch.compile``, attending over the used cache length rounded up to 64 positions (a
     graph that writes the cache in place; torch's automatic dynamic shapes: the first graph is
-    specialised, a new row count or attended length recompiles once with that size symbolic): measured on a 2-core AVX2 EPYC, fp32 and
-    int8 steps 1.3-1.6x faster than eager after ~30-40 s per compile; ``compile="frozen"``
+    specialised, a new row count or attended length recompiles once with that size symbolic):
+    measured on a 2-core AVX2 EPYC, fp32 and int8 steps 1.3-1.6x faster than eager after ~30-40 s
+    per compile; ``compile="frozen"``
     also compiles the weights in as constants (inductor ``freezing`` with ``max_autotune``: its own
     prepacked CPU GEMV/GEMM kernels: the 57 int8 products of a minimind-3 step alone ran 1.35x
     faster at one row, whole one-row int8 steps 1.0-1.46x in A/B runs on a loaded 2-core Xeon, so
@@ -118,8 +119,7 @@ class GenerationEngine:
     inductor's cache holds it) — for fixed weights only: it needs the engine's own weight copy and
     :meth:`refresh_weights` raises (build a new engine instead); ``compile="cudagraphs"`` (CUDA
     only) compiles the decode step in inductor's ``reduce-overhead`` mode, which replays it as a CUDA
-    graph.  ``quantize="int8"``
-    stores the block matrices and LM head of the engine's own weight copy as int8 (see
+    graph.  ``quantize="int8"`` stores the block matrices and LM head of the engine's own weight copy as int8 (see
     :mod:`minimind.infer.quant`; the model passed in is never modified).  ``onednn`` (default on)
     lets the engine's own CPU weight copy use oneDNN-packed weights where the CPU runs them natively
     (bf16 linears, int8 products of 2-32 rows; :mod:`minimind.infer.onednn`, checked at load), and

@@ -24,7 +24,7 @@ from minimind.train import checkpoint as ckpt
 from minimind.train.core import Trainer, weights_path
 from minimind.train.device import peak_flops
 from minimind.train.distributed import all_reduce_sum
-from minimind.train.metrics import MetricsWriter, model_flops_per_token, read_metrics
+from minimind.train.metrics import MetricsWriter, read_metrics, training_flops_per_token
 from minimind.train.schedule import lr_at
 from minimind.train.stages.base import StageBase
 
@@ -159,13 +159,9 @@ def _run_steps(trainer: Trainer, dataset: Any, steps_per_epoch: list[int], total
                step: int, out_path: Path, resume_path: Path, metrics_path: Path, record: dict[str, Any],
                on_step: Callable[[int, dict[str, float]], None] | None) -> TrainResult:
     cfg, info = trainer.cfg, trainer.info
-    mcfg = trainer.model_config
     metrics = open_metrics(trainer, metrics_path, record, step)
 
-    n_matmul = trainer.base_model.num_parameters(active=True)
-    if not mcfg.tie_word_embeddings:
-        n_matmul -= trainer.base_model.model.embed_tokens.weight.numel()
-    flops_tok = model_flops_per_token(n_matmul, mcfg.num_hidden_layers, mcfg.hidden_size, cfg.max_seq_len)
+    flops_tok = training_flops_per_token(trainer.base_model, cfg.max_seq_len)
     peak = peak_flops(trainer.device, trainer.dtype) * info.world_size
 
     def epoch_of(s: int) -> int:

@@ -89,3 +89,13 @@ def model_flops_per_token(n_matmul_params: int, n_layers: int, hidden: int, seq_
     for MoE only the active experts); ``12 L H T`` is attention scores and values, fwd + bwd.
     """
     return 6.0 * n_matmul_params + 12.0 * n_layers * hidden * seq_len
+
+
+def training_flops_per_token(model: Any, seq_len: int) -> float:
+    """:func:`model_flops_per_token` of a :class:`~minimind.model.MiniMindForCausalLM`: its active
+    parameters, less the input embedding of an untied model (a lookup, not a product)."""
+    cfg = model.config
+    n_matmul = model.num_parameters(active=True)
+    if not cfg.tie_word_embeddings:
+        n_matmul -= model.model.embed_tokens.weight.numel()
+    return model_flops_per_token(n_matmul, cfg.num_hidden_layers, cfg.hidden_size, seq_len)
