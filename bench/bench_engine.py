@@ -97,12 +97,16 @@ ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
     "engine_frozen": {"compile": "frozen", "num_slots": 1},
     # CUDA only: the compiled decode step replayed as a CUDA graph (inductor's reduce-overhead mode)
     "engine_cudagraphs": {"compile": "cudagraphs"},
+    # one host read per token instead of the accelerator default of one per 8 (multi_step); on a CPU
+    # "engine" is already this
+    "engine_step1": {"multi_step": 1},
+    "engine_cudagraphs_step1": {"compile": "cudagraphs", "multi_step": 1},
 }
 GEMV_VARIANTS = {"engine_gemv"}
 # compiled variants warm up with a whole-length call: the decode graph is specialised to the cache
 # length, which grows past its first size during a 100 + 200-token row (a recompile in the timed run)
 FULL_WARMUP = {"engine_compiled", "engine_compiled_no_onednn", "engine_compiled_unfused",
-               "engine_frozen", "engine_cudagraphs"}
+               "engine_frozen", "engine_cudagraphs", "engine_cudagraphs_step1"}
 
 
 class Mode:

@@ -45,3 +45,20 @@ def test_compile_flag_means_cuda_graphs_on_cuda_only() -> None:
     assert compile_mode(True, "cuda:0") == "cudagraphs"
     assert compile_mode(True, torch.device("cpu")) is True
     assert compile_mode(False, "cuda") is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cudagraph_multi_step_samples_what_single_steps_sample_cuda() -> None:
+    """Eight replays per host read (the CUDA default) feed each step's samples to the next replay on
+    the device: seeded rows with a stop token draw exactly the single-step engine's tokens."""
+    model = tiny_model(max_position_embeddings=1024).cuda()
+    prompts = [[5, 9, 17, 33, 2], [7, 7, 8], [100, 3, 250, 11, 12, 13, 40]]
+    free = SamplingParams(max_new_tokens=60, temperature=1.0, top_k=0, top_p=1.0, seed=3, stop_token_ids=())
+    first = GenerationEngine(model, compile="cudagraphs", multi_step=1).generate(prompts, free)
+    stop = first[1].token_ids[20]  # row 1 stops mid-run, the others carry on
+    params = SamplingParams(max_new_tokens=60, temperature=1.0, top_k=0, top_p=1.0, seed=3,
+                            stop_token_ids=(stop,))
+    runs = [[r.token_ids for r in GenerationEngine(model, compile="cudagraphs", multi_step=k).generate(prompts, params)]
+            for k in (1, 8)]
+    assert runs[0] == runs[1]
+    assert runs[0][1][-1] == stop and len(runs[0][1]) <= 21

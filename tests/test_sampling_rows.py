@@ -138,8 +138,8 @@ def _poison(engine: GenerationEngine, victim: Request, at: int, value: float, mo
             logits[index, 17] = value
         return logits
 
-    def decode_step(count, tokens, positions):
-        logits = real_decode(count, tokens, positions)
+    def decode_step(count, tokens, positions, *rest):
+        logits = real_decode(count, tokens, positions, *rest)
         for i, row in enumerate(sched.running[:count]):
             if row.request is victim and len(row.ids) == at:
                 logits = spoil(logits, i)

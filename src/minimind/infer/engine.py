@@ -68,6 +68,7 @@ _MIN_CACHE_LEN = 256
 # length a graph meets recompiles it once with the length symbolic, and no step reads more than
 # _KV_BUCKET - 1 unused positions (attending over a whole 8k cache for a 100-token chat would).
 _KV_BUCKET = 64
+_MULTI_STEP = 8  # default tokens per host read off the CPU (see GenerationEngine.multi_step)
 
 
 def compile_mode(enabled: bool, device: torch.device | str) -> bool | str:
@@ -127,13 +128,16 @@ class GenerationEngine:
     instructions; ``onednn=False`` keeps the plain kernels (``torch.mv`` for single rows).  With ``quantize``
     the q/k/v and the gate/up products of each block become one product each (``fuse``, default on;
     exact, :mod:`minimind.infer.fuse`).  The cache grows on
-    demand (more slots, longer rows) and keeps its contents when it does.
+    demand (more slots, longer rows) and keeps its contents when it does.  ``multi_step`` is how
+    many tokens each row decodes before the host reads them back (default 1 on a CPU, 8 elsewhere):
+    the same tokens as single steps, with the host no longer waiting on the device for each one.
     """
 
     def __init__(self, model: MiniMindForCausalLM, tokenizer: Any | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  max_batch_len: int | None = None, num_slots: int = 8, compile: bool | str = False,
-                 quantize: str | None = None, onednn: bool = True, fuse: bool = True) -> None:
+                 quantize: str | None = None, onednn: bool = True, fuse: bool = True,
+                 multi_step: int | None = None) -> None:
         if device is not None:
             model = model.to(device)
         if max_batch_len is not None and max_batch_len < 2:
@@ -197,6 +201,12 @@ class GenerationEngine:
             self._decode_call = torch.compile(self.model, mode="reduce-overhead", dynamic=False)
         else:
             self._decode_call = torch.compile(self.model, dynamic=None, options=options) if compile else None
+        if multi_step is not None and multi_step < 1:
+            raise ValueError(f"multi_step must be >= 1, got {multi_step}")
+        # Tokens decoded per host read (Scheduler._steps_ahead).  On a CPU the host and the "device"
+        # are the same cores, so waiting for each token costs nothing and a finished row's extra
+        # steps would: 1.  On an accelerator the host queues the next steps while the device runs.
+        self.multi_step = multi_step or (1 if self.device.type == "cpu" else _MULTI_STEP)
         self.max_batch_len = max_batch_len
         self.num_slots = num_slots
         self.cache: KVCache | None = None
@@ -273,16 +283,23 @@ class GenerationEngine:
         return out[:, -1].float()
 
     @torch.inference_mode()
-    def decode_step(self, count: int, tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+    def decode_step(self, count: int, tokens: Sequence[int] | torch.Tensor,
+                    positions: Sequence[int] | torch.Tensor, max_position: int | None = None) -> torch.Tensor:
         """Feed ``tokens[i]`` at ``positions[i]`` into slot ``i`` for ``i < count``; float32 logits
-        ``[count, V]``."""
-        rows, kv_len = count, max(positions) + 1
+        ``[count, V]``.  Tokens and positions may be device tensors ``[count]`` (a multi-step decode
+        feeds the last step's samples without reading them); ``max_position`` (their maximum, a
+        host int) is then required, as it sets the attended length without a device read."""
+        if max_position is None:
+            if isinstance(positions, torch.Tensor):
+                raise ValueError("decode_step needs max_position when positions are a tensor")
+            max_position = max(positions)
+        rows, kv_len = count, max_position + 1
         if self._cudagraphs:  # the cache's whole length: one recorded graph per row count
             kv_len = self.cache.max_len
         elif self._decode_call is not None:  # the used length, rounded up: a new shape every _KV_BUCKET
             kv_len = min(self.cache.max_len, -(-kv_len // _KV_BUCKET) * _KV_BUCKET)
-        tok = torch.tensor(tokens, dtype=torch.long).view(rows, 1).to(self.device)
-        pos = torch.tensor(positions, dtype=torch.long).view(rows, 1).to(self.device)
+        tok = torch.as_tensor(tokens, dtype=torch.long).view(rows, 1).to(self.device)
+        pos = torch.as_tensor(positions, dtype=torch.long).view(rows, 1).to(self.device)
         mask = cache_attention_mask(pos, kv_len)
         out = self._forward(tok, pos, mask, self.cache.slots(slice(0, rows)), 1, self._decode_call)
         if self._cudagraphs:  # a replay's output lives in the graph's pool: the next replay overwrites it

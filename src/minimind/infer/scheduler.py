@@ -4,7 +4,8 @@ A :class:`Request` is one prompt with ``n`` samples.  Each sample is a row (:cla
 in one KV-cache slot from admission to its last token.  One :meth:`Scheduler.step`:
 
 1. drops the rows of cancelled requests;
-2. **decodes** one token for every running row in a single forward pass over slots ``0..A-1``;
+2. **decodes** one token for every running row in a single forward pass over slots ``0..A-1`` (or
+   ``k`` tokens in ``k`` passes before reading any back, the engine's ``multi_step``);
 3. **frees** the slots of finished rows, moving the last running row into each hole so the busy
    slots stay a contiguous run (a slice of the cache, read without gathers);
 4. **admits** waiting requests into the free slots: their prompts are prefilled together in one
@@ -13,7 +14,9 @@ in one KV-cache slot from admission to its last token.  One :meth:`Scheduler.ste
 
 Every row keeps its own sampling settings, random stream and stop rules; the per-row knobs are
 tensors rebuilt only when the set of running rows changes.  A step samples every row at once and
-reads tokens, log-probs and per-row error flags back to the host in one transfer.  A row whose
+reads tokens, log-probs and per-row error flags back to the host in one transfer (one per ``k``
+tokens with ``multi_step = k``: on a GPU the host then queues the next step while the device runs
+this one, instead of waiting for each token).  A row whose
 logits go bad (NaN or inf) ends alone with ``finish_reason == "error"``; the others carry on.  Events reach their owners through the request's
 ``on_event`` callback, so any caller may drive :meth:`step` (the synchronous ``generate`` or the
 server's background thread) and every request still hears about its own tokens.
@@ -230,31 +233,60 @@ class Scheduler:
             self._admit()
 
     def _decode(self) -> None:
-        rows = self.running
-        logits = self.engine.decode_step(len(rows), [r.ids[-1] for r in rows], [r.cur_len - 1 for r in rows])
+        """Decode ``k`` tokens for every running row (:meth:`_steps_ahead`), reading them back once.
+
+        Each step feeds the previous step's sampled tokens, still on the device, at positions one
+        further; the host learns the ``k`` tokens of every row in one read and pushes them in order.
+        A row that stops at step ``j < k`` keeps none of its later tokens (their compute is wasted,
+        its slot is freed as usual), so the results equal ``k`` single steps: the rows' random
+        streams are counter-based and advance once per step either way."""
+        rows, eng = self.running, self.engine
         if self._knobs is None:
-            self._knobs = self._build_knobs(rows, logits.shape[-1])
-        self._sample_and_push(rows, logits, 0, self._knobs)
+            self._knobs = self._build_knobs(rows, eng.model.config.vocab_size)
+        positions = [r.cur_len - 1 for r in rows]
+        tok = torch.tensor([r.ids[-1] for r in rows], dtype=torch.long).to(eng.device)
+        pos = torch.tensor(positions, dtype=torch.long).to(eng.device)
+        want_lp = any(r.logprobs is not None for r in rows)
+        outs = []
+        for k in range(self._steps_ahead(rows)):
+            logits = eng.decode_step(len(rows), tok, pos, max(positions) + k)
+            outs.append(self._sample(rows, logits, 0, self._knobs, want_lp))
+            tok, pos = outs[-1][0].long(), pos + 1
+        for host in torch.stack(outs).tolist():
+            self._push(rows, host)
+
+    def _steps_ahead(self, rows: list[Row]) -> int:
+        """Steps to decode before the host reads the tokens: the engine's ``multi_step``, but one
+        while a waiting request fits the free slots (admit it now) and never past a row's budget
+        (the cache holds prompt + budget positions)."""
+        eng = self.engine
+        if eng.multi_step <= 1 or (self.waiting and self.waiting[0].n <= eng.num_slots - len(rows)):
+            return 1
+        return max(1, min(eng.multi_step, *(r.budget - len(r.ids) for r in rows)))
 
     def _build_knobs(self, rows: list[Row], vocab: int) -> RowKnobs:
         return RowKnobs.build([r.request.params for r in rows], vocab, self.engine.device,
                               seeds=[r.seed for r in rows], steps=[len(r.ids) for r in rows])
 
-    def _sample_and_push(self, rows: list[Row], logits: torch.Tensor, first_slot: int, knobs: RowKnobs) -> None:
-        """Sample a token for ``rows`` (slots ``first_slot...``), record it and tell the owners.
-
-        Tokens, log-probs and error flags come back to the host in one read (float64 holds token
-        ids exactly and float32 log-probs without rounding)."""
-        eng = self.engine
-        seen = eng.seen[first_slot:first_slot + len(rows)] if knobs.any_penalty else None
-        want_lp = any(r.logprobs is not None for r in rows)
+    def _sample(self, rows: list[Row], logits: torch.Tensor, first_slot: int, knobs: RowKnobs,
+                want_lp: bool) -> torch.Tensor:
+        """Sample a token for ``rows`` (slots ``first_slot...``) without reading anything back:
+        float64 ``[2 or 3, B]`` of tokens, error flags and (``want_lp``) log-probs (float64 holds token
+        ids exactly and float32 log-probs without rounding), so that one read fetches them all."""
+        seen = self.engine.seen[first_slot:first_slot + len(rows)] if knobs.any_penalty else None
         out = sample_rows(logits, knobs, seen, logprobs=want_lp)
         if seen is not None:
             seen[torch.arange(len(rows), device=out.tokens.device), out.tokens] = True
         parts = [out.tokens, out.bad] + ([out.logprobs] if out.logprobs is not None else [])
-        host = torch.stack([p.double() for p in parts]).tolist()
-        lps = host[2] if want_lp else [None] * len(rows)
+        return torch.stack([p.double() for p in parts])
+
+    def _push(self, rows: list[Row], host: list[list[float]]) -> None:
+        """Record one step's tokens (``host`` from :meth:`_sample`) and tell the owners; rows already
+        finished (earlier in a multi-step decode) ignore theirs."""
+        lps = host[2] if len(host) > 2 else [None] * len(rows)
         for row, t, bad, lp in zip(rows, host[0], host[1], lps):
+            if row.done:
+                continue
             if bad:
                 row.fail(f"the model's logits for this row are not finite (NaN or inf) at generated "
                          f"token {len(row.ids)}; the row was stopped")
@@ -328,7 +360,8 @@ class Scheduler:
         if knobs.any_penalty:
             eng.mark_seen(first, [req.prompt_ids for req in batch for _ in range(req.n)])
         repeats = torch.tensor([req.n for req in batch], device=logits.device)
-        self._sample_and_push(rows, logits.repeat_interleave(repeats, dim=0), first, knobs)
+        want_lp = any(r.logprobs is not None for r in rows)
+        self._push(rows, self._sample(rows, logits.repeat_interleave(repeats, dim=0), first, knobs, want_lp).tolist())
 
 
 def expand_requests(prompts: Sequence[Sequence[int]], params: SamplingParams, n: int, logprobs: bool,
