@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from minimind.infer import GenerationEngine, SamplingParams, avx2_int8, quant
+from minimind.infer import GenerationEngine, SamplingParams, avx2_int8, cpp_kernels, quant
 from minimind.infer.quant import Int8Linear, use_avx2_kernel_
 from minimind.model import MiniMindForCausalLM
 from tests.test_quant import rel_err
@@ -158,11 +158,11 @@ def test_a_compiler_without_openmp_gets_the_one_thread_build(monkeypatch: pytest
             raise RuntimeError("error: unsupported option '-fopenmp'")
 
     monkeypatch.setattr(torch.backends.openmp, "is_available", lambda: True)
-    avx2_int8._load_kernel(fake_load)
+    cpp_kernels.load_extension(fake_load, "k", "int8_avx2.cpp")
     assert calls == [["-O3", "-mavx2", "-mfma", "-fopenmp"], ["-O3", "-mavx2", "-mfma"]]
 
     def failing_load(**kwargs):
         raise RuntimeError("no compiler")
 
     with pytest.raises(RuntimeError, match="no compiler"):
-        avx2_int8._load_kernel(failing_load)
+        cpp_kernels.load_extension(failing_load, "k", "int8_avx2.cpp")

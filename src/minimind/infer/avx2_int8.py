@@ -15,13 +15,11 @@ measured on a random 2432 x 768 matrix).  One digit would be llama.cpp's q8_0 pr
 ~5e-3); the second digit costs ~10% at one row.  Over the 57 products of a minimind-3 decode step
 (2-core AVX2 EPYC) it took 4.5 ms at one row against 6.1 ms for ``_weight_int8pack_mm``, 16.4
 against 17.9 ms at eight, and was slower from 12 rows on, so it serves up to 8 rows.  Those figures
-were one thread's (the build lacked ``-fopenmp``, see :func:`_load_kernel`); split over 2 threads the 33
+were one thread's (the build lacked ``-fopenmp``, see :func:`~minimind.infer.cpp_kernels.load_extension`); split over 2 threads the 33
 fused products of a step take 3.9 ms at one row and 8.9 ms at eight.
 
-It is built on first use with torch's C++ extension loader (a C++ compiler is needed; ~20 s once,
-cached by torch under ``~/.cache/torch_extensions``) and used only where :func:`available` says so:
-an x86 CPU listing ``avx2`` and ``fma``, the build succeeded, and a small product matches float64.
-Set ``MINIMIND_NO_CPP_EXTENSIONS=1`` to keep torch's own kernels.  The ops are registered with torch
+It is built on first use and used only where :func:`available` says so (see
+:mod:`minimind.infer.cpp_kernels`).  The ops are registered with torch
 (``torch.ops.minimind_int8_avx2``) with fake implementations, so ``torch.compile`` traces them as
 opaque calls.
 """
@@ -29,29 +27,20 @@ opaque calls.
 from __future__ import annotations
 
 import functools
-import os
-import platform
-import subprocess
-import sys
-import warnings
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from minimind.train.device import cpu_flags
+from minimind.infer.cpp_kernels import build_and_check, load_extension
 
 __all__ = ["available", "linear", "pack", "parallel_threads"]
 
-_SOURCE = Path(__file__).with_name("csrc") / "int8_avx2.cpp"
 _NAME = "minimind_int8_avx2"
 
 
 def _build() -> None:
     from torch.utils.cpp_extension import load
 
-    print("minimind: loading the AVX2 int8 kernel (built on first use, ~20 s) ...", file=sys.stderr, flush=True)
-    _load_kernel(load)
+    load_extension(load, _NAME, "int8_avx2.cpp")
 
     @torch.library.register_fake(f"{_NAME}::pack")
     def _pack_fake(codes: torch.Tensor) -> torch.Tensor:
@@ -62,44 +51,20 @@ def _build() -> None:
         return x.new_empty(x.shape[0], scale.shape[0], dtype=torch.float32)
 
 
-def _load_kernel(load: Callable[..., object]) -> None:
-    """Build and load the kernel with ``load`` (torch's C++ extension loader).
-
-    -fopenmp: the kernel splits its output rows with at::parallel_for, whose OpenMP pragma is dropped
-    without it (every product then ran on one thread: 1.5x slower at one row on 2 cores, 1.9x at
-    eight).  Not linked: the OpenMP calls resolve to the runtime torch has already loaded, so the
-    kernel shares torch's thread pool and torch.set_num_threads.  A compiler without OpenMP gets the
-    one-thread build rather than no kernel."""
-    flags = ["-O3", "-mavx2", "-mfma"]
-    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
-    try:
-        load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=flags + openmp, is_python_module=False, verbose=False)
-    except (RuntimeError, OSError, subprocess.SubprocessError):
-        if not openmp:
-            raise
-        load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=flags, is_python_module=False, verbose=False)
+def _exact() -> bool:
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(-127, 128, (16, 64), generator=gen, dtype=torch.int8)
+    scale = torch.rand(16, generator=gen) + 0.5
+    x = torch.randn(5, 64, generator=gen)
+    got = linear(x, pack(codes), scale).double()
+    want = x.double() @ (codes.double() * scale.double().unsqueeze(1)).t()
+    return bool(torch.allclose(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item()))
 
 
 @functools.cache
 def available() -> bool:
     """Whether the kernel runs here: x86 with AVX2 + FMA, built, and exact on a small product."""
-    if os.environ.get("MINIMIND_NO_CPP_EXTENSIONS", "") not in ("", "0"):
-        return False
-    if platform.machine().lower() not in ("x86_64", "amd64") or not {"avx2", "fma"} <= cpu_flags():
-        return False
-    try:
-        _build()
-        gen = torch.Generator().manual_seed(0)
-        codes = torch.randint(-127, 128, (16, 64), generator=gen, dtype=torch.int8)
-        scale = torch.rand(16, generator=gen) + 0.5
-        x = torch.randn(5, 64, generator=gen)
-        got = linear(x, pack(codes), scale).double()
-    except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as err:  # no compiler, old toolchain
-        warnings.warn(f"the AVX2 int8 kernel is unavailable ({type(err).__name__}: {err}); "
-                      "using torch's int8 kernels", stacklevel=2)
-        return False
-    want = x.double() @ (codes.double() * scale.double().unsqueeze(1)).t()
-    return bool(torch.allclose(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item()))
+    return build_and_check("int8", _build, _exact)
 
 
 def parallel_threads(n: int = 64) -> int:

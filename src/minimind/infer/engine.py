@@ -125,7 +125,8 @@ class GenerationEngine:
     lets the engine's own CPU weight copy use oneDNN-packed weights where the CPU runs them natively
     (bf16 linears, int8 products of 2-32 rows; :mod:`minimind.infer.onednn`, checked at load), and
     int8 products of 1-8 rows use :mod:`minimind.infer.avx2_int8` on CPUs without int8 dot-product
-    instructions; ``onednn=False`` keeps the plain kernels (``torch.mv`` for single rows).  With ``quantize``
+    instructions, bf16 products through :mod:`minimind.infer.avx2_bf16` on CPUs without native bf16;
+    ``onednn=False`` keeps the plain kernels (``torch.mv`` for single rows).  With ``quantize``
     the q/k/v and the gate/up products of each block become one product each (``fuse``, default on;
     exact, :mod:`minimind.infer.fuse`).  The cache grows on
     demand (more slots, longer rows) and keeps its contents when it does.  ``multi_step`` is how
@@ -152,7 +153,7 @@ class GenerationEngine:
         self.model = model if self.dtype == own else _inference_copy(model, self.dtype)
         self.quantize = quantize
         self.onednn_layers = 0  # layers on oneDNN-packed weights (0: the plain kernels everywhere)
-        self.avx2_layers = 0  # int8 layers on the AVX2 integer kernel
+        self.avx2_layers = 0  # layers on our AVX2 kernels (int8 or bf16)
         self.fused_layers = 0  # int8 q/k/v and gate/up products fused into one each
         if quantize is not None:  # refresh_weights re-quantizes: Int8Linear loads float weights
             base = _inference_copy(model, self.dtype) if self.model is model else self.model
@@ -175,9 +176,10 @@ class GenerationEngine:
             # decode steps of 8 rows 1.29x (bf16) / 1.16x (int8) faster, one row unchanged.
             # Compiled decode is left to inductor's own kernels (opaque packed tensors do not trace).
             self.onednn_layers = use_onednn_(self.model) if onednn and not compile else 0
-            # Int8 on a CPU without int8 dot products: products of up to 8 rows in integers
-            # (minimind.infer.avx2_int8, an opaque op that compiled graphs call too).
-            self.avx2_layers = use_avx2_kernel_(self.model) if onednn and quantize else 0
+            # Our AVX2 kernels, opaque ops that compiled graphs call too: int8 on a CPU without int8
+            # dot products (products of up to 8 rows in integers, minimind.infer.avx2_int8), bf16 on
+            # one without native bf16 (minimind.infer.avx2_bf16: 2.5x the tokens/s at 8 rows).
+            self.avx2_layers = use_avx2_kernel_(self.model) if onednn else 0
         # torch.compile fuses the many small per-token kernels (norms, RoPE, casts, cache writes) of
         # the decode step.  Compiled decode attends over the used length rounded up to _KV_BUCKET under
         # the mask, so the attended length is not a shape that changes every step; it and the row count

@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minimind.infer import avx2_int8, onednn
+from minimind.infer import avx2_bf16, avx2_int8, onednn
 from minimind.train.device import cpu_has_fast_bf16, cpu_has_fast_int8
 
 __all__ = ["QUANT_MODES", "GemvLinear", "Int8Linear", "cpu_kernels", "quantize_int8_", "quantize_model_",
@@ -333,6 +333,9 @@ class GemvLinear(nn.Module):
       gives every thread a block (20.3 GB/s at one row, 10.0 against 7.0 at eight).
     * **one row, other dtypes**: ``torch.mv``, the CPU matrix-vector kernel (bf16: 22-30 % faster per
       decode step than ``F.linear``'s GEMM path on a Xeon, the same logits bit for bit).
+    * **bf16 on a CPU without native bf16** (:meth:`use_avx2_kernel`): up to ``avx2_bf16.MAX_ROWS``
+      rows through :mod:`minimind.infer.avx2_bf16`, more rows as a float32 GEMM on the upcast weight;
+      torch's bf16 GEMM is emulated there (5.5x slower than the kernel at 8 and at 100 rows).
     * anything else: ``F.linear``.
 
     Each output is still one dot product over the input; only the kernel's summation order differs."""
@@ -343,9 +346,24 @@ class GemvLinear(nn.Module):
             raise ValueError("GemvLinear has no bias; the MiniMind projections have none")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
+        self._avx2 = False
+
+    def use_avx2_kernel(self, on: bool = True) -> bool:
+        """Run bf16 products through :mod:`minimind.infer.avx2_bf16` where the CPU lacks native bf16
+        arithmetic and the kernel builds; returns whether it is used."""
+        self._avx2 = (bool(on) and self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu"
+                      and not cpu_has_fast_bf16() and avx2_bf16.available())
+        return self._avx2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
+        if self._avx2 and x.device.type == "cpu":
+            x2 = x.reshape(rows, self.in_features)
+            if rows <= avx2_bf16.MAX_ROWS:
+                y = avx2_bf16.linear(x2, self.weight)
+            else:
+                y = F.linear(x2.float(), self.weight.float())
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         if x.device.type != "cpu" or rows > SPLIT_MAX_ROWS:
             return F.linear(x, self.weight)
         k = _threads()
@@ -393,10 +411,12 @@ def use_onednn_(model: nn.Module) -> int:
 
 
 def use_avx2_kernel_(model: nn.Module) -> int:
-    """Switch ``model``'s :class:`Int8Linear` layers **in place** to the AVX2 integer kernel for 1-8
-    row products where the CPU lacks int8 dot-product instructions (:mod:`minimind.infer.avx2_int8`);
-    returns how many layers use it (0 elsewhere: the model is then untouched)."""
-    return sum(int(m.use_avx2_kernel()) for m in model.modules() if isinstance(m, Int8Linear))
+    """Switch ``model``'s layers **in place** to our AVX2 kernels: :class:`Int8Linear` to the integer
+    kernel for 1-8 row products where the CPU lacks int8 dot-product instructions
+    (:mod:`minimind.infer.avx2_int8`), bf16 :class:`GemvLinear` to :mod:`minimind.infer.avx2_bf16`
+    where it lacks native bf16; returns how many layers use one (0 elsewhere: the model is then
+    untouched)."""
+    return sum(int(m.use_avx2_kernel()) for m in model.modules() if isinstance(m, (Int8Linear, GemvLinear)))
 
 
 def quantize_model_(model: nn.Module, mode: str | None) -> nn.Module:
