@@ -219,11 +219,14 @@ def test_folded_gqa_sdpa_takes_outputs_in_any_stride_order(monkeypatch):
     torch.testing.assert_close(_folded_gqa_sdpa(q, k, v, mask, 0.0), expected, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_decode_attention_on_strided_cache_slices_equals_naive(monkeypatch, dtype):
+@pytest.mark.parametrize(("dtype", "bf16_native"), [(torch.float32, True), (torch.bfloat16, True),
+                                                    (torch.bfloat16, False)])
+def test_cpu_decode_attention_on_strided_cache_slices_equals_naive(monkeypatch, dtype, bf16_native):
     """One query per row over the first ``n`` positions of a longer cache (the engine's strided K/V
     views), grouped heads, a padding mask: equals float64 softmax attention to the dtype's precision,
-    without copying K/V per query head.  (fp32 runs the grouped matmuls, bf16 SDPA.)"""
+    without copying K/V per query head.  (fp32 runs the grouped matmuls; bf16 SDPA where the CPU has
+    native bf16, else the grouped matmuls in float32.)"""
+    monkeypatch.setattr(attention_mod, "_cpu_bf16_native", lambda: bf16_native)
     g = torch.Generator().manual_seed(5)
     b, h, kv, d, n, cap = 3, 8, 2, 16, 21, 40
     cache_k = torch.randn(b, kv, cap, d, generator=g).to(dtype)

@@ -43,9 +43,20 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         # kernel at 8 rows.  In bf16 the opposite holds, by 3-4x: the bf16 batched matmul copies the
         # cache's strided K/V slices and runs slowly on them, while SDPA reads them in place.
         return _grouped_matmul_attention(q, k, v, mask)
+    if q.shape[2] == 1 and q.device.type == "cpu" and not dropout_p and not _cpu_bf16_native():
+        # A CPU without native bf16 (AVX2) emulates SDPA's bf16 products: the same matmuls on K/V
+        # upcast to float32 (a copy of the attended positions, once per KV head) decoded 8 rows 1.26x
+        # faster on a 2-core AVX2 EPYC, one row the same.
+        return _grouped_matmul_attention(q.float(), k.float(), v.float(), mask).to(q.dtype)
     if gqa and q.device.type == "cuda":
         return _folded_gqa_sdpa(q, k, v, mask, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+
+
+@torch.compiler.assume_constant_result
+def _cpu_bf16_native() -> bool:
+    """Whether this CPU runs bf16 products natively (torch's oneDNN check); a constant to dynamo."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _folded_gqa_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
