@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from minimind.infer import GenerationEngine, SamplingParams, avx2_bf16
-from minimind.infer.quant import GemvLinear, use_avx2_kernel_
+from minimind.infer.quant import GemvLinear, use_avx2_kernel_, weight_bytes
 from minimind.model import MiniMindForCausalLM
 from minimind.train.device import cpu_has_fast_bf16
 from tests.test_quant_onednn import _decode_logits
@@ -80,8 +80,8 @@ def test_engine_bf16_logits_and_greedy_tokens_match_torch_kernels(
     model, perm = chain
     plain = GenerationEngine(model, dtype=torch.bfloat16, num_slots=3, onednn=False)
     fast = GenerationEngine(model, dtype=torch.bfloat16, num_slots=3)
-    assert plain.avx2_layers == 0 and fast.avx2_layers == sum(
-        isinstance(m, GemvLinear) for m in fast.model.modules()) > 0
+    assert plain.avx2_layers == 0 and fast.avx2_layers > 0
+    assert all(m._avx2 for m in fast.model.modules() if isinstance(m, GemvLinear))
     for prompts in ([[7, int(perm[7])]], [[7], [3, 4], [50, 51, 52]]):  # one row, three rows
         got, want = _decode_logits(fast, prompts, 6), _decode_logits(plain, prompts, 6)
         assert float((got - want).abs().max()) <= 2 ** -5 * float(want.abs().max())
@@ -106,3 +106,31 @@ def test_without_the_kernel_the_bf16_copy_is_left_alone(monkeypatch: pytest.Monk
     monkeypatch.setattr(avx2_bf16, "available", lambda: False)
     engine = GenerationEngine(chain[0], dtype=torch.bfloat16)
     assert engine.avx2_layers == 0 and use_avx2_kernel_(engine.model) == 0
+
+
+@used_here
+def test_fused_bf16_projections_give_the_parts_logits_and_load_in_place(
+        chain: tuple[MiniMindForCausalLM, torch.Tensor]) -> None:
+    """q/k/v and gate/up as one kernel call each: every output is the same float32 sum, so the logits
+    equal the unfused engine's exactly; the parts' weights are views of the fused one, so a refresh
+    loads into it; the state dict keeps the parts' keys."""
+    model, perm = chain
+    plain = GenerationEngine(model, dtype=torch.bfloat16, num_slots=3, fuse=False)
+    fused = GenerationEngine(model, dtype=torch.bfloat16, num_slots=3)
+    blocks = len(model.model.layers)
+    assert plain.fused_layers == 0 and fused.fused_layers == 2 * blocks
+    attn = fused.model.model.layers[0].self_attn
+    assert attn.k_proj.weight.data_ptr() == attn.qkv_proj.weight[attn.q_proj.out_features:].data_ptr()
+    for prompts in ([[7, int(perm[7])]], [[7], [3, 4], [50, 51, 52]]):
+        assert torch.equal(_decode_logits(fused, prompts, 4), _decode_logits(plain, prompts, 4))
+    assert fused.model.state_dict().keys() == plain.model.state_dict().keys()
+    assert weight_bytes(fused.model) == weight_bytes(plain.model)  # the parts' rows are not counted twice
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight.mul_(-1)
+    try:
+        plain.refresh_weights()
+        fused.refresh_weights()
+        assert torch.equal(_decode_logits(fused, [[7]], 2), _decode_logits(plain, [[7]], 2))
+    finally:
+        with torch.no_grad():
+            model.model.layers[0].self_attn.v_proj.weight.mul_(-1)

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minimind.infer.fuse import fuse_int8_projections_
+from minimind.infer.fuse import fuse_bf16_projections_, fuse_int8_projections_
 from minimind.infer.quant import quantize_model_, use_avx2_kernel_, use_gemv_, use_onednn_
 from minimind.infer.sampling import SamplingParams, seen_token_mask
 from minimind.infer.scheduler import (
@@ -126,9 +126,9 @@ class GenerationEngine:
     (bf16 linears, int8 products of 2-32 rows; :mod:`minimind.infer.onednn`, checked at load), and
     int8 products of 1-8 rows use :mod:`minimind.infer.avx2_int8` on CPUs without int8 dot-product
     instructions, bf16 products through :mod:`minimind.infer.avx2_bf16` on CPUs without native bf16;
-    ``onednn=False`` keeps the plain kernels (``torch.mv`` for single rows).  With ``quantize``
-    the q/k/v and the gate/up products of each block become one product each (``fuse``, default on;
-    exact, :mod:`minimind.infer.fuse`).  The cache grows on
+    ``onednn=False`` keeps the plain kernels (``torch.mv`` for single rows).  With ``quantize``, and
+    for bf16 on the AVX2 bf16 kernel, the q/k/v and the gate/up products of each block become one
+    product each (``fuse``, default on; exact, :mod:`minimind.infer.fuse`).  The cache grows on
     demand (more slots, longer rows) and keeps its contents when it does.  ``multi_step`` is how
     many tokens each row decodes before the host reads them back (default 1 on a CPU, 8 elsewhere):
     the same tokens as single steps, with the host no longer waiting on the device for each one.
@@ -154,7 +154,7 @@ class GenerationEngine:
         self.quantize = quantize
         self.onednn_layers = 0  # layers on oneDNN-packed weights (0: the plain kernels everywhere)
         self.avx2_layers = 0  # layers on our AVX2 kernels (int8 or bf16)
-        self.fused_layers = 0  # int8 q/k/v and gate/up products fused into one each
+        self.fused_layers = 0  # q/k/v and gate/up products fused into one each (int8, or bf16 on AVX2)
         if quantize is not None:  # refresh_weights re-quantizes: Int8Linear loads float weights
             base = _inference_copy(model, self.dtype) if self.model is model else self.model
             self.model = quantize_model_(base, quantize)
@@ -180,6 +180,8 @@ class GenerationEngine:
             # dot products (products of up to 8 rows in integers, minimind.infer.avx2_int8), bf16 on
             # one without native bf16 (minimind.infer.avx2_bf16: 2.5x the tokens/s at 8 rows).
             self.avx2_layers = use_avx2_kernel_(self.model) if onednn else 0
+            if fuse and not quantize:  # bf16 on the AVX2 kernel: 33 kernel calls a step instead of 57
+                self.fused_layers = fuse_bf16_projections_(self.model)
         # torch.compile fuses the many small per-token kernels (norms, RoPE, casts, cache writes) of
         # the decode step.  Compiled decode attends over the used length rounded up to _KV_BUCKET under
         # the mask, so the attended length is not a shape that changes every step; it and the row count

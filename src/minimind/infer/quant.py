@@ -436,10 +436,11 @@ def weight_bytes(model: nn.Module, per_token: bool = True) -> int:
     total, seen = 0, set()
     int8 = [b for m in model.modules() if isinstance(m, Int8Linear) for b in (m.qweight, m.scale)]
     for t in list(model.parameters()) + int8:
-        if id(t) in seen or t._base is not None:  # a fused part's codes are counted in the fused layer's
-            continue
-        seen.add(id(t))
         if id(t) in embeds and id(t) not in heads:  # a tied head still streams the matrix
             continue
-        total += t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen:  # a fused part's weights are rows of the fused layer's storage
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
     return total
