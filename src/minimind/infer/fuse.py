@@ -23,6 +23,7 @@ rows, so loading a part updates the fused product with nothing to re-pack.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -90,7 +91,7 @@ def fuse_bf16_projections_(model: nn.Module) -> int:
     return _fuse_all(model, _fuse_bf16)
 
 
-def _fuse_all(model: nn.Module, fuse: Any) -> int:
+def _fuse_all(model: nn.Module, fuse: Callable[[nn.Module, str, tuple[str, ...]], int]) -> int:
     fused = 0
     for block in list(model.modules()):
         spec = FUSIONS.get(type(block))
