@@ -178,7 +178,7 @@ class GenerationEngine:
             self.onednn_layers = use_onednn_(self.model) if onednn and not compile else 0
             # Our AVX2 kernels, opaque ops that compiled graphs call too: int8 on a CPU without int8
             # dot products (products of up to 8 rows in integers, minimind.infer.avx2_int8), bf16 on
-            # one without native bf16 (minimind.infer.avx2_bf16: 2.5x the tokens/s at 8 rows).
+            # one without native bf16 (minimind.infer.avx2_bf16: 3.1x the tokens/s at 8 rows).
             self.avx2_layers = use_avx2_kernel_(self.model) if onednn else 0
             if fuse and not quantize:  # bf16 on the AVX2 kernel: 33 kernel calls a step instead of 57
                 self.fused_layers = fuse_bf16_projections_(self.model)

@@ -61,6 +61,13 @@ class FusedGemvLinear(GemvLinear):
     and loads nothing itself: the parts carry the state-dict keys, and their weights are views of
     this layer's."""
 
+    def __init__(self, weight: torch.Tensor) -> None:
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self._avx2 = False
+        self.use_avx2_kernel()
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any,
                               strict: bool, missing_keys: list[str], unexpected_keys: list[str],
                               error_msgs: list[str]) -> None:
@@ -106,11 +113,7 @@ def _fuse_bf16(block: nn.Module, name: str, part_names: tuple[str, ...]) -> int:
         return 0
     if len({(p.in_features, p.weight.device) for p in parts}) != 1:
         return 0
-    weight = torch.cat([p.weight for p in parts])
-    fused = FusedGemvLinear(nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta"))
-    fused.weight = nn.Parameter(weight, requires_grad=False)
-    if not fused.use_avx2_kernel():
-        return 0
+    fused = FusedGemvLinear(torch.cat([p.weight for p in parts]))
     start = 0
     for p in parts:  # each part's weight becomes its rows of the fused weight (a view, no copy)
         p.weight = nn.Parameter(fused.weight[start:start + p.out_features], requires_grad=False)

@@ -357,7 +357,7 @@ class GemvLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self._avx2 and x.device.type == "cpu":
+        if self._avx2:  # CPU weights only (use_avx2_kernel)
             x2 = x.reshape(rows, self.in_features)
             if rows <= avx2_bf16.MAX_ROWS:
                 y = avx2_bf16.linear(x2, self.weight)

@@ -246,11 +246,10 @@ class Scheduler:
         positions = [r.cur_len - 1 for r in rows]
         tok = torch.tensor([r.ids[-1] for r in rows], dtype=torch.long).to(eng.device)
         pos = torch.tensor(positions, dtype=torch.long).to(eng.device)
-        want_lp = any(r.logprobs is not None for r in rows)
         outs = []
         for k in range(self._steps_ahead(rows)):
             logits = eng.decode_step(len(rows), tok, pos, max(positions) + k)
-            outs.append(self._sample(rows, logits, 0, self._knobs, want_lp))
+            outs.append(self._sample(rows, logits, 0, self._knobs))
             tok, pos = outs[-1][0].long(), pos + 1
         for host in torch.stack(outs).tolist():
             self._push(rows, host)
@@ -262,19 +261,18 @@ class Scheduler:
         eng = self.engine
         if eng.multi_step <= 1 or (self.waiting and self.waiting[0].n <= eng.num_slots - len(rows)):
             return 1
-        return max(1, min(eng.multi_step, *(r.budget - len(r.ids) for r in rows)))
+        return min(eng.multi_step, *(r.budget - len(r.ids) for r in rows))  # running rows have >= 1 left
 
     def _build_knobs(self, rows: list[Row], vocab: int) -> RowKnobs:
         return RowKnobs.build([r.request.params for r in rows], vocab, self.engine.device,
                               seeds=[r.seed for r in rows], steps=[len(r.ids) for r in rows])
 
-    def _sample(self, rows: list[Row], logits: torch.Tensor, first_slot: int, knobs: RowKnobs,
-                want_lp: bool) -> torch.Tensor:
+    def _sample(self, rows: list[Row], logits: torch.Tensor, first_slot: int, knobs: RowKnobs) -> torch.Tensor:
         """Sample a token for ``rows`` (slots ``first_slot...``) without reading anything back:
-        float64 ``[2 or 3, B]`` of tokens, error flags and (``want_lp``) log-probs (float64 holds token
-        ids exactly and float32 log-probs without rounding), so that one read fetches them all."""
+        float64 ``[2 or 3, B]`` of tokens, error flags and (when a row asked) log-probs (float64 holds
+        token ids exactly and float32 log-probs without rounding), so that one read fetches them all."""
         seen = self.engine.seen[first_slot:first_slot + len(rows)] if knobs.any_penalty else None
-        out = sample_rows(logits, knobs, seen, logprobs=want_lp)
+        out = sample_rows(logits, knobs, seen, logprobs=any(r.logprobs is not None for r in rows))
         if seen is not None:
             seen[torch.arange(len(rows), device=out.tokens.device), out.tokens] = True
         parts = [out.tokens, out.bad] + ([out.logprobs] if out.logprobs is not None else [])
@@ -360,8 +358,7 @@ class Scheduler:
         if knobs.any_penalty:
             eng.mark_seen(first, [req.prompt_ids for req in batch for _ in range(req.n)])
         repeats = torch.tensor([req.n for req in batch], device=logits.device)
-        want_lp = any(r.logprobs is not None for r in rows)
-        self._push(rows, self._sample(rows, logits.repeat_interleave(repeats, dim=0), first, knobs, want_lp).tolist())
+        self._push(rows, self._sample(rows, logits.repeat_interleave(repeats, dim=0), first, knobs).tolist())
 
 
 def expand_requests(prompts: Sequence[Sequence[int]], params: SamplingParams, n: int, logprobs: bool,

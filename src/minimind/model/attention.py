@@ -18,6 +18,7 @@ from torch import nn
 from minimind.config import ModelConfig
 from minimind.model.layers import RMSNorm, apply_rope
 from minimind.model.masks import BlockMask, compiled_flex_attention
+from minimind.train.device import cpu_has_fast_bf16
 
 if TYPE_CHECKING:
     from minimind.model.kv_cache import KVCache, SlotView
@@ -38,16 +39,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         if dropout_p:
             raise ValueError("attention dropout is not supported with FlexAttention block masks")
         return compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
-    if q.shape[2] == 1 and q.device.type == "cpu" and not dropout_p and q.dtype == torch.float32:
-        # fp32 decode step on the CPU: two small batched matmuls are ~20 % faster than SDPA's CPU
-        # kernel at 8 rows.  In bf16 the opposite holds, by 3-4x: the bf16 batched matmul copies the
-        # cache's strided K/V slices and runs slowly on them, while SDPA reads them in place.
-        return _grouped_matmul_attention(q, k, v, mask)
-    if q.shape[2] == 1 and q.device.type == "cpu" and not dropout_p and not _cpu_bf16_native():
-        # A CPU without native bf16 (AVX2) emulates SDPA's bf16 products: the same matmuls on K/V
-        # upcast to float32 (a copy of the attended positions, once per KV head) decoded 8 rows 1.26x
-        # faster on a 2-core AVX2 EPYC, one row the same.
-        return _grouped_matmul_attention(q.float(), k.float(), v.float(), mask).to(q.dtype)
+    if q.shape[2] == 1 and q.device.type == "cpu" and not dropout_p:
+        # Decode step on the CPU.  fp32: two small batched matmuls are ~20 % faster than SDPA's CPU
+        # kernel at 8 rows.  bf16 with native bf16: the opposite, by 3-4x (the bf16 batched matmul
+        # copies the cache's strided K/V slices, SDPA reads them in place).  bf16 without (AVX2):
+        # SDPA's products are emulated, and the matmuls on K/V upcast to float32 (a copy of the
+        # attended positions, once per KV head) decoded 8 rows 1.26x faster, one row the same.
+        if q.dtype == torch.float32:
+            return _grouped_matmul_attention(q, k, v, mask)
+        if not _cpu_bf16_native():
+            return _grouped_matmul_attention(q.float(), k.float(), v.float(), mask).to(q.dtype)
     if gqa and q.device.type == "cuda":
         return _folded_gqa_sdpa(q, k, v, mask, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
@@ -55,8 +56,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 @torch.compiler.assume_constant_result
 def _cpu_bf16_native() -> bool:
-    """Whether this CPU runs bf16 products natively (torch's oneDNN check); a constant to dynamo."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """:func:`~minimind.train.device.cpu_has_fast_bf16` (the test the engine's kernels use), a
+    constant to dynamo."""
+    return cpu_has_fast_bf16()
 
 
 def _folded_gqa_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
