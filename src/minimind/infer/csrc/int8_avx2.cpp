@@ -145,7 +145,7 @@ void tile(const uint8_t* packed, const float* scale, const Digits& d, float* y, 
   const uint8_t* w = packed + j * k * kCols;
   for (int64_t g = 0; g < k / kGroup; ++g) {
     // 4 KB ahead in the thread's sequential stream: 18.6 against 17.2 GB/s over a minimind-3 step's
-    // products at one row (a prefetch past the end reads nothing it may not: it never faults)
+    // products at one row (past the end of the buffer a prefetch is only a hint: it never faults)
     _mm_prefetch(reinterpret_cast<const char*>(w + g * kCols * kGroup + 4096), _MM_HINT_T0);
     const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * kCols * kGroup));
     for (int t = 0; t < MT; ++t) {
