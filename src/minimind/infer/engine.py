@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from minimind.infer.decode_attention import use_decode_attention_
 from minimind.infer.fuse import fuse_bf16_projections_, fuse_int8_projections_
 from minimind.infer.quant import quantize_model_, use_avx2_kernel_, use_gemv_, use_onednn_
 from minimind.infer.sampling import SamplingParams, seen_token_mask
@@ -155,6 +156,7 @@ class GenerationEngine:
         self.onednn_layers = 0  # layers on oneDNN-packed weights (0: the plain kernels everywhere)
         self.avx2_layers = 0  # layers on our AVX2 kernels (int8 or bf16)
         self.fused_layers = 0  # q/k/v and gate/up products fused into one each (int8, or bf16 on AVX2)
+        self.attention_layers = 0  # layers attending decode steps through our kernel
         if quantize is not None:  # refresh_weights re-quantizes: Int8Linear loads float weights
             base = _inference_copy(model, self.dtype) if self.model is model else self.model
             self.model = quantize_model_(base, quantize)
@@ -176,12 +178,17 @@ class GenerationEngine:
             # decode steps of 8 rows 1.29x (bf16) / 1.16x (int8) faster, one row unchanged.
             # Compiled decode is left to inductor's own kernels (opaque packed tensors do not trace).
             self.onednn_layers = use_onednn_(self.model) if onednn and not compile else 0
-            # Our AVX2 kernels, opaque ops that compiled graphs call too: int8 on a CPU without int8
-            # dot products (products of up to 8 rows in integers, minimind.infer.avx2_int8), bf16 on
-            # one without native bf16 (minimind.infer.avx2_bf16: 3.1x the tokens/s at 8 rows).
+            # Our AVX2 kernels, opaque ops that compiled graphs call too: int8 few-row products in
+            # integers (minimind.infer.avx2_int8: up to 8 rows without int8 dot products, 1-2 with them,
+            # where it streams the weights ~1.9x faster than _weight_int8pack_mm), bf16 on a CPU without
+            # native bf16 (minimind.infer.avx2_bf16: 3.1x the tokens/s at 8 rows) and, where bf16 is
+            # native, in compiled decode, whose graphs cannot call the oneDNN-packed weights.
             self.avx2_layers = use_avx2_kernel_(self.model) if onednn else 0
             if fuse and not quantize:  # bf16 on the AVX2 kernel: 33 kernel calls a step instead of 57
                 self.fused_layers = fuse_bf16_projections_(self.model)
+            # One query per row over the cache: our kernel instead of torch's attention kernels, whose
+            # per-call cost is several times the arithmetic (minimind.infer.decode_attention).
+            self.attention_layers = use_decode_attention_(self.model) if onednn else 0
         # torch.compile fuses the many small per-token kernels (norms, RoPE, casts, cache writes) of
         # the decode step.  Compiled decode attends over the used length rounded up to _KV_BUCKET under
         # the mask, so the attended length is not a shape that changes every step; it and the row count

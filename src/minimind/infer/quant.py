@@ -86,6 +86,16 @@ GEMV_MAX_ROWS = 4  # rows up to which _weight_int8pack_mm is the fastest kernel 
 INT_MM_MAX_ROWS = 32  # rows up to which the two-digit _int_mm beats dequantize + bf16 GEMM
 GEMV_MAX_ROWS_NO_VNNI = 24  # without int8 dot-product instructions: _weight_int8pack_mm up to here
 AVX2_MAX_ROWS = 8  # without them, the AVX2 integer kernel (minimind.infer.avx2_int8) up to here
+# With them, the AVX2 integer kernel still streams the weights fastest at one or two rows (it is bound
+# by memory, not by integer throughput there): the 33 fused int8 products of a minimind-3 step on a
+# 2-core AMD EPYC with AVX-512 BF16/VNNI, 2 threads, 1.20 / 1.50 ms at 1 / 2 rows against 2.33 / 2.13
+# for _weight_int8pack_mm; at 4 rows 2.78 against 2.42, so larger products keep the native kernels.
+AVX2_MAX_ROWS_VNNI = 2
+# bf16 on the AVX2 kernel: up to avx2_bf16.MAX_ROWS rows where bf16 is emulated; where it is native
+# the kernel serves only compiled decode (eager decode packs the weights for oneDNN instead, which
+# cannot be traced), up to 4 rows: the 33 fused products at 1 / 4 / 8 rows 2.8 / 3.8 / 5.9 ms against
+# 9.3 (torch.mv) / 5.4 / 5.7 ms through the plain kernels on that EPYC.
+AVX2_BF16_MAX_ROWS_NATIVE = 4
 
 
 @functools.cache
@@ -168,6 +178,7 @@ class Int8Linear(nn.Module):
         self._tiled: torch.Tensor | None = None  # the AVX2 kernel's tiled codes (use_avx2_kernel)
         self._tiled_scale: torch.Tensor | None = None
         self._avx2 = False
+        self._avx2_rows = AVX2_MAX_ROWS
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, out_dtype: torch.dtype | None = None) -> Int8Linear:
@@ -198,11 +209,12 @@ class Int8Linear(nn.Module):
         return self._onednn
 
     def use_avx2_kernel(self, on: bool = True) -> bool:
-        """Run 1-8 row products through :mod:`minimind.infer.avx2_int8` where the CPU lacks int8
-        dot-product instructions and the kernel builds (checked once); returns whether it is on now."""
+        """Run few-row products through :mod:`minimind.infer.avx2_int8` where the kernel builds (checked
+        once): 1-8 rows where the CPU lacks int8 dot-product instructions, 1-2 where it has them (see
+        :data:`AVX2_MAX_ROWS_VNNI`); returns whether it is on now."""
         self._avx2 = (bool(on) and not self.fused_part and self.qweight.device.type == "cpu"
-                      and not cpu_kernels()[0]
                       and avx2_int8.supports(self.out_features, self.in_features) and avx2_int8.available())
+        self._avx2_rows = AVX2_MAX_ROWS_VNNI if cpu_kernels()[0] else AVX2_MAX_ROWS
         self._tile_avx2()
         return self._avx2
 
@@ -243,7 +255,7 @@ class Int8Linear(nn.Module):
         rows = x2.shape[0]
         if x2.device.type != "cpu" or not _HAS_INT8PACK:
             y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scale.to(x2.dtype)
-        elif self._tiled is not None and rows <= AVX2_MAX_ROWS:
+        elif self._tiled is not None and rows <= self._avx2_rows:
             y = avx2_int8.linear(x2, self._tiled, self._tiled_scale)
         elif self._packed is not None and 1 < rows <= INT_MM_MAX_ROWS:
             y = _two_digit_int8_mm(x2, self.qweight, self.scale, self._packed)
@@ -347,21 +359,26 @@ class GemvLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self._avx2 = False
+        self._avx2_rows = avx2_bf16.MAX_ROWS
+        self._bf16_emulated = True
 
     def use_avx2_kernel(self, on: bool = True) -> bool:
-        """Run bf16 products through :mod:`minimind.infer.avx2_bf16` where the CPU lacks native bf16
-        arithmetic and the kernel builds; returns whether it is used."""
+        """Run bf16 products through :mod:`minimind.infer.avx2_bf16` where the kernel builds: up to
+        ``avx2_bf16.MAX_ROWS`` rows where the CPU lacks native bf16 arithmetic, up to
+        :data:`AVX2_BF16_MAX_ROWS_NATIVE` where it has it; returns whether it is used."""
+        self._bf16_emulated = not cpu_has_fast_bf16()
+        self._avx2_rows = avx2_bf16.MAX_ROWS if self._bf16_emulated else AVX2_BF16_MAX_ROWS_NATIVE
         self._avx2 = (bool(on) and self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu"
-                      and not cpu_has_fast_bf16() and avx2_bf16.available())
+                      and avx2_bf16.available())
         return self._avx2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self._avx2:  # CPU weights only (use_avx2_kernel)
+        if self._avx2 and (rows <= self._avx2_rows or self._bf16_emulated):  # CPU weights only
             x2 = x.reshape(rows, self.in_features)
-            if rows <= avx2_bf16.MAX_ROWS:
+            if rows <= self._avx2_rows:
                 y = avx2_bf16.linear(x2, self.weight)
-            else:
+            else:  # an emulated bf16 GEMM is slower than float32 on an upcast weight
                 y = F.linear(x2.float(), self.weight.float())
             return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         if x.device.type != "cpu" or rows > SPLIT_MAX_ROWS:
@@ -412,10 +429,11 @@ def use_onednn_(model: nn.Module) -> int:
 
 def use_avx2_kernel_(model: nn.Module) -> int:
     """Switch ``model``'s layers **in place** to our AVX2 kernels: :class:`Int8Linear` to the integer
-    kernel for 1-8 row products where the CPU lacks int8 dot-product instructions
-    (:mod:`minimind.infer.avx2_int8`), bf16 :class:`GemvLinear` to :mod:`minimind.infer.avx2_bf16`
-    where it lacks native bf16; returns how many layers use one (0 elsewhere: the model is then
-    untouched)."""
+    kernel (:mod:`minimind.infer.avx2_int8`) for products of up to 8 rows where the CPU lacks int8
+    dot-product instructions and up to 2 where it has them, bf16 :class:`GemvLinear` to
+    :mod:`minimind.infer.avx2_bf16` (every few-row product where the CPU lacks native bf16, up to 4 rows
+    where it has it); returns how many layers use one (0 where the kernels do not build: the model is
+    then untouched)."""
     return sum(int(m.use_avx2_kernel()) for m in model.modules() if isinstance(m, (Int8Linear, GemvLinear)))
 
 

@@ -9,6 +9,7 @@ the query length so that each KV head is read once, as it is stored.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -110,6 +111,9 @@ class Attention(nn.Module):
         # stacked; minimind.infer.fuse): fewer, larger products decode faster.
         self.qkv_proj: nn.Module | None = None
         self.qkv_sizes = (self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim)
+        # ... and attend its CPU decode steps (one query per row over the cache) through a kernel made
+        # for that shape (minimind.infer.decode_attention), with attend()'s arguments and result.
+        self.decode_attend: Callable[..., torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | BlockMask | None, position_ids: torch.Tensor,
@@ -129,6 +133,16 @@ class Attention(nn.Module):
         if kv_cache is not None:
             kv_len = attn_mask.shape[-1] if isinstance(attn_mask, torch.Tensor) else None
             k, v = kv_cache.update(self.layer_idx, k, v, position_ids, kv_len)
-        out = attend(q, k, v, attn_mask, self.dropout if self.training else 0.0)
+        if self.decode_attend is not None and self._one_query_per_row(q, k, attn_mask):
+            out = self.decode_attend(q, k, v, attn_mask)
+        else:
+            out = attend(q, k, v, attn_mask, self.dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.resid_dropout(self.o_proj(out))
+
+    def _one_query_per_row(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | BlockMask | None) -> bool:
+        """A CPU decode step that :attr:`decode_attend` takes: one query per row, a bool mask ``[B, 1, 1,
+        S]``, the cache's dtype, no attention dropout."""
+        return (q.shape[2] == 1 and q.device.type == "cpu" and isinstance(mask, torch.Tensor)
+                and mask.dtype == torch.bool and mask.shape[0] == q.shape[0] and mask.shape[2] == 1
+                and q.dtype == k.dtype and not (self.training and self.dropout))
