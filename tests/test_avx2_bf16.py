@@ -2,9 +2,9 @@
 
 The kernel must give the float64 product of its bf16 weights to float32 rounding for any shape (tails
 of the 16-value loads and the 4-row blocks included), read the weight in place, and leave the engine's
-bf16 logits and greedy tokens those of torch's own kernels.  The engine uses it on CPUs without native
-bf16, and where bf16 is native in compiled decode only (eager decode there runs oneDNN's packed bf16
-kernels); skips where it does not build (not x86 with AVX2, or no C++ compiler).
+bf16 logits and greedy tokens those of torch's own kernels.  It is used only on CPUs without native
+bf16 (elsewhere oneDNN's packed bf16 kernels serve); skips where it does not build (not x86 with AVX2,
+or no C++ compiler).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from minimind.infer import GenerationEngine, SamplingParams, avx2_bf16
-from minimind.infer.quant import AVX2_BF16_MAX_ROWS_NATIVE, GemvLinear, use_avx2_kernel_, weight_bytes
+from minimind.infer.quant import GemvLinear, use_avx2_kernel_, weight_bytes
 from minimind.model import MiniMindForCausalLM
 from minimind.train.device import cpu_has_fast_bf16
 from tests.test_quant_onednn import _decode_logits
@@ -58,43 +58,20 @@ def test_kernel_reads_the_weight_in_place_and_splits_over_threads_exactly() -> N
         avx2_bf16.linear(x, weight.float())
 
 
-@needs_kernel
-def test_gemv_linear_routes_few_bf16_rows_to_the_kernel_and_the_rest_to_the_plain_kernels() -> None:
-    """Where bf16 is emulated the kernel takes up to MAX_ROWS rows and larger products go through
-    float32; where it is native only up to AVX2_BF16_MAX_ROWS_NATIVE, the rest through torch's bf16."""
+@used_here
+def test_gemv_linear_routes_bf16_rows_to_the_kernel_and_large_batches_to_float32() -> None:
     torch.manual_seed(0)
     lin = nn.Linear(96, 40, bias=False).to(torch.bfloat16)
     plain, fast = GemvLinear(lin), GemvLinear(lin)
     assert fast.use_avx2_kernel() and not GemvLinear(nn.Linear(96, 40, bias=False)).use_avx2_kernel()
-    limit = AVX2_BF16_MAX_ROWS_NATIVE if cpu_has_fast_bf16() else avx2_bf16.MAX_ROWS
-    assert fast._avx2_rows == limit
-    for rows in (1, limit, limit + 1, avx2_bf16.MAX_ROWS + 1):
+    for rows in (1, 8, avx2_bf16.MAX_ROWS, avx2_bf16.MAX_ROWS + 1):
         x = torch.randn(rows, 96).bfloat16()
         got = fast(x)
         assert got.dtype == torch.bfloat16
-        if rows <= limit:
+        if rows <= avx2_bf16.MAX_ROWS:
             assert torch.equal(got, avx2_bf16.linear(x, lin.weight).bfloat16())
-        elif cpu_has_fast_bf16():
-            assert torch.equal(got, plain(x))
         # both round one float32 sum to bf16: at most one bf16 step apart
         torch.testing.assert_close(got.float(), plain(x).float(), rtol=2 ** -7, atol=1e-6)
-
-
-@pytest.mark.skipif(not avx2_bf16.available() or not cpu_has_fast_bf16(),
-                    reason="compiled decode takes the kernel where bf16 is native (elsewhere eager does too)")
-def test_compiled_bf16_engine_uses_the_kernel_where_bf16_is_native(
-        chain: tuple[MiniMindForCausalLM, torch.Tensor]) -> None:
-    """Compiled graphs cannot call oneDNN-packed weights, so there one-row bf16 products went through
-    torch.mv (3.3x slower than the packed weights on an AVX-512 BF16 EPYC); the kernel is an opaque op
-    they can call.  Same greedy tokens as the eager engine on the packed weights."""
-    model, perm = chain
-    eager = GenerationEngine(model, dtype=torch.bfloat16, num_slots=2)
-    compiled = GenerationEngine(model, dtype=torch.bfloat16, num_slots=2, compile=True)
-    assert compiled.avx2_layers > 0 and compiled.fused_layers > 0 and compiled.onednn_layers == 0
-    params = SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=())
-    for batch in ([[7]], [[3, int(perm[3])], [50]]):
-        got, want = compiled.generate(batch, params), eager.generate(batch, params)
-        assert [r.token_ids for r in got] == [r.token_ids for r in want]
 
 
 @used_here

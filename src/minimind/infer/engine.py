@@ -181,8 +181,7 @@ class GenerationEngine:
             # Our AVX2 kernels, opaque ops that compiled graphs call too: int8 few-row products in
             # integers (minimind.infer.avx2_int8: up to 8 rows without int8 dot products, 1-2 with them,
             # where it streams the weights ~1.9x faster than _weight_int8pack_mm), bf16 on a CPU without
-            # native bf16 (minimind.infer.avx2_bf16: 3.1x the tokens/s at 8 rows) and, where bf16 is
-            # native, in compiled decode, whose graphs cannot call the oneDNN-packed weights.
+            # native bf16 (minimind.infer.avx2_bf16: 3.1x the tokens/s at 8 rows).
             self.avx2_layers = use_avx2_kernel_(self.model) if onednn else 0
             if fuse and not quantize:  # bf16 on the AVX2 kernel: 33 kernel calls a step instead of 57
                 self.fused_layers = fuse_bf16_projections_(self.model)

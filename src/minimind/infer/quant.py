@@ -91,11 +91,6 @@ AVX2_MAX_ROWS = 8  # without them, the AVX2 integer kernel (minimind.infer.avx2_
 # 2-core AMD EPYC with AVX-512 BF16/VNNI, 2 threads, 1.20 / 1.50 ms at 1 / 2 rows against 2.33 / 2.13
 # for _weight_int8pack_mm; at 4 rows 2.78 against 2.42, so larger products keep the native kernels.
 AVX2_MAX_ROWS_VNNI = 2
-# bf16 on the AVX2 kernel: up to avx2_bf16.MAX_ROWS rows where bf16 is emulated; where it is native
-# the kernel serves only compiled decode (eager decode packs the weights for oneDNN instead, which
-# cannot be traced), up to 4 rows: the 33 fused products at 1 / 4 / 8 rows 2.8 / 3.8 / 5.9 ms against
-# 9.3 (torch.mv) / 5.4 / 5.7 ms through the plain kernels on that EPYC.
-AVX2_BF16_MAX_ROWS_NATIVE = 4
 
 
 @functools.cache
@@ -359,26 +354,23 @@ class GemvLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self._avx2 = False
-        self._avx2_rows = avx2_bf16.MAX_ROWS
-        self._bf16_emulated = True
 
     def use_avx2_kernel(self, on: bool = True) -> bool:
-        """Run bf16 products through :mod:`minimind.infer.avx2_bf16` where the kernel builds: up to
-        ``avx2_bf16.MAX_ROWS`` rows where the CPU lacks native bf16 arithmetic, up to
-        :data:`AVX2_BF16_MAX_ROWS_NATIVE` where it has it; returns whether it is used."""
-        self._bf16_emulated = not cpu_has_fast_bf16()
-        self._avx2_rows = avx2_bf16.MAX_ROWS if self._bf16_emulated else AVX2_BF16_MAX_ROWS_NATIVE
+        """Run bf16 products through :mod:`minimind.infer.avx2_bf16` where the CPU lacks native bf16
+        arithmetic and the kernel builds; returns whether it is used.  (Where bf16 is native, eager
+        decode packs the weights for oneDNN, and in compiled decode inductor's own one-row product was
+        as fast as the kernel: 231.6 against 231.2 tok/s, bf16 minimind-3, AVX-512 BF16 EPYC.)"""
         self._avx2 = (bool(on) and self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu"
-                      and avx2_bf16.available())
+                      and not cpu_has_fast_bf16() and avx2_bf16.available())
         return self._avx2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self._avx2 and (rows <= self._avx2_rows or self._bf16_emulated):  # CPU weights only
+        if self._avx2:  # CPU weights only (use_avx2_kernel)
             x2 = x.reshape(rows, self.in_features)
-            if rows <= self._avx2_rows:
+            if rows <= avx2_bf16.MAX_ROWS:
                 y = avx2_bf16.linear(x2, self.weight)
-            else:  # an emulated bf16 GEMM is slower than float32 on an upcast weight
+            else:
                 y = F.linear(x2.float(), self.weight.float())
             return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         if x.device.type != "cpu" or rows > SPLIT_MAX_ROWS:
@@ -431,9 +423,8 @@ def use_avx2_kernel_(model: nn.Module) -> int:
     """Switch ``model``'s layers **in place** to our AVX2 kernels: :class:`Int8Linear` to the integer
     kernel (:mod:`minimind.infer.avx2_int8`) for products of up to 8 rows where the CPU lacks int8
     dot-product instructions and up to 2 where it has them, bf16 :class:`GemvLinear` to
-    :mod:`minimind.infer.avx2_bf16` (every few-row product where the CPU lacks native bf16, up to 4 rows
-    where it has it); returns how many layers use one (0 where the kernels do not build: the model is
-    then untouched)."""
+    :mod:`minimind.infer.avx2_bf16` where it lacks native bf16; returns how many layers use one (0
+    where none applies: the model is then untouched)."""
     return sum(int(m.use_avx2_kernel()) for m in model.modules() if isinstance(m, (Int8Linear, GemvLinear)))
 
 
