@@ -209,6 +209,23 @@ def _generic_qa(rng: random.Random, n: int) -> list[list[dict[str, str]]]:
     return out
 
 
+def _month_order(n: int) -> list[list[dict[str, str]]]:
+    """``n`` conversations naming the month after each month, in both languages, in turn: the fact
+    a month-end date's reasoning needs ("carries into the next month, September")."""
+    from minimind.tasks.checks import _EN_MONTHS
+
+    out = []
+    for i in range(n):
+        m = i % 12
+        nxt = (m + 1) % 12
+        if (i // 12) % 2:
+            out.append(_conv(f"{m + 1}月的下一个月是几月？", f"{m + 1}月的下一个月是{nxt + 1}月。"))
+        else:
+            out.append(_conv(f"Which month comes after {_EN_MONTHS[m]}?",
+                             f"The month after {_EN_MONTHS[m]} is {_EN_MONTHS[nxt]}."))
+    return out
+
+
 def _maybe_thinking(conv: list[dict[str, str]], thinking: bool) -> list[dict[str, str]]:
     """An open Q&A conversation whose answers, with ``thinking``, carry the one-line "no steps"
     reasoning (Chinese when the question has CJK characters), so thinking on works for chat too."""
@@ -261,6 +278,7 @@ def build_demo_corpus(
     sft_kinds: Sequence[str] | None = None,
     fact_kinds: Sequence[str] = ("arithmetic", "unit_conversion", "date_fact", "tool_call"),
     think_share: float = 0.0,
+    month_rows: int = 0,
 ) -> dict[str, Any]:
     """Build the demo corpus under ``out_dir`` and return its statistics.
 
@@ -350,6 +368,7 @@ def build_demo_corpus(
         (t.kind, task_to_sft_row(t, json_strings, thinking=think_rng.random() < think_share)) for t in sft_tasks]
     sft_pairs += [("open_qa", {"conversations": _maybe_thinking(c, think_rng.random() < think_share)})
                   for c in _generic_qa(rng, n_generic)]
+    sft_pairs += [("month_order", {"conversations": c}) for c in _month_order(month_rows)]
     rng.shuffle(sft_pairs)
     sft_rows = [row for _, row in sft_pairs]
     sft_kinds = [kind for kind, _ in sft_pairs]

@@ -68,6 +68,8 @@ class DemoSettings:
     # next-day dates; minimind.tasks.rows.task_reasoning) carry it in <think>...</think>, the others
     # keep the empty block; so the model answers both ways and open_thinking works in chat and server.
     sft_think_share: float = 0.5
+    # SFT rows naming the month after each month (experiment; 0 = none)
+    month_rows: int = 0
     think_max_new_tokens: int = 128  # held-out replies with thinking on: reasoning + answer
     # DPO after SFT on checkable preference pairs (chosen = the SFT answer, rejected = a wrong or
     # malformed one); see minimind.demo.preferences.
@@ -167,7 +169,7 @@ class BuildCorpus:
                                   pretrain_chars=s.pretrain_chars, n_sft=s.n_sft, n_eval=s.n_eval,
                                   mix=s.pretrain_mix, fact_pool_share=s.fact_pool_share, sft_kinds=s.sft_kinds,
                                   fact_kinds=s.fact_kinds, think_share=s.sft_think_share,
-                                  generic_share=s.generic_share)
+                                  generic_share=s.generic_share, month_rows=s.month_rows)
         ctx.results[self.name] = stats
         for name in ("pretrain", "pretrain_heldout", "sft", "eval_tasks"):
             ctx.artifacts[name] = ctx.out / "data" / f"{name}.jsonl"

@@ -8,7 +8,8 @@
 //       p_t = exp(s_t - max s) / sum exp(s - max s)
 //       o   = sum_t p_t v_t
 //     in float32 (scores, softmax and sums), written back in q's dtype;
-//   * a row that attends to nothing gets zeros (a softmax over no positions has no value).
+//   * a row that attends to nothing gets zeros (a softmax over no positions has no value);
+//   * the query heads of a group (up to 4 at a time) share every K and V load; exp is vectorised.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -35,66 +36,140 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <typename T>
-float dot(const float* q, const T* k, int64_t d) {
-  const int64_t d8 = d - d % 8;
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t i = 0; i < d8; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), acc);
-  float s = hsum(acc);
-  for (int64_t i = d8; i < d; ++i) s += q[i] * static_cast<float>(k[i]);
-  return s;
+// exp(x) of 8 floats, x <= 0 (scores minus their maximum): 2^n p(r) with r = x - n ln 2 and the
+// Cephes expf polynomial, ~2 ulp; below -87 the result is ~1e-38 where exp underflows to 0.
+inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-// o[0, d) += p * v[0, d)
-template <typename T>
-void axpy(float p, const T* v, float* o, int64_t d) {
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Query heads [0, R) of one (row, KV head) task: qf [R][d] (already scaled by 1/sqrt(d)), scores
+// scratch [R][S]; writes the R output heads to acc [R][d] (unnormalised) and their softmax sums.
+// Each K and V position is loaded once for all R heads.
+template <int R, typename T>
+void heads(const float* qf, const T* kbase, int64_t ks, const T* vbase, int64_t vs, const bool* m, int64_t s_len,
+           int64_t d, float* scores, float* acc, float* total) {
   const int64_t d8 = d - d % 8;
-  const __m256 pv = _mm256_set1_ps(p);
-  for (int64_t i = 0; i < d8; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(pv, load8(v + i), _mm256_loadu_ps(o + i)));
-  for (int64_t i = d8; i < d; ++i) o[i] += p * static_cast<float>(v[i]);
+  float top[R];
+  for (int j = 0; j < R; ++j) top[j] = kNegInf;
+  for (int64_t t = 0; t < s_len; ++t) {  // s = q . k_t
+    if (!m[t]) {
+      for (int j = 0; j < R; ++j) scores[j * s_len + t] = kNegInf;
+      continue;
+    }
+    const T* k = kbase + t * ks;
+    __m256 a[R];
+    for (int j = 0; j < R; ++j) a[j] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < d8; i += 8) {
+      const __m256 kv = load8(k + i);
+      for (int j = 0; j < R; ++j) a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + j * d + i), kv, a[j]);
+    }
+    for (int j = 0; j < R; ++j) {
+      float sc = hsum(a[j]);
+      for (int64_t i = d8; i < d; ++i) sc += qf[j * d + i] * static_cast<float>(k[i]);
+      scores[j * s_len + t] = sc;
+      top[j] = std::fmax(top[j], sc);
+    }
+  }
+  const int64_t s8 = s_len - s_len % 8;
+  for (int j = 0; j < R; ++j) {  // p = exp(s - max), 0 where masked (or everywhere: no position)
+    float* sc = scores + j * s_len;
+    if (top[j] == kNegInf) {
+      std::fill(sc, sc + s_len, 0.0f);
+      total[j] = 0.0f;
+      continue;
+    }
+    const __m256 vtop = _mm256_set1_ps(top[j]), ninf = _mm256_set1_ps(kNegInf);
+    __m256 vsum = _mm256_setzero_ps();
+    for (int64_t t = 0; t < s8; t += 8) {
+      const __m256 x = _mm256_loadu_ps(sc + t);
+      const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(x, ninf, _CMP_EQ_OQ), exp256(_mm256_sub_ps(x, vtop)));
+      _mm256_storeu_ps(sc + t, e);
+      vsum = _mm256_add_ps(vsum, e);
+    }
+    float sum = hsum(vsum);
+    for (int64_t t = s8; t < s_len; ++t) {
+      sc[t] = sc[t] == kNegInf ? 0.0f : std::exp(sc[t] - top[j]);
+      sum += sc[t];
+    }
+    total[j] = sum;
+  }
+  constexpr int64_t kVec = R <= 2 ? 4 : 2;  // output vectors per head kept in registers
+  for (int64_t c = 0; c + 8 * kVec <= d8; c += 8 * kVec) {  // o = sum_t p_t v_t
+    __m256 o[R][kVec];
+    for (int j = 0; j < R; ++j)
+      for (int u = 0; u < kVec; ++u) o[j][u] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < s_len; ++t) {
+      if (!m[t]) continue;
+      const T* v = vbase + t * vs + c;
+      __m256 vv[kVec];
+      for (int u = 0; u < kVec; ++u) vv[u] = load8(v + 8 * u);
+      for (int j = 0; j < R; ++j) {
+        const __m256 pj = _mm256_set1_ps(scores[j * s_len + t]);
+        for (int u = 0; u < kVec; ++u) o[j][u] = _mm256_fmadd_ps(pj, vv[u], o[j][u]);
+      }
+    }
+    for (int j = 0; j < R; ++j)
+      for (int u = 0; u < kVec; ++u) _mm256_storeu_ps(acc + j * d + c + 8 * u, o[j][u]);
+  }
+  for (int64_t i = d8 - d8 % (8 * kVec); i < d; ++i)  // what the register blocks left (and the tail)
+    for (int j = 0; j < R; ++j) {
+      float o = 0.0f;
+      for (int64_t t = 0; t < s_len; ++t)
+        if (m[t]) o += scores[j * s_len + t] * static_cast<float>(vbase[t * vs + i]);
+      acc[j * d + i] = o;
+    }
 }
 
 template <typename T>
 void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, at::Tensor& out) {
-  const int64_t b_rows = q.size(0), heads = q.size(1), d = q.size(2);
-  const int64_t kv_heads = k.size(1), s_len = k.size(2), group = heads / kv_heads;
+  const int64_t b_rows = q.size(0), n_heads = q.size(1), d = q.size(2);
+  const int64_t kv_heads = k.size(1), s_len = k.size(2), group = n_heads / kv_heads;
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
   const bool* mp = mask.data_ptr<bool>();
   T* op = out.data_ptr<T>();
-  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
-  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   at::parallel_for(0, b_rows * kv_heads, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores(s_len), qf(d), acc(d);
+    constexpr int64_t kMax = 4;  // query heads handled together
+    std::vector<float> qf(kMax * d), scores(kMax * s_len), acc(kMax * d);
+    float total[kMax];
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / kv_heads, g = task % kv_heads;
-      const T* kbase = kp + b * ks0 + g * ks1;
-      const T* vbase = vp + b * vs0 + g * vs1;
+      const T* kbase = kp + b * k.stride(0) + g * k.stride(1);
+      const T* vbase = vp + b * v.stride(0) + g * v.stride(1);
       const bool* m = mp + b * s_len;
-      for (int64_t j = 0; j < group; ++j) {
-        const int64_t h = g * group + j;
-        const T* qh = qp + (b * heads + h) * d;
-        for (int64_t i = 0; i < d; ++i) qf[i] = static_cast<float>(qh[i]) * scale;
-        float top = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < s_len; ++t) {
-          scores[t] = m[t] ? dot(qf.data(), kbase + t * ks2, d) : -std::numeric_limits<float>::infinity();
-          top = std::fmax(top, scores[t]);
+      for (int64_t j0 = 0; j0 < group; j0 += kMax) {
+        const int64_t r = std::min(kMax, group - j0);
+        const int64_t h0 = g * group + j0;
+        for (int64_t j = 0; j < r; ++j)
+          for (int64_t i = 0; i < d; ++i) qf[j * d + i] = static_cast<float>(qp[(b * n_heads + h0 + j) * d + i]) * scale;
+        switch (r) {
+          case 1: heads<1>(qf.data(), kbase, k.stride(2), vbase, v.stride(2), m, s_len, d, scores.data(), acc.data(), total); break;
+          case 2: heads<2>(qf.data(), kbase, k.stride(2), vbase, v.stride(2), m, s_len, d, scores.data(), acc.data(), total); break;
+          case 3: heads<3>(qf.data(), kbase, k.stride(2), vbase, v.stride(2), m, s_len, d, scores.data(), acc.data(), total); break;
+          default: heads<4>(qf.data(), kbase, k.stride(2), vbase, v.stride(2), m, s_len, d, scores.data(), acc.data(), total);
         }
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        float total = 0.0f;
-        if (top != -std::numeric_limits<float>::infinity()) {
-          for (int64_t t = 0; t < s_len; ++t) {
-            if (!m[t]) continue;
-            const float p = std::exp(scores[t] - top);
-            total += p;
-            axpy(p, vbase + t * vs2, acc.data(), d);
-          }
+        for (int64_t j = 0; j < r; ++j) {
+          const float inv = total[j] > 0.0f ? 1.0f / total[j] : 0.0f;
+          T* oh = op + (b * n_heads + h0 + j) * d;
+          for (int64_t i = 0; i < d; ++i) oh[i] = static_cast<T>(acc[j * d + i] * inv);
         }
-        const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-        T* oh = op + (b * heads + h) * d;
-        for (int64_t i = 0; i < d; ++i) oh[i] = static_cast<T>(acc[i] * inv);
       }
     }
   });
