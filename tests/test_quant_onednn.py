@@ -159,6 +159,27 @@ def test_engine_logits_and_greedy_tokens_match_the_plain_kernels(
                                       int(perm[perm[perm[batch[0][-1]]]])]  # really the chain
 
 
+def test_an_engine_sharing_a_bf16_models_weights_sees_in_place_updates(
+        chain: tuple[MiniMindForCausalLM, torch.Tensor]) -> None:
+    """An engine in the model's own dtype decodes through a view of the model's parameters, so that
+    an optimizer step (in place) is what the next rollout uses, with no refresh.  Packed (oneDNN) and
+    fused (q/k/v, gate/up) weights are copies: they used to be made for these views too, and decode
+    then kept the old weights (AVX-512 BF16 CPUs: packed; AVX2: fused)."""
+    model = copy.deepcopy(chain[0]).to(torch.bfloat16)
+    engine = GenerationEngine(model, num_slots=2)
+    prompts = [[7, int(chain[1][7])], [3]]
+    before = _decode_logits(engine, prompts, 3)
+    with torch.no_grad():  # an "optimizer step" on the shared weights, a fused part's included
+        model.model.layers[0].self_attn.q_proj.weight.mul_(0.5)
+        model.model.layers[0].mlp.up_proj.weight.mul_(-1)
+        model.lm_head.weight.mul_(-1)
+    got = _decode_logits(engine, prompts, 3)
+    want = _decode_logits(GenerationEngine(copy.deepcopy(model), num_slots=2), prompts, 3)
+    assert rel_err(got, before) > 0.5
+    assert torch.equal(got, want)
+    assert engine.onednn_layers == 0 and engine.fused_layers == 0  # the plain kernels, on the shared weights
+
+
 @needs_bf16
 def test_refresh_repacks_the_new_weights(chain: tuple[MiniMindForCausalLM, torch.Tensor]) -> None:
     trained = copy.deepcopy(chain[0])

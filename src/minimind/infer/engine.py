@@ -177,13 +177,16 @@ class GenerationEngine:
             # oneDNN-packed weights where this CPU has the native kernels (same results): measured
             # decode steps of 8 rows 1.29x (bf16) / 1.16x (int8) faster, one row unchanged.
             # Compiled decode is left to inductor's own kernels (opaque packed tensors do not trace).
-            self.onednn_layers = use_onednn_(self.model) if onednn and not compile else 0
+            # Packed and fused weights are copies: a view of the caller's weights keeps the kernels
+            # that read them in place, or in-place updates (an RL policy's) would never reach decode.
+            copies = not self._shares_source
+            self.onednn_layers = use_onednn_(self.model) if onednn and not compile and copies else 0
             # Our AVX2 kernels, opaque ops that compiled graphs call too: int8 few-row products in
             # integers (minimind.infer.avx2_int8: up to 8 rows without int8 dot products, 1-2 with them,
             # where it streams the weights ~1.9x faster than _weight_int8pack_mm), bf16 on a CPU without
             # native bf16 (minimind.infer.avx2_bf16: 3.1x the tokens/s at 8 rows).
             self.avx2_layers = use_avx2_kernel_(self.model) if onednn else 0
-            if fuse and not quantize:  # bf16 on the AVX2 kernel: 33 kernel calls a step instead of 57
+            if fuse and not quantize and copies:  # bf16 on the AVX2 kernel: 33 kernel calls a step, not 57
                 self.fused_layers = fuse_bf16_projections_(self.model)
             # One query per row over the cache: our kernel instead of torch's attention kernels, whose
             # per-call cost is several times the arithmetic (minimind.infer.decode_attention).
