@@ -181,6 +181,43 @@ def test_an_engine_sharing_a_bf16_models_weights_sees_in_place_updates(
 
 
 @needs_bf16
+def test_fused_packed_projections_give_the_parts_logits_and_repack_on_refresh(
+        chain: tuple[MiniMindForCausalLM, torch.Tensor]) -> None:
+    """q/k/v and gate/up as one packed product each: the parts' weights are rows of the fused weight
+    (so a refresh loads into it) and keep no packed copies; the block's hook re-packs after a load."""
+    from minimind.infer.fuse import FusedPackedLinear
+
+    model, perm = chain
+    plain = GenerationEngine(model, dtype=torch.bfloat16, num_slots=3, fuse=False)
+    fused = GenerationEngine(model, dtype=torch.bfloat16, num_slots=3)
+    assert plain.fused_layers == 0 and fused.fused_layers == 2 * len(model.model.layers)
+    attn = fused.model.model.layers[0].self_attn
+    assert isinstance(attn.qkv_proj, FusedPackedLinear) and attn.k_proj._packed is None
+    assert attn.k_proj.weight.data_ptr() == attn.qkv_proj.weight[attn.q_proj.out_features:].data_ptr()
+    prompts = [[7, int(perm[7])], [3, 4], [50]]
+    for batch in (prompts[:1], prompts):
+        torch.testing.assert_close(_decode_logits(fused, batch, 4), _decode_logits(plain, batch, 4),
+                                   rtol=RTOL, atol=ATOL)
+    assert fused.model.state_dict().keys() == plain.model.state_dict().keys()
+    twin = copy.deepcopy(fused.model)  # packed copies rebuilt, the parts still rows of the fused weight
+    assert twin.model.layers[0].self_attn.k_proj._packed is None
+    before = _decode_logits(fused, prompts, 3)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight.mul_(-1)
+        model.model.layers[1].mlp.up_proj.weight.mul_(-1)
+    try:
+        plain.refresh_weights()
+        fused.refresh_weights()
+        got = _decode_logits(fused, prompts, 3)
+        assert rel_err(got, before) > 0.05  # the fused products follow the new weights
+        torch.testing.assert_close(got, _decode_logits(plain, prompts, 3), rtol=RTOL, atol=ATOL)
+    finally:
+        with torch.no_grad():
+            model.model.layers[0].self_attn.v_proj.weight.mul_(-1)
+            model.model.layers[1].mlp.up_proj.weight.mul_(-1)
+
+
+@needs_bf16
 def test_refresh_repacks_the_new_weights(chain: tuple[MiniMindForCausalLM, torch.Tensor]) -> None:
     trained = copy.deepcopy(chain[0])
     engine = GenerationEngine(trained, dtype=torch.bfloat16)

@@ -186,7 +186,7 @@ class GenerationEngine:
             # where it streams the weights ~1.9x faster than _weight_int8pack_mm), bf16 on a CPU without
             # native bf16 (minimind.infer.avx2_bf16: 3.1x the tokens/s at 8 rows).
             self.avx2_layers = use_avx2_kernel_(self.model) if onednn else 0
-            if fuse and not quantize and copies:  # bf16 on the AVX2 kernel: 33 kernel calls a step, not 57
+            if fuse and not quantize and copies:  # bf16, packed or on the AVX2 kernel: 33 calls a step, not 57
                 self.fused_layers = fuse_bf16_projections_(self.model)
             # One query per row over the cache: our kernel instead of torch's attention kernels, whose
             # per-call cost is several times the arithmetic (minimind.infer.decode_attention).

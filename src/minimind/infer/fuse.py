@@ -18,7 +18,10 @@ are never called.
 
 The same holds for bf16 layers on the AVX2 bf16 kernel (:class:`FusedGemvLinear`, on CPUs without
 native bf16): the kernel reads the fused weight in place, and the parts' weights are views of its
-rows, so loading a part updates the fused product with nothing to re-pack.
+rows, so loading a part updates the fused product with nothing to re-pack.  And for bf16 layers on
+oneDNN-packed weights (:class:`FusedPackedLinear`, CPUs with native bf16): the block's hook re-packs
+the fused weight after a load.  Measured on a 2-core AMD EPYC with AVX-512 BF16, the packed products
+of a minimind-3 step: 3.10 -> 2.52 ms at one row, 3.95 -> 3.35 ms at eight (57 calls -> 33).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from minimind.infer.onednn import PackedLinear
 from minimind.infer.quant import GemvLinear, Int8Linear
 from minimind.model.attention import Attention
 from minimind.model.layers import SwiGLU
@@ -80,6 +84,34 @@ class FusedGemvLinear(GemvLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, bf16, fused"
 
 
+class FusedPackedLinear(PackedLinear):
+    """The stacked bf16 weights of several :class:`~minimind.infer.onednn.PackedLinear` parts, packed
+    once.  Saves and loads nothing itself: the parts carry the state-dict keys, their weights are
+    views of this layer's, and the block's hook re-packs it after a load."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self._packed = None
+        self.fused_part = False
+        self.repack()
+
+    def _repack(self) -> None:  # the name the block's load hook calls (as on FusedInt8Linear)
+        self.repack()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any,
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        pass
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        pass
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", fused"
+
+
 @torch.no_grad()
 def fuse_int8_projections_(model: nn.Module) -> int:
     """Fuse, **in place**, the q/k/v and gate/up :class:`Int8Linear` layers of every block of ``model``
@@ -91,10 +123,11 @@ def fuse_int8_projections_(model: nn.Module) -> int:
 
 @torch.no_grad()
 def fuse_bf16_projections_(model: nn.Module) -> int:
-    """Fuse, **in place**, the q/k/v and gate/up bf16 :class:`GemvLinear` layers on the AVX2 bf16
-    kernel (``use_avx2_kernel_`` first) into one :class:`FusedGemvLinear` each: 33 kernel calls per
-    minimind-3 step instead of 57.  Returns the number of fused layers (0 where no block's parts all
-    use the kernel)."""
+    """Fuse, **in place**, the q/k/v and gate/up bf16 layers of every block into one layer each: 33
+    kernel calls per minimind-3 step instead of 57.  :class:`GemvLinear` parts on the AVX2 bf16 kernel
+    (``use_avx2_kernel_`` first) become a :class:`FusedGemvLinear`, oneDNN-packed parts (``use_onednn_``
+    first) a :class:`FusedPackedLinear`.  Returns the number of fused layers (0 where no block's parts
+    all use one of the two)."""
     return _fuse_all(model, _fuse_bf16)
 
 
@@ -108,17 +141,24 @@ def _fuse_all(model: nn.Module, fuse: Callable[[nn.Module, str, tuple[str, ...]]
 
 
 def _fuse_bf16(block: nn.Module, name: str, part_names: tuple[str, ...]) -> int:
-    parts: list[GemvLinear] = [getattr(block, n) for n in part_names]
-    if not all(type(p) is GemvLinear and p._avx2 for p in parts):
+    parts: list[nn.Module] = [getattr(block, n) for n in part_names]
+    packed = all(type(p) is PackedLinear for p in parts)
+    if not packed and not all(type(p) is GemvLinear and p._avx2 for p in parts):
         return 0
     if len({(p.in_features, p.weight.device) for p in parts}) != 1:
         return 0
-    fused = FusedGemvLinear(torch.cat([p.weight for p in parts]))
+    weight = torch.cat([p.weight for p in parts])
+    fused = FusedPackedLinear(weight) if packed else FusedGemvLinear(weight)
     start = 0
     for p in parts:  # each part's weight becomes its rows of the fused weight (a view, no copy)
         p.weight = nn.Parameter(fused.weight[start:start + p.out_features], requires_grad=False)
         start += p.out_features
+        if packed:
+            p.fused_part = True
+            p.repack()  # drops its own packed copy
     setattr(block, name, fused)
+    if packed:
+        block.register_load_state_dict_post_hook(_repack_fused)
     return 1
 
 

@@ -169,11 +169,14 @@ class PackedLinear(nn.Module):
         if self.weight.dtype != torch.bfloat16 or self.weight.device.type != "cpu":
             raise ValueError("PackedLinear packs bf16 CPU weights only")
         self._packed: torch.Tensor | None = None
+        # a part of a fused layer (minimind.infer.fuse): its weight is rows of the fused weight, it is
+        # never called, and it keeps no packed copy
+        self.fused_part = False
         self.repack()
 
     def repack(self) -> None:
         """Re-lay out ``weight`` (call after changing it other than through ``load_state_dict``)."""
-        self._packed = pack_bf16(self.weight)
+        self._packed = None if getattr(self, "fused_part", False) else pack_bf16(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is None or x.dtype != torch.bfloat16 or x.device.type != "cpu":
