@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -92,8 +93,9 @@ def int8_gemm_supported() -> bool:
     return bool(torch.equal(got, want)) and _int8_gemm_not_slow()
 
 
-def _best_seconds(fn: Any, runs: int = 3) -> float:
-    fn()  # the first call creates oneDNN's primitive
+def _best_seconds(fn: Callable[[], object], runs: int = 3) -> float:
+    """The fastest of ``runs`` calls of ``fn``, after one untimed call (it creates oneDNN's primitive)."""
+    fn()
     best = float("inf")
     for _ in range(runs):
         start = time.perf_counter()
@@ -107,7 +109,7 @@ def _int8_gemm_not_slow() -> bool:
 
     On some CPUs that list VNNI oneDNN picks a plain C++ implementation for this product: on a 2-core
     AMD EPYC with AVX-512 VNNI (torch 2.13) it took 16 ms per activation row of a 768 x 2432 product,
-    ~100x ``torch._int_mm`` on the same digits, and int8 decode of 2-32 rows with it.  Right numbers,
+    ~100x ``torch._int_mm`` on the same digits, and the engine ran int8 decode of 2-32 rows on it.  Right numbers,
     so the exactness check passes; this one times both on one small product (best of 3) and keeps
     oneDNN only within 2x of ``torch._int_mm`` (it was faster where it runs natively)."""
     if not hasattr(torch, "_int_mm"):
