@@ -15,9 +15,9 @@ The query heads of a group (up to 4 at a time) share each K/V load, and exp is v
 
 Measured on that EPYC, 2 threads, one minimind-3 layer at 300 cached positions, bf16: 18.9 us against
 144.9 us for SDPA at one row, 108 against 1149 us at eight; float32: 18.9 us against 33.3 us for the
-two batched matmuls at one row, 125 against 137 at eight.  Whole decode steps with the kernel vs SDPA
-(engines taking turns): int8 compiled, one row, 366.6 vs 257.9 tok/s; bf16 eager, eight rows, 905 vs
-556.
+two batched matmuls at one row, 125 against 137 at eight.  Whole decode steps with the kernel's
+first version (one head at a time, scalar exp) vs SDPA, engines taking turns: int8 compiled, one
+row, 366.6 vs 257.9 tok/s; bf16 eager, eight rows, 905 vs 556.
 
 Built on first use and checked against float64 (:mod:`minimind.infer.cpp_kernels`); registered as
 ``torch.ops.minimind_attention_avx2.decode`` with a fake implementation, so compiled decode graphs
