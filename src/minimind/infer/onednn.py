@@ -27,7 +27,8 @@ interleaved runs, ``bench/bench_engine.py`` notes in the README):
 Both are used only where the CPU runs them natively, checked when the engine loads (not assumed):
 the ops must exist, oneDNN must report bf16 support and ``/proc/cpuinfo`` must list a native bf16
 (``avx512_bf16`` / ``amx_bf16``) or int8 dot-product (``avx512_vnni`` / ``avx_vnni`` /
-``amx_int8``) instruction, and a small product must match the plain kernel.  Elsewhere (AVX2-only
+``amx_int8``) instruction, and a small product must match the plain kernel (int8: and run within 2x
+of ``torch._int_mm``, see :func:`_int8_gemm_not_slow`).  Elsewhere (AVX2-only
 CPUs, where bf16 is emulated; other builds) the engine keeps its previous kernels.
 
 Packed weights are opaque oneDNN tensors: they cannot be deep-copied or saved, so the modules holding
@@ -178,7 +179,7 @@ class PackedLinear(nn.Module):
 
     def repack(self) -> None:
         """Re-lay out ``weight`` (call after changing it other than through ``load_state_dict``)."""
-        self._packed = None if getattr(self, "fused_part", False) else pack_bf16(self.weight)
+        self._packed = None if self.fused_part else pack_bf16(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is None or x.dtype != torch.bfloat16 or x.device.type != "cpu":
