@@ -192,7 +192,7 @@ def test_fused_packed_projections_give_the_parts_logits_and_repack_on_refresh(
     fused = GenerationEngine(model, dtype=torch.bfloat16, num_slots=3)
     assert plain.fused_layers == 0 and fused.fused_layers == 2 * len(model.model.layers)
     attn = fused.model.model.layers[0].self_attn
-    assert isinstance(attn.qkv_proj, FusedPackedLinear) and attn.k_proj._packed is None
+    assert isinstance(attn.qkv_proj, FusedPackedLinear) and not attn.k_proj.packed
     assert attn.k_proj.weight.data_ptr() == attn.qkv_proj.weight[attn.q_proj.out_features:].data_ptr()
     prompts = [[7, int(perm[7])], [3, 4], [50]]
     for batch in (prompts[:1], prompts):
@@ -200,7 +200,7 @@ def test_fused_packed_projections_give_the_parts_logits_and_repack_on_refresh(
                                    rtol=RTOL, atol=ATOL)
     assert fused.model.state_dict().keys() == plain.model.state_dict().keys()
     twin = copy.deepcopy(fused.model)  # packed copies rebuilt, the parts still rows of the fused weight
-    assert twin.model.layers[0].self_attn.k_proj._packed is None
+    assert not twin.model.layers[0].self_attn.k_proj.packed
     before = _decode_logits(fused, prompts, 3)
     with torch.no_grad():
         model.model.layers[0].self_attn.v_proj.weight.mul_(-1)
@@ -233,6 +233,39 @@ def test_refresh_repacks_the_new_weights(chain: tuple[MiniMindForCausalLM, torch
         want = GenerationEngine(trained, dtype=torch.bfloat16, onednn=False).model(ids).logits.float()
     assert torch.allclose(fresh, want, rtol=RTOL, atol=ATOL)
     assert rel_err(stale, want) > 0.1
+
+
+@needs_bf16
+def test_compiled_decode_runs_the_packed_products_and_sees_a_refresh(
+        chain: tuple[MiniMindForCausalLM, torch.Tensor], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled decode calls the packed (and fused) bf16 products through the registered op, which
+    reads the packed copy at run time: the graph's logits match the eager packed engine's (inductor
+    fuses the norms and casts, a few bf16 steps), and a refresh re-packs into the running graph.
+    Before the op, compiled engines ran inductor's unpacked products (0 packed calls)."""
+    model, perm = chain
+    model = copy.deepcopy(model)
+    torch._dynamo.reset()
+    calls = []
+    real = onednn._packed_bf16_linear
+    monkeypatch.setattr(onednn, "_packed_bf16_linear", lambda x, packed: calls.append(1) or real(x, packed))
+    eager = GenerationEngine(model, dtype=torch.bfloat16, num_slots=2)
+    compiled = GenerationEngine(model, dtype=torch.bfloat16, num_slots=2, compile=True)
+    assert compiled.onednn_layers == eager.onednn_layers > 0 and compiled.fused_layers == eager.fused_layers > 0
+    prompts = [[7, int(perm[7])], [3]]
+    want = _decode_logits(eager, prompts, 3)
+    calls.clear()
+    got = _decode_logits(compiled, prompts, 3)
+    per_step = len(model.model.layers) * 4 + 1  # fused q/k/v, o, fused gate/up, down; the LM head
+    assert len(calls) >= 4 * per_step  # prefill (eager) and three compiled steps
+    assert float((got - want).abs().max()) <= 2 ** -6 * float(want.abs().max())
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)
+        model.model.layers[0].self_attn.v_proj.weight.mul_(-1)
+    eager.refresh_weights()
+    compiled.refresh_weights()
+    again, want = _decode_logits(compiled, prompts, 3), _decode_logits(eager, prompts, 3)
+    assert rel_err(again, got) > 0.5
+    assert float((again - want).abs().max()) <= 2 ** -6 * float(want.abs().max())
 
 
 def test_frozen_compile_needs_an_own_copy_and_refuses_new_weights() -> None:

@@ -22,8 +22,14 @@ fused products of a step take 3.9 ms at one row and 8.9 ms at eight.
 Where the CPU has int8 dot products it still wins at one and two rows, where the product is bound by
 memory: on a 2-core AMD EPYC with AVX-512 BF16/VNNI, 2 threads, the 33 fused products of a step took
 1.20 / 1.50 ms at 1 / 2 rows against 2.33 / 2.13 ms for ``_weight_int8pack_mm`` (53 against 28 GB/s
-at one row), and 2.78 against 2.42 ms at 4 rows, so there it serves up to 2 rows
-(:data:`~minimind.infer.quant.AVX2_MAX_ROWS_VNNI`).
+at one row).  From 3 rows on, the AVX2 tile (three instructions per product, 2.78 ms at 4 rows) lost to
+the native kernels, so where the CPU has AVX-512 VNNI the kernel multiplies with ``vpdpbusd`` instead
+(one instruction, the same integer sums, so bit for bit the same results; :func:`vnni`): the same
+33 products took 1.9 / 3.3 / 6.6 ms at 4 / 8 / 16 rows against 2.8 / 5.3 / 10.4 ms for the AVX2
+tile, 2.4 ms for ``_weight_int8pack_mm`` at 4 rows and 6.1 / 8.2 ms for the two-digit
+``torch._int_mm`` at 8 / 16 (12.8 against 11.9 ms at 32 rows), so there it serves up to 16 rows
+(:data:`~minimind.infer.quant.VNNI_MAX_ROWS`; 2 on CPUs with other int8 dot products,
+:data:`~minimind.infer.quant.AVX2_MAX_ROWS_VNNI`).
 
 It is built on first use and used only where :func:`available` says so (see
 :mod:`minimind.infer.cpp_kernels`).  The ops are registered with torch
@@ -39,7 +45,7 @@ import torch
 
 from minimind.infer.cpp_kernels import build_and_check, load_extension
 
-__all__ = ["available", "linear", "pack", "parallel_threads"]
+__all__ = ["available", "linear", "pack", "parallel_threads", "use_vnni", "vnni"]
 
 _NAME = "minimind_int8_avx2"
 
@@ -78,6 +84,17 @@ def parallel_threads(n: int = 64) -> int:
     """How many threads the kernel's row split uses for ``n`` tiles (``torch.get_num_threads()`` when
     the build is parallel)."""
     return torch.ops.minimind_int8_avx2.parallel_threads(n)
+
+
+def vnni() -> bool:
+    """Whether the products run on the AVX-512 VNNI tile (the CPU has it and :func:`use_vnni` left it on)."""
+    return available() and torch.ops.minimind_int8_avx2.vnni()
+
+
+def use_vnni(on: bool = True) -> bool:
+    """Switch the VNNI tile on or off (on by default where the CPU has it; off gives the AVX2 tile, with
+    the same results); returns whether it is on now.  For tests and A/B timing."""
+    return available() and torch.ops.minimind_int8_avx2.use_vnni(on)
 
 
 def supports(out_features: int, in_features: int) -> bool:

@@ -62,8 +62,11 @@ OnToken = Callable[[int, int], None]
 # own GEMM kernels by timing them (the CPP backend's micro-kernels beat _weight_int8pack_mm at one row).
 # No epilogue fusion: with the whole step in one graph, inductor (torch 2.13) fused the v-projection's
 # cache write into its CPP GEMM template and failed an indexing assertion at compile time.
-_FROZEN_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                   "epilogue_fusion": False}
+# Every compiled decode step: no size/stride asserts on the graph's inputs (the cache and the weights,
+# whose shapes and strides dynamo's guards already check): ~150 asserts, ~60 us of a 2.4 ms int8 step.
+_COMPILE_OPTIONS = {"size_asserts": False}
+_FROZEN_OPTIONS = {**_COMPILE_OPTIONS, "freezing": True, "max_autotune": True,
+                   "max_autotune_gemm_backends": "CPP,ATEN", "epilogue_fusion": False}
 _MIN_CACHE_LEN = 256
 # Compiled decode attends over the used cache length rounded up to a multiple of this: the second
 # length a graph meets recompiles it once with the length symbolic, and no step reads more than
@@ -175,12 +178,15 @@ class GenerationEngine:
             # torch.mv (1.3x), with the same logits up to summation order.
             use_gemv_(self.model)
             # oneDNN-packed weights where this CPU has the native kernels (same results): measured
-            # decode steps of 8 rows 1.29x (bf16) / 1.16x (int8) faster, one row unchanged.
-            # Compiled decode is left to inductor's own kernels (opaque packed tensors do not trace).
-            # Packed and fused weights are copies: a view of the caller's weights keeps the kernels
-            # that read them in place, or in-place updates (an RL policy's) would never reach decode.
+            # decode steps of 8 rows 1.29x (bf16) / 1.16x (int8) faster, one row unchanged.  Compiled
+            # decode calls the packed bf16 products through an op (minimind.infer.onednn; 8-row steps
+            # 8.3 -> 5.x ms on an AVX-512 BF16 EPYC); int8 there stays on the kernels below, and
+            # compile="frozen" on inductor's own.  Packed and fused weights are copies: a view of the
+            # caller's weights keeps the kernels that read them in place, or in-place updates (an RL
+            # policy's) would never reach decode.
             copies = not self._shares_source
-            self.onednn_layers = use_onednn_(self.model) if onednn and not compile and copies else 0
+            self.onednn_layers = (use_onednn_(self.model, int8=not compile)
+                                  if onednn and compile != "frozen" and copies else 0)
             # Our AVX2 kernels, opaque ops that compiled graphs call too: int8 few-row products in
             # integers (minimind.infer.avx2_int8: up to 8 rows without int8 dot products, 1-2 with them,
             # where it streams the weights ~1.9x faster than _weight_int8pack_mm), bf16 on a CPU without
@@ -209,7 +215,7 @@ class GenerationEngine:
         if self.frozen and (self._shares_source or self.model is model):
             raise ValueError("compile='frozen' compiles the weights in as constants, so it needs the engine's "
                              "own weight copy: pass a dtype or quantize that differs from the model's")
-        options = _FROZEN_OPTIONS if self.frozen else None
+        options = _FROZEN_OPTIONS if self.frozen else _COMPILE_OPTIONS
         if self._cudagraphs:
             self._decode_call = torch.compile(self.model, mode="reduce-overhead", dynamic=False)
         else:

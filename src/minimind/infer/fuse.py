@@ -93,9 +93,8 @@ class FusedPackedLinear(PackedLinear):
         nn.Module.__init__(self)
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self._packed = None
         self.fused_part = False
-        self.repack()
+        self._new_key()
 
     def _repack(self) -> None:  # the name the block's load hook calls (as on FusedInt8Linear)
         self.repack()

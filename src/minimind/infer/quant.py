@@ -93,6 +93,10 @@ AVX2_MAX_ROWS = 8  # without them, the AVX2 integer kernel (minimind.infer.avx2_
 # 2-core AMD EPYC with AVX-512 BF16/VNNI, 2 threads, 1.20 / 1.50 ms at 1 / 2 rows against 2.33 / 2.13
 # for _weight_int8pack_mm; at 4 rows 2.78 against 2.42, so larger products keep the native kernels.
 AVX2_MAX_ROWS_VNNI = 2
+# Where the kernel has its AVX-512 VNNI tile (vpdpbusd, minimind.infer.avx2_int8.vnni) it beats the
+# native kernels up to here: 3.3 against 6.1 ms (two-digit _int_mm) at 8 rows, 6.6 against 8.2 at 16,
+# 12.8 against 11.9 at 32 (same CPU and products).
+VNNI_MAX_ROWS = 16
 
 
 @functools.cache
@@ -208,10 +212,13 @@ class Int8Linear(nn.Module):
     def use_avx2_kernel(self, on: bool = True) -> bool:
         """Run few-row products through :mod:`minimind.infer.avx2_int8` where the kernel builds (checked
         once): 1-8 rows where the CPU lacks int8 dot-product instructions, 1-2 where it has them (see
-        :data:`AVX2_MAX_ROWS_VNNI`); returns whether it is on now."""
+        :data:`AVX2_MAX_ROWS_VNNI`), 1-16 on its AVX-512 VNNI tile (:data:`VNNI_MAX_ROWS`); returns whether
+        it is on now."""
         self._avx2 = (bool(on) and not self.fused_part and self.qweight.device.type == "cpu"
                       and avx2_int8.supports(self.out_features, self.in_features) and avx2_int8.available())
-        self._avx2_rows = AVX2_MAX_ROWS_VNNI if cpu_kernels()[0] else AVX2_MAX_ROWS
+        self._avx2_rows = AVX2_MAX_ROWS
+        if self._avx2 and cpu_kernels()[0]:
+            self._avx2_rows = VNNI_MAX_ROWS if avx2_int8.vnni() else AVX2_MAX_ROWS_VNNI
         self._tile_avx2()
         return self._avx2
 
@@ -401,23 +408,24 @@ def use_gemv_(model: nn.Module) -> int:
     return swapped
 
 
-def use_onednn_(model: nn.Module) -> int:
+def use_onednn_(model: nn.Module, int8: bool = True) -> int:
     """Switch ``model``'s layers **in place** to oneDNN-packed weights where this CPU runs them
     natively (:mod:`minimind.infer.onednn`): bias-free bf16 ``nn.Linear`` / :class:`GemvLinear`
-    become :class:`~minimind.infer.onednn.PackedLinear` (weights stay shared), and
-    :class:`Int8Linear` layers run 2-32 rows on packed codes.  Returns how many layers changed (0
+    become :class:`~minimind.infer.onednn.PackedLinear` (weights stay shared), and, with ``int8``,
+    :class:`Int8Linear` layers run 2-32 rows on packed codes (eager only: those codes are read in
+    the layer's forward, which a compiled graph cannot trace).  Returns how many layers changed (0
     where neither kernel is available: the model is then untouched)."""
     changed = 0
     for name, child in list(model.named_children()):
         if isinstance(child, Int8Linear):
-            changed += int(child.use_onednn())
+            changed += int(int8 and child.use_onednn())
         elif (type(child) in (nn.Linear, GemvLinear) and getattr(child, "bias", None) is None
               and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu"
               and onednn.bf16_packing_supported()):
             setattr(model, name, onednn.PackedLinear(child))
             changed += 1
         else:
-            changed += use_onednn_(child)
+            changed += use_onednn_(child, int8)
     return changed
 
 

@@ -66,7 +66,41 @@ void heads(const float* qf, const T* kbase, int64_t ks, const T* vbase, int64_t 
   const int64_t d8 = d - d % 8;
   float top[R];
   for (int j = 0; j < R; ++j) top[j] = kNegInf;
-  for (int64_t t = 0; t < s_len; ++t) {  // s = q . k_t
+  // s = q . k_t, four positions at a time: 4R independent sums (more loads in flight than one
+  // position's R chains), and the next positions' keys prefetched, as K usually comes from memory.
+  constexpr int kPos = 4;
+  int64_t t = 0;
+  for (; t + kPos <= s_len; t += kPos) {
+    if (!(m[t] | m[t + 1] | m[t + 2] | m[t + 3])) {
+      for (int j = 0; j < R; ++j)
+        for (int u = 0; u < kPos; ++u) scores[j * s_len + t + u] = kNegInf;
+      continue;
+    }
+    const T* k = kbase + t * ks;
+    for (int u = 0; u < kPos && t + 2 * kPos + u < s_len; ++u)
+      for (int64_t i = 0; i < d; i += 64 / static_cast<int64_t>(sizeof(T)))
+        _mm_prefetch(reinterpret_cast<const char*>(k + (2 * kPos + u) * ks + i), _MM_HINT_T0);
+    __m256 a[R][kPos];
+    for (int j = 0; j < R; ++j)
+      for (int u = 0; u < kPos; ++u) a[j][u] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < d8; i += 8) {
+      __m256 kv[kPos];
+      for (int u = 0; u < kPos; ++u) kv[u] = load8(k + u * ks + i);
+      for (int j = 0; j < R; ++j) {
+        const __m256 qv = _mm256_loadu_ps(qf + j * d + i);
+        for (int u = 0; u < kPos; ++u) a[j][u] = _mm256_fmadd_ps(qv, kv[u], a[j][u]);
+      }
+    }
+    for (int j = 0; j < R; ++j)
+      for (int u = 0; u < kPos; ++u) {
+        float sc = hsum(a[j][u]);
+        for (int64_t i = d8; i < d; ++i) sc += qf[j * d + i] * static_cast<float>(k[u * ks + i]);
+        sc = m[t + u] ? sc : kNegInf;
+        scores[j * s_len + t + u] = sc;
+        top[j] = std::fmax(top[j], sc);
+      }
+  }
+  for (; t < s_len; ++t) {  // the last positions, one at a time
     if (!m[t]) {
       for (int j = 0; j < R; ++j) scores[j * s_len + t] = kNegInf;
       continue;
