@@ -77,9 +77,9 @@ void heads(const float* qf, const T* kbase, int64_t ks, const T* vbase, int64_t 
       continue;
     }
     const T* k = kbase + t * ks;
-    for (int u = 0; u < kPos && t + 2 * kPos + u < s_len; ++u)
+    for (int u = 0; u < kPos && t + 4 * kPos + u < s_len; ++u)
       for (int64_t i = 0; i < d; i += 64 / static_cast<int64_t>(sizeof(T)))
-        _mm_prefetch(reinterpret_cast<const char*>(k + (2 * kPos + u) * ks + i), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(k + (4 * kPos + u) * ks + i), _MM_HINT_T0);
     __m256 a[R][kPos];
     for (int j = 0; j < R; ++j)
       for (int u = 0; u < kPos; ++u) a[j][u] = _mm256_setzero_ps();
@@ -149,6 +149,9 @@ void heads(const float* qf, const T* kbase, int64_t ks, const T* vbase, int64_t 
       for (int u = 0; u < kVec; ++u) o[j][u] = _mm256_setzero_ps();
     for (int64_t t = 0; t < s_len; ++t) {
       if (!m[t]) continue;
+      if (c == 0 && t + 16 < s_len)  // the first pass pulls whole rows in, for the later passes
+        for (int64_t i = 0; i < d; i += 64 / static_cast<int64_t>(sizeof(T)))
+          _mm_prefetch(reinterpret_cast<const char*>(vbase + (t + 16) * vs + i), _MM_HINT_T0);
       const T* v = vbase + t * vs + c;
       __m256 vv[kVec];
       for (int u = 0; u < kVec; ++u) vv[u] = load8(v + 8 * u);
