@@ -238,8 +238,8 @@ def test_refresh_repacks_the_new_weights(chain: tuple[MiniMindForCausalLM, torch
 @needs_bf16
 def test_compiled_decode_runs_the_packed_products_and_sees_a_refresh(
         chain: tuple[MiniMindForCausalLM, torch.Tensor], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Compiled decode calls the packed (and fused) bf16 products through the registered op, which
-    reads the packed copy at run time: the graph's logits match the eager packed engine's (inductor
+    """Compiled decode of two or more rows calls the packed (and fused) bf16 products through the
+    registered op, which reads the packed copy at run time: the graph's logits match the eager packed engine's (inductor
     fuses the norms and casts, a few bf16 steps), and a refresh re-packs into the running graph.
     Before the op, compiled engines ran inductor's unpacked products (0 packed calls)."""
     model, perm = chain
@@ -251,12 +251,15 @@ def test_compiled_decode_runs_the_packed_products_and_sees_a_refresh(
     eager = GenerationEngine(model, dtype=torch.bfloat16, num_slots=2)
     compiled = GenerationEngine(model, dtype=torch.bfloat16, num_slots=2, compile=True)
     assert compiled.onednn_layers == eager.onednn_layers > 0 and compiled.fused_layers == eager.fused_layers > 0
+    one = [[7, int(perm[7])]]  # one row: inductor's own kernel on the plain weight
+    one_got, one_want = _decode_logits(compiled, one, 3), _decode_logits(eager, one, 3)
+    assert float((one_got - one_want).abs().max()) <= 2 ** -6 * float(one_want.abs().max())
     prompts = [[7, int(perm[7])], [3]]
     want = _decode_logits(eager, prompts, 3)
     calls.clear()
     got = _decode_logits(compiled, prompts, 3)
     per_step = len(model.model.layers) * 4 + 1  # fused q/k/v, o, fused gate/up, down; the LM head
-    assert len(calls) >= 4 * per_step  # prefill (eager) and three compiled steps
+    assert len(calls) >= 4 * per_step  # prefill (eager) and three compiled steps of two rows
     assert float((got - want).abs().max()) <= 2 ** -6 * float(want.abs().max())
     with torch.no_grad():
         model.lm_head.weight.mul_(-1)

@@ -35,14 +35,17 @@ Packed weights are opaque oneDNN tensors: they cannot be deep-copied or saved, s
 them drop the packed copy when pickled or deep-copied and rebuild it from the plain weight, and
 rebuild it after every ``load_state_dict`` (:meth:`GenerationEngine.refresh_weights`).
 
-Compiled decode calls the packed bf16 products too.  An opaque packed tensor cannot be a graph input,
-so :class:`PackedLinear` keeps it in a registry under an integer key and calls the op
-``minimind_onednn::packed_linear(x, weight, key)``, which the graph calls opaquely (its output shape
-comes from ``weight``; the packed copy is looked up at run time, so a re-pack after
+Compiled decode calls the packed bf16 products too, from two rows on.  An opaque packed tensor cannot
+be a graph input, so :class:`PackedLinear` keeps it in a registry under an integer key and calls the
+op ``minimind_onednn::packed_linear(x, weight, key)``, which the graph calls opaquely (its output
+shape comes from ``weight``; the packed copy is looked up at run time, so a re-pack after
 ``load_state_dict`` reaches the compiled step without a recompile).  Without it, compiled decode ran
 inductor's unpacked products: measured on a 2-core AMD EPYC with AVX-512 BF16, 57 products of a
 minimind-3 step at eight rows cost 5.9 ms in a compiled step (8.3 ms a step in all) against 3.35 ms
-packed and fused.
+packed and fused (5.5 ms a step).  One row stays on inductor's own kernel (``torch.mv`` on the plain
+weight, a reduction the graph fuses with the casts around it): as fast or faster in whole steps on
+that CPU (265.8 and 274.6 tok/s against 243.4 and 283.1 through the op, runs of
+``bench/bench_engine.py`` that alternated), without 33 op dispatches a step.
 """
 
 from __future__ import annotations
@@ -232,6 +235,8 @@ class PackedLinear(nn.Module):
         if x.dtype != torch.bfloat16 or x.device.type != "cpu":
             return F.linear(x, self.weight)
         if torch.compiler.is_compiling():  # the graph calls the op; eager skips its dispatch
+            if x.numel() == self.in_features:  # one row: inductor's own kernel (module docstring)
+                return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
             return torch.ops.minimind_onednn.packed_linear(x, self.weight, self.key)
         return _packed_linear_cpu(x, self.weight, self.key)
 
