@@ -205,6 +205,7 @@ class RowKnobs:
     k_max: int
     any_penalty: bool
     all_greedy: bool
+    any_greedy: bool
     all_seeded: bool
     any_seeded: bool
     truncate: bool
@@ -236,6 +237,7 @@ class RowKnobs:
             k_max=max((ks[i] for i in sampled), default=1),
             any_penalty=any(p.repetition_penalty != 1.0 for p in params),
             all_greedy=not sampled,
+            any_greedy=len(sampled) < n,
             all_seeded=all(seeds[i] is not None for i in sampled),
             any_seeded=any(seeds[i] is not None for i in sampled),
             truncate=any(ks[i] < vocab_size or params[i].top_p < 1.0 for i in sampled),
@@ -331,15 +333,18 @@ def sample_rows(logits: torch.Tensor, knobs: RowKnobs, seen: torch.Tensor | None
         if seen is None:
             raise ValueError("repetition_penalty != 1 needs the seen-token mask")
         z = apply_repetition_penalty(z, seen, knobs.penalty)
-    top, best = z.max(dim=-1)  # a NaN anywhere in a row propagates into its max
+    top = z.amax(dim=-1)  # a NaN anywhere in a row propagates into its max
     bad = ~torch.isfinite(top)
     shift = torch.where(bad, 0.0, top).unsqueeze(-1)
     scaled = (z - shift) / knobs.temperature.unsqueeze(-1)  # <= 0 in good rows, max 0: no overflow
     full = scaled.exp() if logprobs or (not knobs.all_greedy and not knobs.truncate) else None
+    # argmax only where a row is greedy: max-with-indices over [8, 6400] took 31 us, amax 4 us
     if knobs.all_greedy:
-        tokens = best
+        tokens = z.argmax(dim=-1)
+    elif knobs.any_greedy:
+        tokens = torch.where(knobs.greedy, z.argmax(dim=-1), _draw(scaled, full, knobs, generator))
     else:
-        tokens = torch.where(knobs.greedy, best, _draw(scaled, full, knobs, generator))
+        tokens = _draw(scaled, full, knobs, generator)
     tokens = tokens.masked_fill(bad, 0)
     lp = None
     if logprobs:  # sum(full) >= 1 (the maximum contributes exp(0)): its log is safe
