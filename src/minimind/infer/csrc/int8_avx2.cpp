@@ -138,6 +138,20 @@ struct Digits {
   const int32_t* sum_lo;
 };
 
+// y[m, 8 j ...] from a tile's digit sums: the +128 offset removed, the digits and scales applied.
+template <int MT>
+inline void store_tile(const __m256i* acc_hi, const __m256i* acc_lo, const float* scale, const Digits& d, float* y,
+                       int64_t n, int64_t j, int64_t m0) {
+  const __m256 s = _mm256_loadu_ps(scale + j * kCols);
+  for (int t = 0; t < MT; ++t) {
+    const int64_t m = m0 + t;
+    const __m256 h = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc_hi[t], _mm256_set1_epi32(128 * d.sum_hi[m])));
+    const __m256 l = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc_lo[t], _mm256_set1_epi32(128 * d.sum_lo[m])));
+    const __m256 v = _mm256_fmadd_ps(l, _mm256_set1_ps(1.f / 127.f), h);
+    _mm256_storeu_ps(y + m * n + j * kCols, _mm256_mul_ps(_mm256_mul_ps(v, _mm256_set1_ps(d.a[m])), s));
+  }
+}
+
 // Outputs [m0, m0 + MT) x [8 j, 8 j + 8): each weight load serves MT activation rows.
 template <int MT>
 void tile(const uint8_t* packed, const float* scale, const Digits& d, float* y, int64_t n, int64_t k, int64_t j,
@@ -160,14 +174,7 @@ void tile(const uint8_t* packed, const float* scale, const Digits& d, float* y, 
       acc_lo[t] = _mm256_add_epi32(acc_lo[t], _mm256_madd_epi16(_mm256_maddubs_epi16(wv, _mm256_set1_epi32(xl)), ones));
     }
   }
-  const __m256 s = _mm256_loadu_ps(scale + j * kCols);
-  for (int t = 0; t < MT; ++t) {
-    const int64_t m = m0 + t;
-    const __m256 h = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc_hi[t], _mm256_set1_epi32(128 * d.sum_hi[m])));
-    const __m256 l = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc_lo[t], _mm256_set1_epi32(128 * d.sum_lo[m])));
-    const __m256 v = _mm256_fmadd_ps(l, _mm256_set1_ps(1.f / 127.f), h);
-    _mm256_storeu_ps(y + m * n + j * kCols, _mm256_mul_ps(_mm256_mul_ps(v, _mm256_set1_ps(d.a[m])), s));
-  }
+  store_tile<MT>(acc_hi, acc_lo, scale, d, y, n, j, m0);
 }
 
 // The same tile with vpdpbusd (AVX-512 VNNI on 256-bit vectors), built for that target only and
@@ -192,14 +199,7 @@ VNNI_TARGET void tile_vnni(const uint8_t* packed, const float* scale, const Digi
       acc_lo[t] = _mm256_dpbusd_epi32(acc_lo[t], wv, _mm256_set1_epi32(xl));
     }
   }
-  const __m256 s = _mm256_loadu_ps(scale + j * kCols);
-  for (int t = 0; t < MT; ++t) {
-    const int64_t m = m0 + t;
-    const __m256 h = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc_hi[t], _mm256_set1_epi32(128 * d.sum_hi[m])));
-    const __m256 l = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc_lo[t], _mm256_set1_epi32(128 * d.sum_lo[m])));
-    const __m256 v = _mm256_fmadd_ps(l, _mm256_set1_ps(1.f / 127.f), h);
-    _mm256_storeu_ps(y + m * n + j * kCols, _mm256_mul_ps(_mm256_mul_ps(v, _mm256_set1_ps(d.a[m])), s));
-  }
+  store_tile<MT>(acc_hi, acc_lo, scale, d, y, n, j, m0);
 }
 
 // Whether this CPU runs tile_vnni, and whether the products use it (use_vnni switches, for tests
