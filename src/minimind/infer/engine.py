@@ -127,9 +127,11 @@ class GenerationEngine:
     graph.  ``quantize="int8"`` stores the block matrices and LM head of the engine's own weight copy as int8 (see
     :mod:`minimind.infer.quant`; the model passed in is never modified).  ``onednn`` (default on)
     lets the engine's own CPU weight copy use oneDNN-packed weights where the CPU runs them natively
-    (bf16 linears, int8 products of 2-32 rows; :mod:`minimind.infer.onednn`, checked at load), and
-    int8 products of 1-8 rows use :mod:`minimind.infer.avx2_int8` on CPUs without int8 dot-product
-    instructions, bf16 products through :mod:`minimind.infer.avx2_bf16` on CPUs without native bf16;
+    (bf16 linears, also inside compiled decode from two rows on; int8 products of 2-32 rows in eager
+    decode; :mod:`minimind.infer.onednn`, checked at load), and int8 products of 1-8 rows use
+    :mod:`minimind.infer.avx2_int8` on CPUs without int8 dot-product instructions (1-16 rows on its
+    AVX-512 VNNI tile where the CPU has that), bf16 products through :mod:`minimind.infer.avx2_bf16`
+    on CPUs without native bf16;
     ``onednn=False`` keeps the plain kernels (``torch.mv`` for single rows).  With ``quantize``, and
     for bf16 on the AVX2 bf16 kernel, the q/k/v and the gate/up products of each block become one
     product each (``fuse``, default on; exact, :mod:`minimind.infer.fuse`).  The cache grows on
