@@ -17,7 +17,9 @@ quantized independently, so a row's codes do not depend on which other rows shar
 **Kernels** (CPU), by the number of rows ``M`` in the call, each the fastest measured there:
 
 * ``M <= 2`` where our AVX2 integer kernel builds (see the end of this list and
-  :data:`AVX2_MAX_ROWS_VNNI`): it streams the weights ~1.9x faster than the GEMV below at one row.
+  :data:`AVX2_MAX_ROWS_VNNI`): it streams the weights ~1.9x faster than the GEMV below at one row;
+  ``M <= 16`` where that kernel runs its AVX-512 VNNI tile (:data:`VNNI_MAX_ROWS`), faster than
+  every native kernel below up to there.
 * ``M <= 4`` (decode of a few rows): ``torch._weight_int8pack_mm``, the GEMV torchao's int8
   weight-only mode calls on the CPU: it converts the codes to floats inside the product and scales the
   output.  Its fast path takes bf16 activations only (fp32 takes a much slower one), so activations are
