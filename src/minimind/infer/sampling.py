@@ -353,6 +353,20 @@ def sample_rows(logits: torch.Tensor, knobs: RowKnobs, seen: torch.Tensor | None
     return Sampled(tokens, lp, bad)
 
 
+def sample_packed(logits: torch.Tensor, knobs: RowKnobs, seen: torch.Tensor | None = None,
+                  logprobs: bool = False) -> torch.Tensor:
+    """:func:`sample_rows` for the engine's step: marks each sampled token in ``seen`` (when given, the
+    rows' seen-token masks for the repetition penalty) and returns float64 ``[2 or 3, B]`` of tokens,
+    error flags and (with ``logprobs``) log-probs, so that one device-to-host read fetches them all
+    (float64 holds token ids exactly and float32 log-probs without rounding).  Nothing is read back
+    here, so a compiled decode step can end with it (:meth:`GenerationEngine.decode_and_sample`)."""
+    out = sample_rows(logits, knobs, seen, logprobs=logprobs)
+    if seen is not None:
+        seen[torch.arange(logits.shape[0], device=out.tokens.device), out.tokens] = True
+    parts = [out.tokens, out.bad] + ([out.logprobs] if out.logprobs is not None else [])
+    return torch.stack([part.double() for part in parts])
+
+
 def _draw(scaled: torch.Tensor, full: torch.Tensor | None, knobs: RowKnobs,
           generator: torch.Generator | None) -> torch.Tensor:
     """Inverse-CDF draw over each row's kept tokens, in vocabulary order (see the module docstring).
@@ -397,7 +411,9 @@ def _uniforms(knobs: RowKnobs, generator: torch.Generator | None) -> torch.Tenso
     """Float64 ``[B]`` on [0, 1): counter-based for seeded rows, the RNG's for the others."""
     n, device = knobs.seed.shape[0], knobs.seed.device
     if not knobs.all_seeded:
-        fresh = torch.rand(n, dtype=torch.float64, generator=generator, device=device)
+        # rand_like: a row count that is symbolic in a compiled step is a valid shape for it
+        fresh = (torch.rand_like(knobs.temperature, dtype=torch.float64) if generator is None
+                 else torch.rand(n, dtype=torch.float64, generator=generator, device=device))
         if not knobs.any_seeded:
             return fresh
         return torch.where(knobs.seeded, counter_uniforms(knobs.seed, knobs.step), fresh)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from minimind.infer.sampling import RowKnobs, SamplingParams, derive_seed, sample_rows
+from minimind.infer.sampling import RowKnobs, SamplingParams, derive_seed, sample_packed
 
 if TYPE_CHECKING:
     from minimind.infer.engine import GenerationEngine
@@ -246,10 +246,11 @@ class Scheduler:
         positions = [r.cur_len - 1 for r in rows]
         tok = torch.tensor([r.ids[-1] for r in rows], dtype=torch.long).to(eng.device)
         pos = torch.tensor(positions, dtype=torch.long).to(eng.device)
+        seen = eng.seen[:len(rows)] if self._knobs.any_penalty else None
+        logprobs = any(r.logprobs is not None for r in rows)
         outs = []
         for k in range(self._steps_ahead(rows)):
-            logits = eng.decode_step(len(rows), tok, pos, max(positions) + k)
-            outs.append(self._sample(rows, logits, 0, self._knobs))
+            outs.append(eng.decode_and_sample(len(rows), tok, pos, max(positions) + k, self._knobs, seen, logprobs))
             tok, pos = outs[-1][0].long(), pos + 1
         for host in torch.stack(outs).tolist():
             self._push(rows, host)
@@ -268,15 +269,10 @@ class Scheduler:
                               seeds=[r.seed for r in rows], steps=[len(r.ids) for r in rows])
 
     def _sample(self, rows: list[Row], logits: torch.Tensor, first_slot: int, knobs: RowKnobs) -> torch.Tensor:
-        """Sample a token for ``rows`` (slots ``first_slot...``) without reading anything back:
-        float64 ``[2 or 3, B]`` of tokens, error flags and (when a row asked) log-probs (float64 holds
-        token ids exactly and float32 log-probs without rounding), so that one read fetches them all."""
+        """Sample a token for ``rows`` (slots ``first_slot...``) without reading anything back
+        (:func:`~minimind.infer.sampling.sample_packed`)."""
         seen = self.engine.seen[first_slot:first_slot + len(rows)] if knobs.any_penalty else None
-        out = sample_rows(logits, knobs, seen, logprobs=any(r.logprobs is not None for r in rows))
-        if seen is not None:
-            seen[torch.arange(len(rows), device=out.tokens.device), out.tokens] = True
-        parts = [out.tokens, out.bad] + ([out.logprobs] if out.logprobs is not None else [])
-        return torch.stack([p.double() for p in parts])
+        return sample_packed(logits, knobs, seen, logprobs=any(r.logprobs is not None for r in rows))
 
     def _push(self, rows: list[Row], host: list[list[float]]) -> None:
         """Record one step's tokens (``host`` from :meth:`_sample`) and tell the owners; rows already
