@@ -182,7 +182,7 @@ class GenerationEngine:
             # oneDNN-packed weights where this CPU has the native kernels (same results): measured
             # decode steps of 8 rows 1.29x (bf16) / 1.16x (int8) faster, one row unchanged.  Compiled
             # decode calls the packed bf16 products through an op (minimind.infer.onednn; 8-row steps
-            # 8.3 -> 5.x ms on an AVX-512 BF16 EPYC); int8 there stays on the kernels below, and
+            # 8.3 -> 5.5 ms on an AVX-512 BF16 EPYC); int8 there stays on the kernels below, and
             # compile="frozen" on inductor's own.  Packed and fused weights are copies: a view of the
             # caller's weights keeps the kernels that read them in place, or in-place updates (an RL
             # policy's) would never reach decode.
@@ -225,7 +225,9 @@ class GenerationEngine:
         # compile=True on a CPU: the step and its sampling as one graph (decode_and_sample), so the
         # ~35 small sampling ops (temperature, top-k / top-p, the counter-based draw) run as fused
         # kernels, not one dispatch each, and one dynamo lookup serves both.  Measured on a 2-core
-        # AVX-512 BF16 EPYC: the eager sampling took ~0.3 ms of a 2.3 ms int8 step at one row.
+        # AVX-512 BF16 EPYC: the eager sampling took ~0.3 ms of a 2.3 ms int8 step at one row.  Seeded
+        # rows draw what eager decode draws (counter-based); unseeded rows draw from inductor's own
+        # generator (seeded by torch.manual_seed too, but another stream than eager's).
         self._sample_call = (torch.compile(decode_and_sample_step, dynamic=None, options=_COMPILE_OPTIONS)
                              if compile is True and self.device.type == "cpu" else None)
         if multi_step is not None and multi_step < 1:
