@@ -11,7 +11,9 @@ The kernel does the whole of it in one call per layer: for every (row, KV head) 
 heads (grouped-query attention: K/V read once per group, never copied), ``softmax(q kᵀ / sqrt(d))
 v`` over the unmasked positions, in float32, reading the cache's strided K/V slices in place.  The
 result is SDPA's up to float32 summation order (then rounded to the cache dtype, as SDPA rounds it).
-The query heads of a group (up to 4 at a time) share each K/V load, and exp is vectorised.
+The query heads of a group (up to 4 at a time) share each K/V load, exp is vectorised, keys are
+scored four positions at a time and K/V rows are prefetched ahead (eight layers of eight rows over 200
+cold positions: 178-190 -> 105-138 us a layer).
 
 Measured on that EPYC, 2 threads, one minimind-3 layer at 300 cached positions, bf16: 18.9 us against
 144.9 us for SDPA at one row, 108 against 1149 us at eight; float32: 18.9 us against 33.3 us for the

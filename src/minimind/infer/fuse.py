@@ -44,23 +44,28 @@ FUSIONS: dict[type[nn.Module], tuple[str, tuple[str, ...]]] = {
 }
 
 
-class FusedInt8Linear(Int8Linear):
-    """The stacked rows of several :class:`Int8Linear` parts.  Saves and loads nothing itself: the
-    parts carry the state-dict keys, and their codes are views of this layer's."""
+class _NoStateOfItsOwn:
+    """A fused layer saves and loads nothing itself: the parts carry the state-dict keys and load into
+    its weight (their views of it); where it keeps a kernel copy, the block's hook re-packs after."""
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any,
                               strict: bool, missing_keys: list[str], unexpected_keys: list[str],
                               error_msgs: list[str]) -> None:
-        pass  # the parts load (into this layer's codes); the block's hook re-packs afterwards
+        pass
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         pass
+
+
+class FusedInt8Linear(_NoStateOfItsOwn, Int8Linear):
+    """The stacked rows of several :class:`Int8Linear` parts.  Saves and loads nothing itself: the
+    parts carry the state-dict keys, and their codes are views of this layer's."""
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", fused"
 
 
-class FusedGemvLinear(GemvLinear):
+class FusedGemvLinear(_NoStateOfItsOwn, GemvLinear):
     """The stacked bf16 weights of several :class:`GemvLinear` parts on the AVX2 bf16 kernel.  Saves
     and loads nothing itself: the parts carry the state-dict keys, and their weights are views of
     this layer's."""
@@ -72,19 +77,11 @@ class FusedGemvLinear(GemvLinear):
         self._avx2 = False
         self.use_avx2_kernel()
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any,
-                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
-                              error_msgs: list[str]) -> None:
-        pass  # the parts load into this layer's weight (their views of it)
-
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        pass
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bf16, fused"
 
 
-class FusedPackedLinear(PackedLinear):
+class FusedPackedLinear(_NoStateOfItsOwn, PackedLinear):
     """The stacked bf16 weights of several :class:`~minimind.infer.onednn.PackedLinear` parts, packed
     once.  Saves and loads nothing itself: the parts carry the state-dict keys, their weights are
     views of this layer's, and the block's hook re-packs it after a load."""
@@ -98,14 +95,6 @@ class FusedPackedLinear(PackedLinear):
 
     def _repack(self) -> None:  # the name the block's load hook calls (as on FusedInt8Linear)
         self.repack()
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any,
-                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
-                              error_msgs: list[str]) -> None:
-        pass
-
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        pass
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", fused"

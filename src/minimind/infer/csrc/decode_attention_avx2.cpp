@@ -10,6 +10,8 @@
 //     in float32 (scores, softmax and sums), written back in q's dtype;
 //   * a row that attends to nothing gets zeros (a softmax over no positions has no value);
 //   * the query heads of a group (up to 4 at a time) share every K and V load; exp is vectorised.
+//   * keys are scored four positions at a time, and K and V rows are prefetched ahead (the cache
+//     usually comes from memory: a decode step streams all the weights between two uses of it).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
