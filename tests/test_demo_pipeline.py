@@ -81,6 +81,30 @@ def test_quick_demo_learns_and_reports(tmp_path):
     assert "unigram baseline" in report and "## Preference tuning (DPO)" in report
 
 
+
+def test_the_sampled_accuracy_draws_at_the_rollout_temperature(monkeypatch, tmp_path):
+    """What GRPO optimises is the reward of samples at its rollout temperature, so the held-out
+    sampled accuracy beside it must be drawn at that temperature (it was always drawn at 1)."""
+    from types import SimpleNamespace
+
+    from minimind.demo import pipeline
+    seen = []
+
+    class Engine:
+        def generate(self, prompts, params, n):
+            seen.append(params.temperature)
+            return [SimpleNamespace(text="<think>\n</think>\n\n1 + 2 = 3", token_ids=[])] * (n * len(prompts))
+
+    tok = SimpleNamespace(apply_chat_template=lambda *a, **k: [1, 2], eos_id=0)
+    ctx = SimpleNamespace(tokenizer=tok, settings=SimpleNamespace(seed=0))
+    monkeypatch.setattr(pipeline, "_engine", lambda ctx, weights: Engine())
+    rows = [{"kind": "arithmetic", "gt": ["3"], "conversations": [{"role": "user", "content": "1+2?"},
+                                                                    {"role": "assistant", "content": ""}]}]
+    got = pipeline._sampled_accuracy(ctx, tmp_path / "w.safetensors", rows, n=4, max_new_tokens=8,
+                                     open_thinking=True, temperature=0.8)
+    assert seen == [0.8] and got["mean"] == 1.0 and got["pass_at_n"] == 1.0
+
+
 @pytest.mark.slow
 def test_full_demo_meets_its_promises(tmp_path):
     """The figures docs/demo.md and the README report, with margin.

@@ -352,7 +352,8 @@ class ReinforcementLearning:
                            ptx_data=str(ctx.artifacts["sft"]) if s.grpo_ptx_coef > 0 else "")
         heldout = [row for row in _read_jsonl(ctx.artifacts["eval_tasks"]) if row["kind"] in s.grpo_kinds]
         thinking = s.grpo_thinking_ratio >= 0.5
-        sample = {"n": s.grpo_generations, "max_new_tokens": s.grpo_max_gen_len, "open_thinking": thinking}
+        sample = {"n": s.grpo_generations, "max_new_tokens": s.grpo_max_gen_len, "open_thinking": thinking,
+                  "temperature": s.grpo_temperature}
         before = _sampled_accuracy(ctx, start, heldout, **sample)
         res = GRPOStage(opts).run(cfg, ctx.tokenizer)
         ctx.artifacts["grpo_weights"] = res.weights_path
@@ -362,8 +363,9 @@ class ReinforcementLearning:
         k = max(1, min(10, len(r) // 2))
         sec = sorted(rec["sec_per_step"] for rec in res.records)
         ctx.results[self.name] = {
-            # held-out items of the GRPO kinds, sampled as in training (temperature 1): what GRPO optimises
+            # held-out items of the GRPO kinds, sampled as in training (its temperature): what GRPO optimises
             "heldout_sampled_accuracy": [before["mean"], after["mean"]], "heldout_items": len(heldout),
+            "sampled_temperature": s.grpo_temperature,
             # share of items with at least one right sample among n: the headroom RL can turn into greedy
             "heldout_pass_at_n": [before["pass_at_n"], after["pass_at_n"]],
             "heldout_sampled_per_kind": {k: [before["per_kind"][k], after["per_kind"].get(k)]
@@ -490,9 +492,10 @@ def _unigram(ctx: DemoContext, cfg: TrainConfig, heldout) -> float:
 
 
 def _sampled_accuracy(ctx: DemoContext, weights: Path, rows: list[dict], n: int, max_new_tokens: int,
-                      open_thinking: bool = False) -> dict[str, Any]:
-    """``n`` temperature-1 samples per held-out row: the mean task reward (the RL objective on new
-    items), overall and per kind, and pass@n (the share of rows with at least one right sample)."""
+                      open_thinking: bool = False, temperature: float = 1.0) -> dict[str, Any]:
+    """``n`` samples per held-out row at the rollouts' ``temperature``: the mean task reward (the RL
+    objective on new items), overall and per kind, and pass@n (the share of rows with at least one
+    right sample)."""
     from minimind.eval.tasks import prompt_of
     from minimind.infer import SamplingParams
     from minimind.tasks.checks import check_answer
@@ -502,7 +505,7 @@ def _sampled_accuracy(ctx: DemoContext, weights: Path, rows: list[dict], n: int,
     prompts = [ctx.tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=True,
                                                  open_thinking=open_thinking)
                for msgs, tools in map(prompt_of, rows)]
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
                             stop_token_ids=(ctx.tokenizer.eos_id,), seed=ctx.settings.seed)
     results = engine.generate(prompts, params, n=n)
     ok = [check_answer(rows[i // n]["kind"], rows[i // n]["gt"], res.text if res.text is not None

@@ -106,7 +106,8 @@ def _grpo_section(ctx: Any, g: dict[str, Any], task_eval: dict[str, Any]) -> lis
         mode = "thinking on" if g.get("sampled_with_thinking") else "thinking off"
         if "heldout_sampled_accuracy" in g:
             b, a = g["heldout_sampled_accuracy"]
-            lines.append(f"| {g['heldout_items']} items × {g['generations']} samples at temperature 1, {mode} (what "
+            temp = f"{g.get('sampled_temperature', 1.0):g}"
+            lines.append(f"| {g['heldout_items']} items × {g['generations']} samples at temperature {temp}, {mode} (what "
                          f"GRPO optimises): share exactly right | {b:.3f} | **{a:.3f}** |")
         if "heldout_pass_at_n" in g:
             b, a = g["heldout_pass_at_n"]
