@@ -81,10 +81,9 @@ def test_quick_demo_learns_and_reports(tmp_path):
     assert "unigram baseline" in report and "## Preference tuning (DPO)" in report
 
 
-
 def test_the_sampled_accuracy_draws_at_the_rollout_temperature(monkeypatch, tmp_path):
     """What GRPO optimises is the reward of samples at its rollout temperature, so the held-out
-    sampled accuracy beside it must be drawn at that temperature (it was always drawn at 1)."""
+    sampled accuracy beside it must be drawn at that temperature, not at a fixed 1."""
     from types import SimpleNamespace
 
     from minimind.demo import pipeline
