@@ -152,6 +152,24 @@ inline void store_tile(const __m256i* acc_hi, const __m256i* acc_lo, const float
   }
 }
 
+// Group g of a column block's packed weights (8 columns x 4 bytes), with a read 4 KB ahead in the
+// thread's sequential stream: 18.6 against 17.2 GB/s over a minimind-3 step's products at one row
+// (past the end of the buffer a prefetch is only a hint: it never faults).
+inline __m256i weight_group(const uint8_t* w, int64_t g) {
+  _mm_prefetch(reinterpret_cast<const char*>(w + g * kCols * kGroup + 4096), _MM_HINT_T0);
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * kCols * kGroup));
+}
+
+// The 4 high and 4 low digits of one activation row at element offset `at`, each broadcast to all
+// 8 lanes: the operands both tiles multiply a weight group by.
+inline void activation_digits(const Digits& d, int64_t at, __m256i& xh, __m256i& xl) {
+  int32_t h, l;
+  std::memcpy(&h, d.hi + at, 4);
+  std::memcpy(&l, d.lo + at, 4);
+  xh = _mm256_set1_epi32(h);
+  xl = _mm256_set1_epi32(l);
+}
+
 // Outputs [m0, m0 + MT) x [8 j, 8 j + 8): each weight load serves MT activation rows.
 template <int MT>
 void tile(const uint8_t* packed, const float* scale, const Digits& d, float* y, int64_t n, int64_t k, int64_t j,
@@ -161,17 +179,12 @@ void tile(const uint8_t* packed, const float* scale, const Digits& d, float* y, 
   for (int t = 0; t < MT; ++t) acc_hi[t] = acc_lo[t] = _mm256_setzero_si256();
   const uint8_t* w = packed + j * k * kCols;
   for (int64_t g = 0; g < k / kGroup; ++g) {
-    // 4 KB ahead in the thread's sequential stream: 18.6 against 17.2 GB/s over a minimind-3 step's
-    // products at one row (past the end of the buffer a prefetch is only a hint: it never faults)
-    _mm_prefetch(reinterpret_cast<const char*>(w + g * kCols * kGroup + 4096), _MM_HINT_T0);
-    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * kCols * kGroup));
+    const __m256i wv = weight_group(w, g);
     for (int t = 0; t < MT; ++t) {
-      const int64_t at = (m0 + t) * k + g * kGroup;
-      int32_t xh, xl;
-      std::memcpy(&xh, d.hi + at, 4);
-      std::memcpy(&xl, d.lo + at, 4);
-      acc_hi[t] = _mm256_add_epi32(acc_hi[t], _mm256_madd_epi16(_mm256_maddubs_epi16(wv, _mm256_set1_epi32(xh)), ones));
-      acc_lo[t] = _mm256_add_epi32(acc_lo[t], _mm256_madd_epi16(_mm256_maddubs_epi16(wv, _mm256_set1_epi32(xl)), ones));
+      __m256i xh, xl;
+      activation_digits(d, (m0 + t) * k + g * kGroup, xh, xl);
+      acc_hi[t] = _mm256_add_epi32(acc_hi[t], _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xh), ones));
+      acc_lo[t] = _mm256_add_epi32(acc_lo[t], _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xl), ones));
     }
   }
   store_tile<MT>(acc_hi, acc_lo, scale, d, y, n, j, m0);
@@ -188,15 +201,12 @@ VNNI_TARGET void tile_vnni(const uint8_t* packed, const float* scale, const Digi
   for (int t = 0; t < MT; ++t) acc_hi[t] = acc_lo[t] = _mm256_setzero_si256();
   const uint8_t* w = packed + j * k * kCols;
   for (int64_t g = 0; g < k / kGroup; ++g) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + g * kCols * kGroup + 4096), _MM_HINT_T0);
-    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * kCols * kGroup));
+    const __m256i wv = weight_group(w, g);
     for (int t = 0; t < MT; ++t) {
-      const int64_t at = (m0 + t) * k + g * kGroup;
-      int32_t xh, xl;
-      std::memcpy(&xh, d.hi + at, 4);
-      std::memcpy(&xl, d.lo + at, 4);
-      acc_hi[t] = _mm256_dpbusd_epi32(acc_hi[t], wv, _mm256_set1_epi32(xh));
-      acc_lo[t] = _mm256_dpbusd_epi32(acc_lo[t], wv, _mm256_set1_epi32(xl));
+      __m256i xh, xl;
+      activation_digits(d, (m0 + t) * k + g * kGroup, xh, xl);
+      acc_hi[t] = _mm256_dpbusd_epi32(acc_hi[t], wv, xh);
+      acc_lo[t] = _mm256_dpbusd_epi32(acc_lo[t], wv, xl);
     }
   }
   store_tile<MT>(acc_hi, acc_lo, scale, d, y, n, j, m0);
