@@ -117,6 +117,9 @@ class DemoSettings:
     # differ (a group all right or all wrong has advantage 0: no signal)
     grpo_dynamic_sampling: int = 0
     grpo_compile_rollouts: int = 0  # 1: the rollout engine's decode step through torch.compile
+    # off-policy guidance (LUFFY): a group with no right sample trains on the item's right reply (its
+    # SFT reasoning and answer) in place of its last sample
+    grpo_guidance: int = 0
 
     @classmethod
     def quick(cls, out_dir: Path) -> DemoSettings:
@@ -337,7 +340,7 @@ class ReinforcementLearning:
         tasks = generate_tasks(n, s.seed + 2, kinds=s.grpo_kinds, split="train", level=s.task_level)
         data = ctx.out / "data" / "grpo_prompts.jsonl"
         with open(data, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(task_to_rl_row(t), ensure_ascii=False) + "\n" for t in tasks)
+            f.writelines(json.dumps(task_to_rl_row(t, reference=bool(s.grpo_guidance)), ensure_ascii=False) + "\n" for t in tasks)
         cfg = ctx.train_config(stage="grpo", data_path=str(data), save_weight="grpo", from_weight=str(start),
                                learning_rate=s.grpo_lr, epochs=1, max_steps=s.grpo_steps, warmup_steps=0,
                                min_lr_ratio=1.0, weight_decay=0.0, batch_size=s.grpo_prompts, log_interval=1,
@@ -348,7 +351,7 @@ class ReinforcementLearning:
                            steps_per_generation=s.grpo_steps_per_generation, ppo_epochs=1,
                            lora_rank=s.grpo_lora_rank, lora_alpha=s.grpo_lora_alpha,
                            ptx_coef=s.grpo_ptx_coef, dynamic_sampling=s.grpo_dynamic_sampling,
-                           compile_rollouts=s.grpo_compile_rollouts,
+                           compile_rollouts=s.grpo_compile_rollouts, guidance=s.grpo_guidance,
                            ptx_data=str(ctx.artifacts["sft"]) if s.grpo_ptx_coef > 0 else "")
         heldout = [row for row in _read_jsonl(ctx.artifacts["eval_tasks"]) if row["kind"] in s.grpo_kinds]
         thinking = s.grpo_thinking_ratio >= 0.5
@@ -377,10 +380,12 @@ class ReinforcementLearning:
             "generations": s.grpo_generations, "kinds": list(s.grpo_kinds), "lr": s.grpo_lr,
             "steps_per_generation": s.grpo_steps_per_generation, "ptx_coef": s.grpo_ptx_coef,
             "lora_rank": s.grpo_lora_rank, "lora_alpha": s.grpo_lora_alpha,
-            "dynamic_sampling": s.grpo_dynamic_sampling,
+            "dynamic_sampling": s.grpo_dynamic_sampling, "guidance": s.grpo_guidance,
             "from": Path(start).name, "train_reward_first": round(sum(r[:k]) / k, 4),
             "train_reward_last": round(sum(r[-k:]) / k, 4),
-            "sec_per_step_median": round(sec[len(sec) // 2], 3) if sec else None}
+            "sec_per_step_median": round(sec[len(sec) // 2], 3) if sec else None,
+            # share of the steps' groups that trained on their reference reply (--guidance)
+            "guided_share": round(sum(rec.get("guided", 0.0) for rec in res.records) / max(len(res.records), 1), 4)}
 
 
 class TaskEval:

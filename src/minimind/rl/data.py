@@ -2,7 +2,8 @@
 
 The reference ``rlaif.jsonl`` / ``agent_rl.jsonl`` shape and :func:`minimind.tasks.task_to_rl_row`:
 the messages before the reply (an empty assistant placeholder at the end is dropped), the tools
-offered, and the row's other columns that rewards read. A malformed row is reported as
+offered, and the row's other columns that rewards read (and ``reference``, a right reply that
+``--guidance`` puts into groups that miss it). A malformed row is reported as
 ``file:line: what is wrong`` (or skipped with ``--skip_bad_lines 1``), never as a traceback.
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 from minimind.data.formats import chat_messages
 from minimind.data.jsonl import iter_jsonl_raw, parse_jsonl_line
 
-__all__ = ["REWARD_COLUMNS", "PromptDataset", "PromptRow"]
+__all__ = ["REWARD_COLUMNS", "PromptDataset", "PromptRow", "reference_message"]
 
 #: The columns each registered rule reward reads from a row (checked when the data is loaded).
 REWARD_COLUMNS: dict[str, tuple[str, ...]] = {"task": ("kind", "gt"), "math": ("gt",),
@@ -58,6 +59,24 @@ def _conversation(obj: Any) -> list[Any]:
     return conv
 
 
+def reference_message(ref: Any) -> dict[str, Any]:
+    """A row's ``reference`` column -- a right reply, read by ``--guidance`` -- as an assistant message.
+
+    Either the reply as a string, or ``{"content": ..., "reasoning_content": ...}`` (the reasoning
+    optional): a thinking rollout is guided with the reasoning, a non-thinking one without it.
+    """
+    if isinstance(ref, str):
+        ref = {"content": ref}
+    if not isinstance(ref, dict) or not isinstance(ref.get("content"), str) \
+            or not isinstance(ref.get("reasoning_content", ""), str):
+        raise ValueError("'reference' must be the reply as a string or an object with a string 'content' "  # noqa: TRY004
+                         "(and optionally a string 'reasoning_content')")
+    message = {"role": "assistant", "content": ref["content"]}
+    if ref.get("reasoning_content"):
+        message["reasoning_content"] = ref["reasoning_content"]
+    return message
+
+
 class PromptDataset:
     """The RL prompts of a run (see the module docstring)."""
 
@@ -87,6 +106,8 @@ class PromptDataset:
             raise ValueError("the prompt must end with a user (or tool) turn, optionally followed by an "
                              "empty assistant placeholder")
         columns = {k: v for k, v in obj.items() if k != "conversations"}
+        if "reference" in columns:
+            reference_message(columns["reference"])  # a malformed one is reported at its line
         return PromptRow(messages, tools, columns)
 
     @classmethod

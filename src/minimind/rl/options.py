@@ -259,6 +259,21 @@ def parse_reward_spec(spec: str, allow_empty: bool = False) -> list[tuple[str, f
 class GRPOOptions(RLOptions):
     """GRPO family (grpo, dr_grpo, dapo, bnpo, gspo, cispo): group samples, one objective each."""
 
+    guidance: int = _opt(0, "1: a group none of whose samples earns what the row's 'reference' reply earns "
+                            "trains on that reply in place of its last sample (off-policy guidance, LUFFY; "
+                            "0 = off)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.guidance not in (0, 1):
+            raise ValueError(f"--guidance must be 0 or 1, got {self.guidance}")
+        if self.guidance and self.loss_type in LOSS_TYPES \
+                and LOSS_TYPES[self.loss_type].advantage not in GROUP_ADVANTAGES:
+            raise ValueError(f"--guidance needs group advantages; --loss_type {self.loss_type} has none")
+        if self.guidance and self.tis_cap > 0:
+            raise ValueError("--guidance and --tis_cap exclude each other: no sampler gave the reference "
+                             "reply log-probs for TIS to compare with")
+
 
 @dataclass
 class SPOOptions(RLOptions):

@@ -69,6 +69,7 @@ __all__ = [
     "agent_rollouts",
     "default_execute",
     "derive_seed",
+    "given_completions",
     "request_params",
     "single_turn_rollouts",
     "thinking_prompt",
@@ -305,6 +306,20 @@ def single_turn_rollouts(backend: RolloutBackend, prompts_ids: Sequence[Sequence
                    truncated=res.finish_reason != "stop", text=res.text or "")
         row.extend(prompt, policy=False)
         row.extend(res.token_ids, policy=True, logps=res.logprobs)
+        rows.append(row)
+    return _collate(rows, pad_id)
+
+
+def given_completions(prompts_ids: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                      texts: Sequence[str], prompt_index: Sequence[int], pad_id: int = 0) -> RolloutBatch:
+    """Rows of completions that no sampler drew (an off-policy reference, see
+    :mod:`minimind.train.stages.rl_guidance`), laid out as sampled rows are: every completion token
+    is trained; ``rollout_logp`` is 0, as no sampler gave it a probability; ``truncated`` is false."""
+    rows = []
+    for prompt, ids, text, p in zip(prompts_ids, completions, texts, prompt_index, strict=True):
+        row = _Row([], [], [], prompt_index=int(p), prompt_len=len(prompt), truncated=False, text=text)
+        row.extend(prompt, policy=False)
+        row.extend(ids, policy=True, logps=[0.0] * len(ids))
         rows.append(row)
     return _collate(rows, pad_id)
 

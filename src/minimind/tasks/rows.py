@@ -157,9 +157,17 @@ def _next_day_reasoning(d: dt.date, lang: str) -> str:
     return f"{head}{d.day} is not the last day, so add one: {_en_date(nxt)}."
 
 
-def task_to_rl_row(task: Task, json_strings: bool = False) -> dict[str, Any]:
-    """Agent-RL/RLAIF row: prompt + empty assistant placeholder, ``gt`` list and ``kind``."""
+def task_to_rl_row(task: Task, json_strings: bool = False, reference: bool = False) -> dict[str, Any]:
+    """Agent-RL/RLAIF row: prompt + empty assistant placeholder, ``gt`` list and ``kind``.
+
+    ``reference=True`` adds the right reply, ``{"content", "reasoning_content"}`` (the reasoning of a
+    thinking SFT row), for RL's ``--guidance``; single-answer tasks only (a tool task's reply depends
+    on the tool's result), others get none.
+    """
     row = task.prompt_row()
+    replies = [m for m in task.messages[len(task.prompt_messages):] if m["role"] == "assistant"]
+    if reference and len(replies) == 1 and not replies[0].get("tool_calls"):
+        row["reference"] = {"content": replies[0]["content"], "reasoning_content": _turn_reasoning(task, replies[0])}
     if json_strings:
         row["conversations"] = _as_json_strings(row["conversations"])
     return row

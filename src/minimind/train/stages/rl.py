@@ -151,8 +151,11 @@ class RLStage(StageBase):
 
     def build_dataset(self, cfg: TrainConfig, tokenizer: Any, *, rank: int = 0) -> Any:
         from minimind.rl.data import PromptDataset
-        return PromptDataset.from_jsonl(cfg.data_path, skip_bad_lines=bool(cfg.skip_bad_lines),
+        data = PromptDataset.from_jsonl(cfg.data_path, skip_bad_lines=bool(cfg.skip_bad_lines),
                                         rewards=[n for n, _ in parse_reward_spec(self.options.reward, True)])
+        if getattr(self.options, "guidance", 0) and not any("reference" in r.columns for r in data.rows):
+            raise ValueError(f"--guidance 1: no row of {cfg.data_path} has a 'reference' reply to guide with")
+        return data
 
     def batch_weight(self, batch: Any) -> float:
         from minimind.train.stages.rl_loss import micro_batch_weight

@@ -8,8 +8,10 @@ It sits beside the supervised loop (:mod:`minimind.train.loop`) and shares its r
 
     prompts     the epoch's order (SPO: drawn by baseline uncertainty)
     rollout     G samples per prompt through the backend, every request its own seed
-    score       CombinedReward (+ soft overlong punishment); DAPO: resample prompts until the batch
-                has groups whose rewards differ (at most --dynamic_sampling extra rounds)
+    score       CombinedReward (+ soft overlong punishment); --guidance: a group that misses its
+                row's reference reply gets it in place of its last sample (LUFFY); DAPO: resample
+                prompts until the batch has groups whose rewards differ (at most --dynamic_sampling
+                extra rounds)
     old         one no-grad pass in eval mode: old_logp (skipped when mu = 1 and one optimizer step
                 per rollout: then old = logp.detach()), ref_logp (beta > 0), the critic's values (PPO)
     advantages  compute_advantages (group, batch, SPO baseline, GAE with KL in the reward)
@@ -58,9 +60,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from minimind.config import TrainConfig
 from minimind.infer.sampling import SamplingParams
+from minimind.rl.data import PromptRow
 from minimind.rl.options import GROUP_ADVANTAGES
 from minimind.rl.rewards import CombinedReward
 from minimind.rl.rollout import derive_seed
@@ -72,6 +76,7 @@ from minimind.train.schedule import lr_at
 from minimind.train.stages.base import StageBase
 from minimind.train.stages.rl_advantages import Advantages, OldPass, advantages, old_log_probs, policy_logps
 from minimind.train.stages.rl_context import RLContext, RLParts
+from minimind.train.stages.rl_guidance import guide
 from minimind.train.stages.rl_loss import (
     RatioStats,
     RLMicroBatch,
@@ -98,27 +103,45 @@ __all__ = ["Advantages", "MessagesRewardModel", "OldPass", "RLContext", "RLMicro
 
 
 # ---- rollout and score ----------------------------------------------------------------------------
+def _reward_columns(ctx: RLContext, row: PromptRow, turns: int, tool_calls: int,
+                    completion_tokens: int) -> dict[str, Any]:
+    """What the rewards read of one completion besides its text: the row's columns and the episode's."""
+    cols = dict(row.columns)
+    cols.setdefault("max_len", ctx.o.max_gen_len)
+    if ctx.o.overlong_buffer > 0:
+        cols["cache_len"] = ctx.o.overlong_buffer
+    cols["prompt_messages"] = row.messages
+    cols["episode_turns"] = turns  # for rewards of multi-turn episodes
+    cols["episode_tool_calls"] = tool_calls
+    cols["completion_tokens"] = completion_tokens
+    return cols
+
+
 def _sample_and_score(ctx: RLContext, idx: Sequence[int], params: SamplingParams,
                       rng: random.Random) -> Scored:
-    """Roll out the dataset prompts ``idx`` and score every completion (each reward component kept).
+    """Roll out the dataset prompts ``idx`` and score every completion (each reward component kept);
+    with ``--guidance``, groups that miss their row's reference get it (:mod:`rl_guidance`).
     ``rollout`` is looked up in this module at call time: a test may replace ``rl_recipe.rollout``."""
     rows = [ctx.dataset.rows[i] for i in idx]
     batch, texts = rollout(ctx.parts, ctx.backend, ctx.tokenizer, rows, params, rng, ctx.cfg.max_seq_len)
-    row_cols = []
-    for k in range(len(batch)):
-        row = rows[int(batch.prompt_index[k])]
-        cols = dict(row.columns)
-        cols.setdefault("max_len", ctx.o.max_gen_len)
-        if ctx.o.overlong_buffer > 0:
-            cols["cache_len"] = ctx.o.overlong_buffer
-        cols["prompt_messages"] = row.messages
-        cols["episode_turns"] = int(batch.turns[k])  # for rewards of multi-turn episodes
-        cols["episode_tool_calls"] = int(batch.tool_calls[k])
-        cols["completion_tokens"] = int(batch.completion_lengths[k])
-        row_cols.append(cols)
+    row_cols = [_reward_columns(ctx, rows[int(batch.prompt_index[k])], int(batch.turns[k]),
+                                int(batch.tool_calls[k]), int(batch.completion_lengths[k]))
+                for k in range(len(batch))]
     rewards, parts = ctx.reward_fn(texts, batch.texts, row_cols)
-    return Scored(batch, [idx[int(p)] for p in batch.prompt_index.tolist()], texts, rewards.float().cpu(),
-                  {k: v.float().cpu() for k, v in parts.items()})
+    prompt_ids = [idx[int(p)] for p in batch.prompt_index.tolist()]
+    rewards, parts = rewards.float().cpu(), {k: v.float().cpu() for k, v in parts.items()}
+    if not getattr(ctx.o, "guidance", 0) or ctx.parts.agentic:
+        return Scored(batch, prompt_ids, texts, rewards, parts)
+
+    def score(prompts: list[str], replies: list[str], ids: list[int]) -> tuple[Tensor, dict[str, Tensor]]:
+        tokens = [len(ctx.tokenizer.encode(r)) + 1 for r in replies]  # + the stop token
+        cols = [_reward_columns(ctx, ctx.dataset.rows[i], 1, 0, n) for i, n in zip(ids, tokens)]
+        return ctx.reward_fn(prompts, replies, cols)
+
+    g = ctx.o.num_generations
+    batch, rewards, parts, n = guide(ctx.tokenizer, ctx.dataset.rows, batch, prompt_ids, texts, rewards, parts,
+                                     g, ctx.o.max_gen_len, score)
+    return Scored(batch, prompt_ids, texts, rewards, parts, guided=n / max(len(batch) // g, 1))
 
 
 def rollout_and_score(ctx: RLContext, step: int, idx: list[int]) -> Scored:
@@ -166,6 +189,8 @@ def step_metrics(ctx: RLContext, step: int, scored: Scored, old: OldPass, adv: A
         own["tool_calls"] = batch.tool_calls.float().mean().item()
     if old.ref_logp is not None and old.old_logp is not None:
         own["kl_ref"] = ((old.old_logp - old.ref_logp) * mask).sum().item() / max(mask.sum().item(), 1.0)
+    if getattr(ctx.o, "guidance", 0):
+        own["guided"] = scored.guided
     if ctx.o.dynamic_sampling > 0 and ctx.obj.advantage in GROUP_ADVANTAGES:
         own["sampling_rounds"] = float(scored.rounds)
         own["spread_share"] = float(scored.spread_share)

@@ -29,7 +29,7 @@ from minimind.rl.rollout import (
 )
 from minimind.train.stages.rl_context import RLContext, RLParts
 
-__all__ = ["Scored", "dynamic_sampling", "pick_prompts", "rollout"]
+__all__ = ["Scored", "concat_rows", "dynamic_sampling", "pick_prompts", "rollout", "select_rows"]
 
 
 @dataclass
@@ -44,9 +44,10 @@ class Scored:
     parts: dict[str, Tensor]
     rounds: int = 1
     spread_share: float = 1.0
+    guided: float = 0.0  # share of groups that got their reference reply (--guidance)
 
 
-def _concat(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
+def concat_rows(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
     """Rows of several rollout batches as one, right-padded to the widest."""
     if len(batches) == 1:
         return batches[0]
@@ -73,7 +74,7 @@ def _concat(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
         messages=[m for b in batches for m in (b.messages or [[] for _ in b.texts])])
 
 
-def _select(batch: RolloutBatch, idx: Sequence[int]) -> RolloutBatch:
+def select_rows(batch: RolloutBatch, idx: Sequence[int]) -> RolloutBatch:
     t = torch.tensor(list(idx), dtype=torch.long)
     tensors = {k: v[t] for k, v in vars(batch).items() if isinstance(v, Tensor)}
     return replace(batch, **tensors, texts=[batch.texts[i] for i in idx],
@@ -110,9 +111,9 @@ def rollout(parts: RLParts, backend: RolloutBackend, tokenizer: Any, rows: Seque
         part.prompt_index = torch.tensor([idx[int(p)] for p in part.prompt_index.tolist()])
         out.append(part)
         order += part.prompt_index.tolist()
-    batch = _concat(out, pad)
+    batch = concat_rows(out, pad)
     perm = sorted(range(len(order)), key=lambda k: (order[k], k))  # prompt-major again: groups contiguous
-    batch = _select(batch, perm)
+    batch = select_rows(batch, perm)
     texts = [tokenizer.apply_chat_template(rows[i].messages, tools=rows[i].tools, add_generation_prompt=True,
                                            tokenize=False) for i in batch.prompt_index.tolist()]
     return batch, texts
@@ -120,7 +121,7 @@ def rollout(parts: RLParts, backend: RolloutBackend, tokenizer: Any, rows: Seque
 
 def _merge(scored: Sequence[Scored], rows: Sequence[int], pad_id: int) -> Scored:
     """The rows ``rows`` (indices into the concatenation of ``scored``) as one :class:`Scored`."""
-    batch = _select(_concat([s.batch for s in scored], pad_id), rows)
+    batch = select_rows(concat_rows([s.batch for s in scored], pad_id), rows)
     ids = [p for s in scored for p in s.prompt_ids]
     texts = [t for s in scored for t in s.prompt_texts]
     sel = torch.tensor(list(rows), dtype=torch.long)
@@ -164,6 +165,7 @@ def dynamic_sampling(ctx: RLContext, first: Scored, draw: Callable[[int], Scored
     merged.rounds = len(rounds)
     first_flags = spread(first)
     merged.spread_share = sum(first_flags) / max(len(first_flags), 1)
+    merged.guided = first.guided
     n_kept = min(len(kept), want)
     if n_kept < want:  # the filler groups: no loss on their rows
         merged.batch.completion_mask[n_kept * g:] = 0.0
