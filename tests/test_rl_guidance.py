@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 
 from minimind.rl.data import PromptDataset, PromptRow
+from minimind.rl.objective import LOSS_TYPES
 from minimind.rl.options import GRPOOptions
 from minimind.rl.rewards import REWARD_FUNCTIONS, register_reward
 from minimind.rl.rollout import given_completions, thinking_prompt
@@ -27,7 +29,9 @@ from minimind.train.stages.rl_recipe import (
     rl_step,
     rollout_and_score,
 )
+from minimind.train.stages.rl_rollout import dynamic_sampling
 from tests.rl_fixtures import toy_config, toy_options, toy_workspace
+from tests.test_rl_recipe import _canned_scored
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,8 +93,8 @@ def test_groups_without_a_right_sample_get_the_reference_in_their_last_row(ws: d
     idx = pick_prompts(plain, 0)
     a, b = rollout_and_score(plain, 0, idx), rollout_and_score(guided, 0, idx)
     g = 4
-    assert float(a.rewards.max()) == 0.0 and a.guided == 0.0  # nothing right: no signal without guidance
-    assert b.guided == 1.0
+    assert float(a.rewards.max()) == 0.0 and a.references is None  # nothing right: no signal without guidance
+    assert b.references is not None and b.references.tolist() == [k % g == g - 1 for k in range(len(b.batch))]
     tok = guided.tokenizer
     for i, p in enumerate(idx):
         gt = guided.dataset.rows[p].columns["gt"][0]
@@ -122,6 +126,8 @@ def test_guidance_teaches_a_reply_that_sampling_never_finds(ws: dict[str, Path],
         before = reference_logp(ctx)
         records = [rl_step(ctx, s) for s in range(3)]
         results[guidance] = (before, reference_logp(ctx), sum(r["optimizer_steps"] for r in records))
+        if guidance:  # every group guided; the logged reward is the policy's samples' alone
+            assert (records[0]["guided"], records[0]["reward"]) == (1.0, 0.0)
     (b0, a0, steps0), (b1, a1, steps1) = results[0], results[1]
     assert steps0 == 0 and a0 == pytest.approx(b0, abs=1e-6)
     assert steps1 == 3 and a1 > b1 + 1.0, (b1, a1)
@@ -154,3 +160,17 @@ def test_task_rows_carry_their_thinking_reply_as_reference() -> None:
         else:
             assert ref["content"] == t.answer and ref["reasoning_content"].endswith(t.gt[0])
         assert "reference" not in task_to_rl_row(t)
+
+
+def test_dynamic_sampling_keeps_track_of_which_rows_are_references() -> None:
+    """A guided group has rewards that differ, so DAPO keeps it; its reference row stays marked (the
+    logged reward leaves it out) wherever the merged batch puts it."""
+    ctx = SimpleNamespace(o=SimpleNamespace(num_generations=2, dynamic_sampling=1),
+                          cfg=SimpleNamespace(batch_size=2), tokenizer=SimpleNamespace(pad_id=0),
+                          obj=LOSS_TYPES["dapo"])
+    first = _canned_scored(2, [0, 0, 0, 1])  # group 0 flat; group 1 guided (its last row a reference)
+    first.references = torch.tensor([False, False, False, True])
+    out = dynamic_sampling(ctx, first, lambda k: _canned_scored(2, [1, 0, 1, 1], 10))
+    assert out.prompt_ids == [1, 1, 10, 10]
+    assert out.references is not None and out.references.tolist() == [False, True, False, False]
+    assert out.sampled.tolist() == [True, False, True, True]

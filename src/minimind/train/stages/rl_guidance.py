@@ -59,12 +59,12 @@ def reference_completion(tokenizer: Any, row: PromptRow, prompt_text: str) -> tu
 
 def guide(tokenizer: Any, rows: Sequence[PromptRow], batch: RolloutBatch, prompt_ids: list[int],
           prompt_texts: list[str], rewards: Tensor, parts: dict[str, Tensor], group: int, max_len: int,
-          score: Scorer) -> tuple[RolloutBatch, Tensor, dict[str, Tensor], int]:
+          score: Scorer) -> tuple[RolloutBatch, Tensor, dict[str, Tensor], list[int]]:
     """Put the reference of each group that misses it in place of the group's last sample.
 
     ``rows`` are the dataset's rows, ``prompt_ids[k]`` the one row ``k`` of ``batch`` sampled (groups
     of ``group`` contiguous rows).  Returns the batch, rewards and reward parts with the references
-    in, and how many groups got one.
+    in, and the rows that now hold a reference.
     """
     pad = int(getattr(tokenizer, "pad_id", 0) or 0)
     todo: list[tuple[int, list[int], str]] = []  # (row to replace, completion ids, reply)
@@ -76,14 +76,14 @@ def guide(tokenizer: Any, rows: Sequence[PromptRow], batch: RolloutBatch, prompt
         if found is not None and len(found[0]) <= max_len:
             todo.append((first + group - 1, *found))
     if not todo:
-        return batch, rewards, parts, 0
+        return batch, rewards, parts, []
     ks = [k for k, _, _ in todo]
     ref_rewards, ref_parts = score([prompt_texts[k] for k in ks], [reply for _, _, reply in todo],
                                    [prompt_ids[k] for k in ks])
     won = [j for j, k in enumerate(ks)
            if ref_rewards[j] > rewards[k - group + 1:k + 1].max() + 1e-6]  # no sample earned as much
     if not won:
-        return batch, rewards, parts, 0
+        return batch, rewards, parts, []
     prompts = [batch.input_ids[ks[j], :int(batch.prompt_lengths[ks[j]])].tolist() for j in won]
     refs = given_completions(prompts, [todo[j][1] for j in won], [todo[j][2] for j in won],
                              [int(batch.prompt_index[ks[j]]) for j in won], pad)
@@ -96,4 +96,4 @@ def guide(tokenizer: Any, rows: Sequence[PromptRow], batch: RolloutBatch, prompt
     rewards[at] = ref_rewards.float().cpu()[sel]
     for name in parts:
         parts[name][at] = ref_parts[name].float().cpu()[sel]
-    return batch, rewards, parts, len(won)
+    return batch, rewards, parts, [ks[j] for j in won]

@@ -138,10 +138,11 @@ def _sample_and_score(ctx: RLContext, idx: Sequence[int], params: SamplingParams
         cols = [_reward_columns(ctx, ctx.dataset.rows[i], 1, 0, n) for i, n in zip(ids, tokens)]
         return ctx.reward_fn(prompts, replies, cols)
 
-    g = ctx.o.num_generations
-    batch, rewards, parts, n = guide(ctx.tokenizer, ctx.dataset.rows, batch, prompt_ids, texts, rewards, parts,
-                                     g, ctx.o.max_gen_len, score)
-    return Scored(batch, prompt_ids, texts, rewards, parts, guided=n / max(len(batch) // g, 1))
+    batch, rewards, parts, refs = guide(ctx.tokenizer, ctx.dataset.rows, batch, prompt_ids, texts, rewards,
+                                        parts, ctx.o.num_generations, ctx.o.max_gen_len, score)
+    references = torch.zeros(len(batch), dtype=torch.bool)
+    references[refs] = True
+    return Scored(batch, prompt_ids, texts, rewards, parts, references=references)
 
 
 def rollout_and_score(ctx: RLContext, step: int, idx: list[int]) -> Scored:
@@ -179,8 +180,10 @@ def step_metrics(ctx: RLContext, step: int, scored: Scored, old: OldPass, adv: A
     keys = sorted(summed)
     step_vals = all_reduce_sum(torch.stack([summed[k].to(dev) for k in keys]), info).tolist()
     v = adv.adv[mask.bool()] if adv.adv.dim() == 2 else adv.adv
-    own = {"reward": scored.rewards.mean().item(), "reward_std": scored.rewards.std(correction=0).item(),
-           **CombinedReward.summary(scored.parts), "adv_mean": v.mean().item() if v.numel() else 0.0,
+    sampled = scored.sampled  # reward statistics of the policy's own samples (not --guidance's references)
+    rewards = scored.rewards[sampled]
+    own = {"reward": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
+           **CombinedReward.summary({k: v[sampled] for k, v in scored.parts.items()}), "adv_mean": v.mean().item() if v.numel() else 0.0,
            "adv_std": v.std(correction=0).item() if v.numel() else 0.0,
            "completion_len": batch.completion_lengths.float().mean().item(),
            "truncated_rate": batch.truncated.float().mean().item()}
@@ -190,7 +193,7 @@ def step_metrics(ctx: RLContext, step: int, scored: Scored, old: OldPass, adv: A
     if old.ref_logp is not None and old.old_logp is not None:
         own["kl_ref"] = ((old.old_logp - old.ref_logp) * mask).sum().item() / max(mask.sum().item(), 1.0)
     if getattr(ctx.o, "guidance", 0):
-        own["guided"] = scored.guided
+        own["guided"] = float((~sampled).sum()) * ctx.o.num_generations / max(len(batch), 1)  # share of groups
     if ctx.o.dynamic_sampling > 0 and ctx.obj.advantage in GROUP_ADVANTAGES:
         own["sampling_rounds"] = float(scored.rounds)
         own["spread_share"] = float(scored.spread_share)

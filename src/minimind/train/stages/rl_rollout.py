@@ -44,7 +44,14 @@ class Scored:
     parts: dict[str, Tensor]
     rounds: int = 1
     spread_share: float = 1.0
-    guided: float = 0.0  # share of groups that got their reference reply (--guidance)
+    references: Tensor | None = None  # [N] bool: the row is a group's reference reply (--guidance)
+
+    @property
+    def sampled(self) -> Tensor:
+        """[N] bool: the rows the policy sampled (every row but the references)."""
+        if self.references is None:
+            return torch.ones(len(self.batch), dtype=torch.bool)
+        return ~self.references
 
 
 def concat_rows(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
@@ -126,9 +133,12 @@ def _merge(scored: Sequence[Scored], rows: Sequence[int], pad_id: int) -> Scored
     texts = [t for s in scored for t in s.prompt_texts]
     sel = torch.tensor(list(rows), dtype=torch.long)
     keys = scored[0].parts.keys()
+    refs = None
+    if any(s.references is not None for s in scored):
+        refs = torch.cat([~s.sampled for s in scored])[sel]
     return Scored(batch, [ids[i] for i in rows], [texts[i] for i in rows],
                   torch.cat([s.rewards for s in scored])[sel],
-                  {k: torch.cat([s.parts[k] for s in scored])[sel] for k in keys})
+                  {k: torch.cat([s.parts[k] for s in scored])[sel] for k in keys}, references=refs)
 
 
 def dynamic_sampling(ctx: RLContext, first: Scored, draw: Callable[[int], Scored]) -> Scored:
@@ -165,7 +175,6 @@ def dynamic_sampling(ctx: RLContext, first: Scored, draw: Callable[[int], Scored
     merged.rounds = len(rounds)
     first_flags = spread(first)
     merged.spread_share = sum(first_flags) / max(len(first_flags), 1)
-    merged.guided = first.guided
     n_kept = min(len(kept), want)
     if n_kept < want:  # the filler groups: no loss on their rows
         merged.batch.completion_mask[n_kept * g:] = 0.0
