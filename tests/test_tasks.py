@@ -278,6 +278,23 @@ def test_easy_level_is_easy() -> None:
         generate_tasks(3, seed=0, level="hard")
 
 
+def test_month_end_share_sets_how_many_next_day_questions_carry_over() -> None:
+    """RL prompts raise the share of month ends (the carry a small model gets wrong); left unset, the
+    level's own share draws exactly the tasks it always drew."""
+    def ends(tasks: list[Task]) -> float:
+        nxt = [t for t in tasks if t.key.startswith("date:next:")]
+        return sum(str(t.gt[0]).endswith("-01") for t in nxt) / len(nxt)
+
+    kw = {"kinds": ["date_fact"], "split": "train", "level": "easy"}
+    default, explicit = generate_tasks(600, 5, **kw), generate_tasks(600, 5, month_end_share=0.1, **kw)
+    assert [t.key for t in default] == [t.key for t in explicit]
+    assert ends(default) < 0.2
+    assert 0.35 < ends(generate_tasks(600, 5, month_end_share=0.4, **kw)) < 0.5
+    assert ends(generate_tasks(200, 5, month_end_share=1.0, **kw)) == 1.0
+    with pytest.raises(ValueError, match="month_end_share"):
+        generate_tasks(10, 5, month_end_share=1.5, **kw)
+
+
 def test_fact_text_of_a_tool_task_is_the_exchange_without_the_tool_list() -> None:
     """Pretraining text of a tool task: question, the call as the model must write it, the tool's result
     and the final answer; every part parses back to the task's own values."""

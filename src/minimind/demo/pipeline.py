@@ -106,6 +106,9 @@ class DemoSettings:
     grpo_temperature: float = 1.0  # rollout temperature (the trained log-probs are of logits / T)
     grpo_steps_per_generation: int = 1  # optimizer steps (mini-batches) per rollout batch; > 1: the clip acts
     grpo_kinds: tuple[str, ...] = ("arithmetic", "date_fact")
+    # share of next-day date prompts asked about a month's last day (SFT's rows: 0.1): where the
+    # start model goes wrong most (the carry into the next month), so where RL's samples pay
+    grpo_month_end_share: float = 0.1
     # share of rollout prompts that open <think> (the model reasons before it answers): the reasoning
     # is what RL can improve; the held-out sampled accuracy is measured in the mode trained most
     grpo_thinking_ratio: float = 1.0
@@ -337,7 +340,8 @@ class ReinforcementLearning:
         s = ctx.settings
         start = ctx.artifacts.get("dpo_weights") or ctx.artifacts["sft_weights"]
         n = s.grpo_steps * s.grpo_prompts
-        tasks = generate_tasks(n, s.seed + 2, kinds=s.grpo_kinds, split="train", level=s.task_level)
+        tasks = generate_tasks(n, s.seed + 2, kinds=s.grpo_kinds, split="train", level=s.task_level,
+                               month_end_share=s.grpo_month_end_share)
         data = ctx.out / "data" / "grpo_prompts.jsonl"
         with open(data, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(task_to_rl_row(t, reference=bool(s.grpo_guidance)), ensure_ascii=False) + "\n" for t in tasks)
@@ -381,6 +385,7 @@ class ReinforcementLearning:
             "steps_per_generation": s.grpo_steps_per_generation, "ptx_coef": s.grpo_ptx_coef,
             "lora_rank": s.grpo_lora_rank, "lora_alpha": s.grpo_lora_alpha,
             "dynamic_sampling": s.grpo_dynamic_sampling, "guidance": s.grpo_guidance,
+            "month_end_share": s.grpo_month_end_share,
             "from": Path(start).name, "train_reward_first": round(sum(r[:k]) / k, 4),
             "train_reward_last": round(sum(r[-k:]) / k, 4),
             "sec_per_step_median": round(sec[len(sec) // 2], 3) if sec else None,

@@ -218,7 +218,8 @@ def _en_date(d: dt.date) -> str:
     return f"{_EN_MONTHS[d.month - 1]} {d.day}, {d.year}"
 
 
-def _gen_date_fact(rng: random.Random, lang: str, level: str = "standard") -> Task:
+def _gen_date_fact(rng: random.Random, lang: str, level: str = "standard",
+                   month_end_share: float | None = None) -> Task:
     year, month = rng.randint(1950, 2049), rng.randint(1, 12)
     last = calendar.monthrange(year, month)[1]
     sub = "next_day" if level == "easy" else rng.choice(("weekday", "next_day", "days_in_month"))
@@ -231,7 +232,9 @@ def _gen_date_fact(rng: random.Random, lang: str, level: str = "standard") -> Ta
             a = f"{_EN_MONTHS[month - 1]} {year} has {last} days."
         return _qa("date_fact", lang, f"date:dim:{year}-{month:02d}", q, a, [str(last)])
     # Month ends are the interesting case for "next day", so over-sample them.
-    day = last if sub == "next_day" and rng.random() < (0.1 if level == "easy" else 0.3) else rng.randint(1, last)
+    if month_end_share is None:
+        month_end_share = 0.1 if level == "easy" else 0.3
+    day = last if sub == "next_day" and rng.random() < month_end_share else rng.randint(1, last)
     d = dt.date(year, month, day)
     if sub == "weekday":
         wd = d.weekday()
@@ -468,6 +471,7 @@ def generate_tasks(
     split: str | None = None,
     eval_fraction: float = EVAL_FRACTION,
     level: str = "standard",
+    month_end_share: float | None = None,
 ) -> list[Task]:
     """``n`` tasks, kinds in equal shares (round robin), languages drawn uniformly, then shuffled.
 
@@ -475,12 +479,17 @@ def generate_tasks(
     :func:`split_of`). Within one call an item is used at most once per language while fresh
     items remain; when a small pool runs out, repeats with a different phrasing are allowed.
     ``kinds=None`` means every available kind; naming a kind whose source is missing raises
-    :class:`~minimind.tasks.sources.SourceUnavailable`.
+    :class:`~minimind.tasks.sources.SourceUnavailable`.  ``month_end_share`` is the share of
+    next-day date questions asked about a month's last day, the case that carries into the next
+    month (default 0.1 at the easy level, 0.3 at the standard one); RL prompts raise it to spend
+    their samples where a model goes wrong.
     """
     if split not in (None, "train", "eval"):
         raise ValueError(f"split must be None, 'train' or 'eval', not {split!r}")
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, not {level!r}")
+    if month_end_share is not None and not 0.0 <= month_end_share <= 1.0:
+        raise ValueError(f"month_end_share must be in [0, 1], not {month_end_share}")
     if kinds is None:
         kinds = available_kinds(langs)
     else:
@@ -501,7 +510,8 @@ def generate_tasks(
         kind = kinds[i % len(kinds)]
         kind_langs = [lg for lg in langs if lg in _KIND_LANGS.get(kind, langs)]
         for attempt in range(400):
-            task = GENERATORS[kind](rng, rng.choice(kind_langs), level)
+            extra = {"month_end_share": month_end_share} if kind == "date_fact" and month_end_share is not None else {}
+            task = GENERATORS[kind](rng, rng.choice(kind_langs), level, **extra)
             if split is not None and split_of(task.key, eval_fraction) != split:
                 continue
             prompt = task.prompt_messages[-1]["content"]
