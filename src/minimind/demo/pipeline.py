@@ -89,12 +89,14 @@ class DemoSettings:
     dpo_batch_size: int = 2  # packed rows per step
     # GRPO after DPO (or SFT) on the single-turn task kinds, reward = the task checker (exact answer);
     # held-out accuracy before/after comes from the task evaluation, which also scores this model.
-    # 80 steps with a k3 KL term (beta 0.04): over GRPO seeds 0-4 on one DPO model (AVX2, fp32) the
-    # greedy lift on the trained kinds was +4.5..+10.5 points (mean +7.7, four of five >= 5); 40 steps
-    # without KL gave +1.5..+7.5 (mean +4.3), 60 steps with KL +3.0..+11.0 (mean +6.1)
+    # 80 steps of 16 prompts x 4 samples with a k3 KL term (beta 0.04), off-policy guidance and the
+    # date prompts aimed at month ends (below). On the AVX-512 BF16 kind's DPO model (0.87 greedy with
+    # thinking on) the greedy lift on the trained kinds over GRPO seeds 0-3 was +5.0..+6.5 points; the
+    # previous recipe (8 x 8, no guidance, month ends as in SFT) gave +0.5..+1.5 there (docs/demo.md,
+    # fourteenth round). Same cost per step: 64 samples.
     grpo_steps: int = 80
-    grpo_prompts: int = 8  # prompts per step
-    grpo_generations: int = 8  # samples per prompt (a GRPO group)
+    grpo_prompts: int = 16  # prompts per step
+    grpo_generations: int = 4  # samples per prompt (a GRPO group)
     # GRPO trains rank-16 LoRA adapters on every Linear of the frozen DPO model (merged when saved):
     # full-weight GRPO lifted the trained kinds as much but moved kinds it never samples (tool calls
     # -6 and -8 points on two of five seeds); adapters left every untrained kind within a point.
@@ -107,8 +109,9 @@ class DemoSettings:
     grpo_steps_per_generation: int = 1  # optimizer steps (mini-batches) per rollout batch; > 1: the clip acts
     grpo_kinds: tuple[str, ...] = ("arithmetic", "date_fact")
     # share of next-day date prompts asked about a month's last day (SFT's rows: 0.1): where the
-    # start model goes wrong most (the carry into the next month), so where RL's samples pay
-    grpo_month_end_share: float = 0.1
+    # start model goes wrong most (the carry into the next month), so where RL's samples pay. Without
+    # guidance more month ends did not help (their groups are mostly all wrong: no signal).
+    grpo_month_end_share: float = 0.6
     # share of rollout prompts that open <think> (the model reasons before it answers): the reasoning
     # is what RL can improve; the held-out sampled accuracy is measured in the mode trained most
     grpo_thinking_ratio: float = 1.0
@@ -121,8 +124,9 @@ class DemoSettings:
     grpo_dynamic_sampling: int = 0
     grpo_compile_rollouts: int = 0  # 1: the rollout engine's decode step through torch.compile
     # off-policy guidance (LUFFY): a group with no right sample trains on the item's right reply (its
-    # SFT reasoning and answer) in place of its last sample
-    grpo_guidance: int = 0
+    # SFT reasoning and answer) in place of its last sample (15-18 % of the groups with the month
+    # ends above)
+    grpo_guidance: int = 1
 
     @classmethod
     def quick(cls, out_dir: Path) -> DemoSettings:

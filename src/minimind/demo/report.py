@@ -88,13 +88,25 @@ def _dpo_section(ctx: Any, d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _grpo_data(g: dict[str, Any]) -> str:
+    """What the GRPO prompts and groups held beyond the plain samples (month ends, guidance)."""
+    out = ""
+    if "date_fact" in g["kinds"] and g.get("month_end_share") is not None:
+        out += f" Month ends are {g['month_end_share']:.0%} of the next-day date prompts."
+    if g.get("guidance"):
+        out += (f" Off-policy guidance: a group with no right sample trains on the item's right reply in place of "
+                f"its last sample ({g.get('guided_share', 0.0):.1%} of the groups).")
+    return out
+
+
 def _grpo_section(ctx: Any, g: dict[str, Any], task_eval: dict[str, Any]) -> list[str]:
     """GRPO: the run, training reward first -> last steps, held-out accuracy of its kinds before -> after."""
     lines = ["## Reinforcement learning (GRPO)", "",
              (f"{g['steps']} GRPO steps from `{g['from']}` in {g['seconds']} s ({g['sec_per_step_median']} s per step): "
               f"{g['prompts_per_step']} train-split prompts × {g['generations']} samples per step, kinds "
-              f"{', '.join(g['kinds'])}, reward = the task checker (1 = exactly right), lr {g['lr']}. Mean training "
-              f"reward {g['train_reward_first']:.3f} (first steps) → {g['train_reward_last']:.3f} (last steps)."), ""]
+              f"{', '.join(g['kinds'])}, reward = the task checker (1 = exactly right), lr {g['lr']}.{_grpo_data(g)} "
+              f"Mean training reward {g['train_reward_first']:.3f} (first steps) → {g['train_reward_last']:.3f} "
+              f"(last steps)."), ""]
     before = next((task_eval[k] for k in ("dpo", "sft") if k in task_eval), None)
     after = task_eval.get("grpo")
     if before is not None and after is not None:
