@@ -180,13 +180,14 @@ def step_metrics(ctx: RLContext, step: int, scored: Scored, old: OldPass, adv: A
     keys = sorted(summed)
     step_vals = all_reduce_sum(torch.stack([summed[k].to(dev) for k in keys]), info).tolist()
     v = adv.adv[mask.bool()] if adv.adv.dim() == 2 else adv.adv
-    sampled = scored.sampled  # reward statistics of the policy's own samples (not --guidance's references)
+    sampled = scored.sampled  # rollout statistics of the policy's own samples (not --guidance's references)
     rewards = scored.rewards[sampled]
+    parts = {name: part[sampled] for name, part in scored.parts.items()}
     own = {"reward": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
-           **CombinedReward.summary({k: v[sampled] for k, v in scored.parts.items()}), "adv_mean": v.mean().item() if v.numel() else 0.0,
+           **CombinedReward.summary(parts), "adv_mean": v.mean().item() if v.numel() else 0.0,
            "adv_std": v.std(correction=0).item() if v.numel() else 0.0,
-           "completion_len": batch.completion_lengths.float().mean().item(),
-           "truncated_rate": batch.truncated.float().mean().item()}
+           "completion_len": batch.completion_lengths[sampled].float().mean().item(),
+           "truncated_rate": batch.truncated[sampled].float().mean().item()}
     if ctx.parts.agentic:
         own["turns"] = batch.turns.float().mean().item()
         own["tool_calls"] = batch.tool_calls.float().mean().item()
