@@ -123,10 +123,11 @@ def test_full_demo_meets_its_promises(tmp_path):
     holds on that run's results.  With 80 GRPO steps and a KL term (eighth round, same CPU and DPO
     model, GRPO seeds 0-4): greedy thinking-on lift on the trained kinds +4.5 to +10.5 points, untrained
     kinds within 3 items.  With 16 prompts x 4 samples, off-policy guidance and 60 % month ends
-    (fourteenth round, one thread): +5.0 to +6.5 over seeds 0-3 in bf16 on an AVX-512 BF16 EPYC, where
-    the DPO model starts at 0.87, and +9.0 in fp32 (the AVX2 path, seed 0).  So the test asserts the
-    sampled gain, a greedy thinking-on lift of at least 3 points on both paths, and untrained kinds
-    within 5 items of 100.
+    (fourteenth round, one thread): +5.0, +6.0, +6.5, +5.5, +3.0 over seeds 0-4 in bf16 on an AVX-512
+    BF16 EPYC, where the DPO model starts at 0.87 (this test there, 2 threads: +5.0), and +9.0, +6.5,
+    +2.5 over seeds 0-2 in fp32 (the AVX2 path).  So the test asserts the sampled gain, a greedy
+    thinking-on lift of at least 2 points on both paths (the previous recipe's bf16 run gave +1.5), and
+    untrained kinds within 5 items of 100.
     """
     res = _run(["demo", "--out_dir", str(tmp_path / "demo")])
     p = res["pretrain"]
@@ -157,8 +158,8 @@ def test_full_demo_meets_its_promises(tmp_path):
     assert h["mean_logp_margin"][1] > h["mean_logp_margin"][0]
     assert t["dpo"]["format_rate"] >= sft["format_rate"] - 0.05
     # GRPO: what it optimises (sampled accuracy on held-out items of its kinds) rises; greedy with
-    # thinking on rises by at least 3 points (measured +5.0 to +9.0 on 200 items); untrained kinds
-    # (thinking off) lose at most 5 of their ~100 items
+    # thinking on rises by at least 2 points (the default seed: +5.0 in bf16, +9.0 in fp32, 200 items);
+    # untrained kinds (thinking off) lose at most 5 of their ~100 items
     g = res["grpo"]
     before, after = g["heldout_sampled_accuracy"]
     assert g["heldout_items"] >= 160 and after > before + 0.02
@@ -168,6 +169,6 @@ def test_full_demo_meets_its_promises(tmp_path):
         return sum(v["per_kind"][k] * v["n_per_kind"][k] for k in g["kinds"]) / sum(v["n_per_kind"][k]
                                                                                     for k in g["kinds"])
     lift = trained(t["grpo"]["thinking"]) - trained(t["dpo"]["thinking"])
-    assert lift >= 0.03, lift
+    assert lift >= 0.02, lift
     for kind in ("unit_conversion", "tool_call"):
         assert t["grpo"]["per_kind"][kind] >= t["dpo"]["per_kind"][kind] - 5 / t["dpo"]["n_per_kind"][kind]
