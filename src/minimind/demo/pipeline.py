@@ -91,8 +91,8 @@ class DemoSettings:
     # held-out accuracy before/after comes from the task evaluation, which also scores this model.
     # 80 steps of 16 prompts x 4 samples with a k3 KL term (beta 0.04), off-policy guidance and the
     # date prompts aimed at month ends (below). On the AVX-512 BF16 kind's DPO model (0.87 greedy with
-    # thinking on) the greedy lift on the trained kinds over GRPO seeds 0-4 was +3.0..+6.5 points (mean
-    # +5.2, four of five >= 5); the previous recipe (8 x 8, no guidance, month ends as in SFT) gave
+    # thinking on) the greedy lift on the trained kinds over GRPO seeds 0-6 was +3.0..+6.5 points (mean
+    # +5.1, five of seven >= 5); the previous recipe (8 x 8, no guidance, month ends as in SFT) gave
     # +0.5..+1.5 there. On the AVX2 path (fp32, DPO model at 0.755): +2.5..+11.0 (mean +7.9, four of
     # five >= 5; docs/demo.md, fourteenth round). Same cost per step: 64 samples.
     grpo_steps: int = 80
