@@ -73,7 +73,7 @@ def test_the_reference_continues_the_prompt_with_or_without_its_reasoning(ws: di
     for opened, text in ((True, "digit 3\n</think>\n\n3"), (False, "3")):
         prompt_ids, _ = thinking_prompt(row.messages, tok, opened, 0.0, rng)
         found = reference_completion(tok, row, tok.decode(prompt_ids))
-        assert found is not None
+        assert found is not None and reference_completion(tok, row, tok.decode(prompt_ids), prompt_ids) == found
         ids, reply = found
         assert reply == text and tok.decode(ids) == text + tok.eos_token and ids[-1] == tok.eos_id
         # the prompt and the reference tokenize as the whole conversation does

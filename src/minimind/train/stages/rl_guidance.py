@@ -31,13 +31,15 @@ from minimind.train.stages.rl_rollout import concat_rows, select_rows
 
 __all__ = ["Scorer", "guide", "reference_completion"]
 
-#: Scores replies: ``(prompt texts, replies, dataset rows) -> (rewards [N], parts {name: [N]})``.
-Scorer = Callable[[list[str], list[str], list[int]], tuple[Tensor, dict[str, Tensor]]]
+#: Scores replies: ``(prompt texts, replies, dataset rows, reply tokens) -> (rewards [N], parts {name: [N]})``.
+Scorer = Callable[[list[str], list[str], list[int], list[int]], tuple[Tensor, dict[str, Tensor]]]
 
 
-def reference_completion(tokenizer: Any, row: PromptRow, prompt_text: str) -> tuple[list[int], str] | None:
+def reference_completion(tokenizer: Any, row: PromptRow, prompt_text: str,
+                         prompt_ids: Sequence[int] | None = None) -> tuple[list[int], str] | None:
     """The token ids (through the stop token) and reply text by which ``row``'s reference continues
-    ``prompt_text``, or ``None`` when neither rendering of it (with or without reasoning) does."""
+    ``prompt_text`` (tokenized as ``prompt_ids``, when the caller has them), or ``None`` when neither
+    rendering of it (with or without reasoning) does."""
     message = reference_message(row.columns["reference"])
     eos = tokenizer.eos_token
     candidates = [message, {k: v for k, v in message.items() if k != "reasoning_content"}]
@@ -49,7 +51,7 @@ def reference_completion(tokenizer: Any, row: PromptRow, prompt_text: str) -> tu
         cut = reply.find(eos)
         if cut < 0:
             continue
-        prompt_ids = tokenizer.encode(prompt_text)
+        prompt_ids = list(prompt_ids) if prompt_ids is not None else tokenizer.encode(prompt_text)
         full_ids = tokenizer.encode(prompt_text + reply[:cut + len(eos)])
         ids = (full_ids[len(prompt_ids):] if full_ids[:len(prompt_ids)] == prompt_ids
                else tokenizer.encode(reply[:cut + len(eos)]))
@@ -72,14 +74,15 @@ def guide(tokenizer: Any, rows: Sequence[PromptRow], batch: RolloutBatch, prompt
         row = rows[prompt_ids[first]]
         if "reference" not in row.columns:
             continue
-        found = reference_completion(tokenizer, row, prompt_texts[first])
+        prompt = batch.input_ids[first, :int(batch.prompt_lengths[first])].tolist()
+        found = reference_completion(tokenizer, row, prompt_texts[first], prompt)
         if found is not None and len(found[0]) <= max_len:
             todo.append((first + group - 1, *found))
     if not todo:
         return batch, rewards, parts, []
     ks = [k for k, _, _ in todo]
     ref_rewards, ref_parts = score([prompt_texts[k] for k in ks], [reply for _, _, reply in todo],
-                                   [prompt_ids[k] for k in ks])
+                                   [prompt_ids[k] for k in ks], [len(ids) for _, ids, _ in todo])
     won = [j for j, k in enumerate(ks)
            if ref_rewards[j] > rewards[k - group + 1:k + 1].max() + 1e-6]  # no sample earned as much
     if not won:

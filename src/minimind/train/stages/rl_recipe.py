@@ -133,8 +133,8 @@ def _sample_and_score(ctx: RLContext, idx: Sequence[int], params: SamplingParams
     if not getattr(ctx.o, "guidance", 0) or ctx.parts.agentic:
         return Scored(batch, prompt_ids, texts, rewards, parts)
 
-    def score(prompts: list[str], replies: list[str], ids: list[int]) -> tuple[Tensor, dict[str, Tensor]]:
-        tokens = [len(ctx.tokenizer.encode(r)) + 1 for r in replies]  # + the stop token
+    def score(prompts: list[str], replies: list[str], ids: list[int],
+              tokens: list[int]) -> tuple[Tensor, dict[str, Tensor]]:
         cols = [_reward_columns(ctx, ctx.dataset.rows[i], 1, 0, n) for i, n in zip(ids, tokens)]
         return ctx.reward_fn(prompts, replies, cols)
 
