@@ -379,6 +379,81 @@ def test_ptx_keeps_the_supervised_rows_learnt_during_rl(ws: dict[str, Path], tmp
         GRPOOptions(ptx_coef=float("nan")).validate()
 
 
+def _naive_kl(policy: torch.nn.Module, reference: torch.nn.Module, batch: Any) -> torch.Tensor:
+    """KL(p_ref || p_theta) summed over the vocabulary, averaged over the batch's target positions,
+    written out from the definition."""
+    fwd = {"position_ids": batch.position_ids, "doc_ids": batch.doc_ids}
+    logp = torch.log_softmax(policy(batch.input_ids, **fwd).logits.float(), -1)
+    with torch.no_grad():
+        logq = torch.log_softmax(reference(batch.input_ids, **fwd).logits.float(), -1)
+    sel = batch.targets != -100
+    return (logq.exp() * (logq - logp))[sel].sum(-1).mean()
+
+
+def test_ptx_kl_adds_gamma_times_the_kl_to_the_reference(ws: dict[str, Path], tmp_path: Path) -> None:
+    """--ptx_loss kl: the step's gradient is that of L_RL + gamma * KL(p_ref || p_theta) on the rows
+    (logged as ptx_kl); the reference is loaded although beta is 0, and then no reference log-probs
+    are computed for the rollouts (no KL term uses them). Fails before --ptx_loss existed."""
+    gamma = 0.5
+    stage = GRPOStage(_opts(reward="test_spread:1", micro_batch_size=4, beta=0.0, ptx_coef=gamma,
+                            ptx_loss="kl", ptx_data=str(_ptx_file(tmp_path)), ptx_rows=3))
+    ctx = _context(ws, tmp_path / "run", stage, max_steps=1)
+    ref, model = ctx.parts.reference, ctx.trainer.base_model
+    assert ref is not None and ctx.o.beta == 0
+    scored = rollout_and_score(ctx, 0, pick_prompts(ctx, 0))
+    old = old_log_probs(ctx, scored.batch)
+    assert old.ref_logp is None
+    mbs = _micro_batches(ctx, scored, old, advantages(ctx, scored, old), torch.arange(len(scored.batch)))
+    rl_w = [micro_batch_weight(ctx.obj, mb) for mb in mbs]
+    ptx = ptx_batch(ctx, 0, 0)
+
+    def base(m: torch.nn.Module, mb: RLMicroBatch) -> LossOutput:
+        return rl_loss(ctx.parts, m, mb, RatioStats())
+
+    fn, all_mbs, w = with_ptx(base, mbs, rl_w, ptx, gamma, reference=ref)
+    assert float(fn(model, ptx).metrics["ptx_kl"]) == pytest.approx(0.0, abs=1e-6)  # policy == reference
+    with torch.no_grad():  # move the policy away from the reference
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    outs = [fn(model, mb) for mb in all_mbs]
+    g_mixed = _grads(model, sum(o.loss * wi / sum(w) for o, wi in zip(outs, w)))
+    def rl_mean() -> torch.Tensor:
+        return sum(base(model, mb).loss * wi / sum(rl_w) for mb, wi in zip(mbs, rl_w))
+
+    kl = _naive_kl(model, ref, ptx)
+    g_direct = _grads(model, rl_mean() + gamma * kl)
+    g_nll = _grads(model, rl_mean() + gamma * next_token_loss(model, ptx).loss)
+    for k in g_direct:
+        assert torch.allclose(g_mixed[k], g_direct[k], rtol=1e-4, atol=1e-7), k
+    assert max((g_direct[k] - g_nll[k]).abs().max().item() for k in g_nll) > 1e-4  # not the NLL term
+    logged = sum(o.metrics["ptx_kl"] * wi / sum(w) for o, wi in zip(outs, w) if "ptx_kl" in o.metrics)
+    assert float(logged) == pytest.approx(float(kl.detach()), rel=1e-4) and float(kl) > 1e-3
+    with pytest.raises(ValueError, match="--ptx_loss"):
+        GRPOOptions(ptx_loss="mse").validate()
+
+
+def test_ptx_kl_holds_the_rows_where_the_reference_has_them(ws: dict[str, Path], tmp_path: Path) -> None:
+    """Six GRPO steps (beta 0) that move the policy: with --ptx_loss kl its KL from the start model on
+    the rows ends far smaller than without, and the run logs ptx_kl; the NLL term instead moves the
+    rows towards their replies, away from the start model."""
+    tok = MiniMindTokenizer.from_dir(ws["tok"])
+    data = _ptx_file(tmp_path)
+    probe = GRPOStage(_opts(beta=0.0, ptx_coef=1.0, ptx_loss="kl", ptx_data=str(data), ptx_rows=8))
+    start = _context(ws, tmp_path / "probe", probe)
+    rows = ptx_batch(start, 0, 0)
+    kl = {}
+    for loss in ("none", "kl", "nll"):
+        opts = _opts(reward="test_spread:1", beta=0.0, ptx_coef=0.0 if loss == "none" else 2.0,
+                     ptx_loss="nll" if loss == "none" else loss, ptx_data=str(data), ptx_rows=4)
+        res = GRPOStage(opts).run(_cfg(ws, tmp_path / loss, max_steps=6), tok)
+        ctx = _context(ws, tmp_path / f"probe_{loss}", probe, from_weight=str(res.weights_path))
+        with torch.no_grad():
+            kl[loss] = float(_naive_kl(ctx.trainer.base_model.eval(), start.trainer.base_model.eval(), rows))
+        if loss == "kl":
+            assert all("ptx_kl" in r for r in res.records)
+    assert kl["kl"] < 0.5 * kl["none"] and kl["nll"] > kl["kl"], kl
+
+
 # ---- 4. PPO's critic ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("critic", ["separate", "shared"])
 def test_value_loss_reaches_the_policy_only_with_a_shared_critic(ws: dict[str, Path], tmp_path: Path,

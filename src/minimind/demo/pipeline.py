@@ -120,6 +120,10 @@ class DemoSettings:
     # PPO-ptx: gamma of an SFT loss on the demo's SFT rows (both thinking modes, every kind) added to
     # each GRPO step, so what the reward does not see (thinking-off answers, tool calls) stays put
     grpo_ptx_coef: float = 0.0
+    # retain term: gamma of KL(start model || policy) on thinking-off SFT rows of the kinds GRPO does
+    # not train (--ptx_loss kl): the mode and the kinds no rollout sees stay where GRPO started
+    grpo_retain_coef: float = 0.0
+    grpo_retain_rows: int = 4  # packed rows of the retain data per step (sft_seq_len tokens each)
     # DAPO's dynamic sampling: extra rounds of prompts until every group of the step has rewards that
     # differ (a group all right or all wrong has advantage 0: no signal)
     grpo_dynamic_sampling: int = 0
@@ -338,6 +342,30 @@ class ReinforcementLearning:
 
     name = "grpo"
 
+    @staticmethod
+    def _supervised_term(ctx: DemoContext) -> dict[str, Any]:
+        """The GRPO options of the optional term beside the RL loss: PPO-ptx's NLL on the SFT rows
+        (``grpo_ptx_coef``), or the retain KL to the start model (``grpo_retain_coef``) on thinking-off
+        rows of the kinds GRPO does not train, written to ``data/grpo_retain.jsonl``."""
+        s = ctx.settings
+        if s.grpo_ptx_coef > 0 and s.grpo_retain_coef > 0:
+            raise ValueError("grpo_ptx_coef and grpo_retain_coef are two uses of one term: set one of them")
+        if s.grpo_ptx_coef > 0:
+            return {"ptx_coef": s.grpo_ptx_coef, "ptx_data": str(ctx.artifacts["sft"])}
+        if s.grpo_retain_coef <= 0:
+            return {}
+        from minimind.tasks.generators import generate_tasks
+        from minimind.tasks.rows import task_to_sft_row
+        kinds = sorted({row["kind"] for row in _read_jsonl(ctx.artifacts["eval_tasks"])} - set(s.grpo_kinds))
+        if not kinds:
+            raise ValueError("grpo_retain_coef: every evaluated kind is trained by GRPO, nothing to retain")
+        tasks = generate_tasks(200 * len(kinds), s.seed + 3, kinds=kinds, split="train", level=s.task_level)
+        data = ctx.out / "data" / "grpo_retain.jsonl"
+        with open(data, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(task_to_sft_row(t), ensure_ascii=False) + "\n" for t in tasks)
+        return {"ptx_coef": s.grpo_retain_coef, "ptx_loss": "kl", "ptx_data": str(data),
+                "ptx_rows": s.grpo_retain_rows}
+
     def run(self, ctx: DemoContext) -> None:
         from minimind.tasks.generators import generate_tasks
         from minimind.tasks.rows import task_to_rl_row
@@ -360,9 +388,9 @@ class ReinforcementLearning:
                            thinking_ratio=s.grpo_thinking_ratio,
                            steps_per_generation=s.grpo_steps_per_generation, ppo_epochs=1,
                            lora_rank=s.grpo_lora_rank, lora_alpha=s.grpo_lora_alpha,
-                           ptx_coef=s.grpo_ptx_coef, dynamic_sampling=s.grpo_dynamic_sampling,
+                           dynamic_sampling=s.grpo_dynamic_sampling,
                            compile_rollouts=s.grpo_compile_rollouts, guidance=s.grpo_guidance,
-                           ptx_data=str(ctx.artifacts["sft"]) if s.grpo_ptx_coef > 0 else "")
+                           **self._supervised_term(ctx))
         heldout = [row for row in _read_jsonl(ctx.artifacts["eval_tasks"]) if row["kind"] in s.grpo_kinds]
         thinking = s.grpo_thinking_ratio >= 0.5
         sample = {"n": s.grpo_generations, "max_new_tokens": s.grpo_max_gen_len, "open_thinking": thinking,
@@ -389,6 +417,7 @@ class ReinforcementLearning:
             "steps": res.steps, "seconds": round(res.seconds, 1), "prompts_per_step": s.grpo_prompts,
             "generations": s.grpo_generations, "kinds": list(s.grpo_kinds), "lr": s.grpo_lr,
             "steps_per_generation": s.grpo_steps_per_generation, "ptx_coef": s.grpo_ptx_coef,
+            "retain_coef": s.grpo_retain_coef,
             "lora_rank": s.grpo_lora_rank, "lora_alpha": s.grpo_lora_alpha,
             "dynamic_sampling": s.grpo_dynamic_sampling, "guidance": s.grpo_guidance,
             "month_end_share": s.grpo_month_end_share,

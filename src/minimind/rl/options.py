@@ -17,11 +17,13 @@ from typing import Any
 from minimind.model.lora import LoRAConfig
 from minimind.rl.objective import LOSS_TYPES, ObjectiveConfig
 
-__all__ = ["GROUP_ADVANTAGES", "RECIPE_DEFAULTS", "AgentOptions", "GRPOOptions", "LossTypeDefaults",
-           "PPOOptions", "RLOptions", "SPOOptions", "parse_reward_spec"]
+__all__ = ["GROUP_ADVANTAGES", "PTX_LOSSES", "RECIPE_DEFAULTS", "AgentOptions", "GRPOOptions",
+           "LossTypeDefaults", "PPOOptions", "RLOptions", "SPOOptions", "parse_reward_spec"]
 
 #: Advantages computed within a prompt's group of samples (they need ``--num_generations >= 2``).
 GROUP_ADVANTAGES = ("group", "group_mean")
+#: What ``--ptx_coef`` weighs on the ``--ptx_data`` rows: their replies' NLL, or the KL from the reference.
+PTX_LOSSES = ("nll", "kl")
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,8 @@ class RLOptions:
     num_generations: int = _opt(6, "samples per prompt (a GRPO group)")
     beta: float = _opt(-1.0, "KL weight against the frozen reference model (-1 = the loss type's default: "
                              "grpo 0.04, ppo 0.02 in the reward, others 0; 0 = no reference model)")
-    ref_weight: str = _opt("", "reference model for beta > 0: stage name or path (default: a frozen copy "
-                               "of the starting policy)")
+    ref_weight: str = _opt("", "reference model for beta > 0 and --ptx_loss kl: stage name or path "
+                               "(default: a frozen copy of the starting policy)")
     reward: str = _opt("task:1", "weighted rule rewards, e.g. task:1,format:0.1 or math:1,format:0.1 "
                                  "(math, format, tool_format, length, task, tool_call, task_format)")
     reward_model_path: str = _opt("", "Hugging Face reward model folder added to the reward ('' = none)")
@@ -100,6 +102,8 @@ class RLOptions:
                                 "step (InstructGPT's PPO-ptx; keeps what the reward does not see; 0 = off)")
     ptx_data: str = _opt("", "SFT JSONL ({\"conversations\"} rows) for --ptx_coef")
     ptx_rows: int = _opt(0, "packed --ptx_data rows per optimizer step (0 = --batch_size)")
+    ptx_loss: str = _opt("nll", "the --ptx_coef term: nll (learn the rows' replies, PPO-ptx) | kl (keep the "
+                                "reference model's next-token distribution on them: a retain set)")
     lora_rank: int = _opt(0, "train LoRA adapters of this rank on a frozen policy instead of every weight "
                              "(0 = full fine-tuning); rollouts and the saved weights have them merged")
     lora_alpha: float = _opt(0.0, "LoRA scale alpha / rank (0 = alpha equals rank: scale 1)")
@@ -161,6 +165,12 @@ class RLOptions:
             return None
         return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, targets=self.lora_targets)
 
+    @property
+    def needs_reference(self) -> bool:
+        """Whether a frozen reference model is loaded: for the KL term (beta > 0, on resolved options)
+        or for ``--ptx_loss kl``'s retain term."""
+        return self.beta > 0 or (self.ptx_coef > 0 and self.ptx_loss == "kl")
+
     def validate(self) -> None:
         problems = []
         if self.loss_type not in LOSS_TYPES:
@@ -216,6 +226,8 @@ class RLOptions:
         if not 0 <= self.ptx_coef < float("inf") or self.ptx_rows < 0:
             problems.append(f"--ptx_coef must be a finite number >= 0 and --ptx_rows >= 0, got {self.ptx_coef} "
                             f"and {self.ptx_rows}")
+        elif self.ptx_loss not in PTX_LOSSES:
+            problems.append(f"--ptx_loss must be one of {', '.join(PTX_LOSSES)}, got {self.ptx_loss!r}")
         elif self.ptx_coef > 0 and not Path(self.ptx_data).is_file():
             problems.append(f"--ptx_coef {self.ptx_coef} needs --ptx_data, an SFT JSONL file "
                             f"(got {self.ptx_data!r})")

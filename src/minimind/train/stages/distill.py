@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -43,9 +43,10 @@ class DistillStage(LMStage):
     name = "distill"
     kind = "sft"
     Options = DistillOptions
-    defaults = dict(save_weight="full_dist", batch_size=32, learning_rate=5e-6, max_seq_len=340, epochs=6,
-                    data_path="dataset/sft_t2t_mini.jsonl", from_weight="full_sft", warmup_steps=0,
-                    wandb_project="MiniMind-Distillation")
+    defaults: ClassVar[dict[str, Any]] = {
+        "save_weight": "full_dist", "batch_size": 32, "learning_rate": 5e-6, "max_seq_len": 340, "epochs": 6,
+        "data_path": "dataset/sft_t2t_mini.jsonl", "from_weight": "full_sft", "warmup_steps": 0,
+        "wandb_project": "MiniMind-Distillation"}
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
@@ -59,14 +60,21 @@ class DistillStage(LMStage):
 
     def compute_loss(self, model: nn.Module, batch: Any) -> LossOutput:
         assert self.teacher is not None, "setup() loads the teacher"
-        out = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
-        with torch.no_grad():
-            teacher_logits = self.teacher(batch.input_ids, position_ids=batch.position_ids,
-                                          doc_ids=batch.doc_ids).logits
-        loss, ce, kl = distill_loss(out.logits, teacher_logits, batch.targets, self.options.alpha,
-                                    self.options.temperature)
-        return LossOutput(loss=loss + out.aux_loss, weight=float(batch.num_target_tokens),
-                          metrics={"ce": ce, "kl": kl, "aux_loss": out.aux_loss.detach()})
+        return distill_batch_loss(model, self.teacher, batch, self.options.alpha, self.options.temperature)
+
+
+def distill_batch_loss(model: nn.Module, teacher: nn.Module, batch: Any, alpha: float,
+                       temperature: float) -> LossOutput:
+    """:func:`~minimind.train.losses.distill_loss` of ``model`` towards a frozen ``teacher`` on one
+    packed batch (plus the MoE balancing loss). RL's retain term (``--ptx_loss kl``) is this with
+    ``alpha = 0, T = 1`` and the reference model as the teacher: ``KL(p_ref || p_theta)`` per token."""
+    out = model(batch.input_ids, position_ids=batch.position_ids, doc_ids=batch.doc_ids)
+    with torch.no_grad():
+        teacher_logits = teacher(batch.input_ids, position_ids=batch.position_ids,
+                                 doc_ids=batch.doc_ids).logits
+    loss, ce, kl = distill_loss(out.logits, teacher_logits, batch.targets, alpha, temperature)
+    return LossOutput(loss=loss + out.aux_loss, weight=float(batch.num_target_tokens),
+                      metrics={"ce": ce, "kl": kl, "aux_loss": out.aux_loss.detach()})
 
 
 def check_same_tokenizer(teacher: nn.Module, tokenizer: Any, teacher_path: Path) -> None:

@@ -96,17 +96,18 @@ class RLStage(StageBase):
         if self.options.steps_per_generation > rows:
             raise ValueError(f"--steps_per_generation {o.steps_per_generation} exceeds the {rows} "
                              f"completions of a rollout batch (--batch_size x --num_generations)")
-        if o.beta > 0 and o.ref_weight:  # resolve now: a missing file fails before any data is read
+        if o.needs_reference and o.ref_weight:  # resolve now: a missing file fails before any data is read
             from minimind.model.weights import resolve_weight_path
             mcfg = cfg.model_config()
             resolve_weight_path(o.ref_weight, cfg.save_dir, mcfg.hidden_size, int(mcfg.use_moe))
 
     def prepare_model(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:
-        """Build the models that start as copies of the policy: the reference (beta > 0, no
-        ``--ref_weight``) and PPO's critic; their parameters are synchronised over ranks in :meth:`setup`.
+        """Build the models that start as copies of the policy: the reference (beta > 0 or
+        ``--ptx_loss kl``, no ``--ref_weight``) and PPO's critic; their parameters are synchronised
+        over ranks in :meth:`setup`.
         Then, with ``--lora_rank``, freeze the policy and give it adapters (the copies stay whole)."""
         o = self.settings
-        if o.beta > 0 and not o.ref_weight:
+        if o.needs_reference and not o.ref_weight:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         if self.uses_values:
             if getattr(o, "critic", "separate") == "shared":
@@ -127,7 +128,7 @@ class RLStage(StageBase):
 
     def setup(self, ctx: StageContext) -> None:
         o = self.settings
-        if o.beta > 0 and o.ref_weight:
+        if o.needs_reference and o.ref_weight:
             self.reference = ctx.frozen_model(ctx.resolve_weight(o.ref_weight))
         for module in (self.reference, self.critic, self.value_head):
             if module is None:

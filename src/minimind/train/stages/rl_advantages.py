@@ -90,7 +90,7 @@ def old_log_probs(ctx: RLContext, batch: RolloutBatch) -> OldPass:
         for m in models:
             m.train()
     ref = policy_logps(parts.reference, batch, parts.temperature, chunk, tr.device, tr.ctx.autocast) \
-        if parts.reference is not None else None
+        if parts.reference is not None and parts.options.beta > 0 else None  # else only --ptx_loss kl uses it
     return OldPass(torch.cat(old) if old else None, ref, torch.cat(vals) if vals else None)
 
 

@@ -16,6 +16,7 @@ from minimind.data import Batch
 from minimind.rl.rollout import RolloutBatch, derive_seed
 from minimind.train.distributed import all_reduce_sum
 from minimind.train.stages.base import LossOutput, next_token_loss
+from minimind.train.stages.distill import distill_batch_loss
 from minimind.train.stages.rl_advantages import Advantages, OldPass, policy_logps
 from minimind.train.stages.rl_context import RLContext
 from minimind.train.stages.rl_loss import RatioStats, RLMicroBatch, micro_batch_weight, rl_loss
@@ -84,23 +85,35 @@ def ptx_batch(ctx: RLContext, step: int, k: int) -> Batch:
 
 
 def with_ptx(loss_fn: Callable[[nn.Module, Any], LossOutput], mbs: list[Any], weights: list[float],
-             ptx: Batch | None, gamma: float) -> tuple[Callable[[nn.Module, Any], LossOutput], list[Any], list[float]]:
-    """Add the supervised term of PPO-ptx (Ouyang et al., 2022) to one optimizer step:
+             ptx: Batch | None, gamma: float, reference: nn.Module | None = None
+             ) -> tuple[Callable[[nn.Module, Any], LossOutput], list[Any], list[float]]:
+    """Add a supervised term on the rows in ``ptx`` to one optimizer step:
 
-        L = L_RL + gamma * NLL_SFT
+        L = L_RL + gamma * NLL_SFT                          (``--ptx_loss nll``: PPO-ptx, Ouyang et al. 2022)
+        L = L_RL + gamma * KL(p_ref || p_theta)             (``--ptx_loss kl``: a retain set)
 
-    ``L_RL`` is the micro-batches' weighted mean; ``NLL_SFT`` the mean token NLL of the rows in ``ptx``
-    (assistant spans). The trainer averages micro-batch losses by weight, ``sum_i w_i L_i / sum_i w_i``,
-    so the ptx micro-batch gets the weight of all RL micro-batches together, ``W = sum_i w_i``, and
-    every loss is doubled: ``(sum_i w_i 2 L_i + W 2 gamma NLL) / 2W = L_RL + gamma NLL``. Metrics are
-    doubled the same way, so the RL ones keep their values and ``ptx_nll`` is the rows' NLL."""
+    ``NLL_SFT`` is the mean token NLL of the rows' assistant spans: it pulls the policy towards the
+    data. The KL, summed over the vocabulary and averaged over the same positions (``reference``
+    given), pulls it towards the reference model's distribution instead, so on rows the reward never
+    sees (other kinds, the thinking-off mode) the policy stays where RL started, as learning without
+    forgetting (Li & Hoiem 2016) keeps old tasks: it teaches nothing new, where NLL also moves the
+    model to whatever the data says. ``L_RL`` is the micro-batches' weighted mean. The trainer
+    averages micro-batch losses by weight, ``sum_i w_i L_i / sum_i w_i``, so the ptx micro-batch gets
+    the weight of all RL micro-batches together, ``W = sum_i w_i``, and every loss is doubled:
+    ``(sum_i w_i 2 L_i + W 2 gamma T) / 2W = L_RL + gamma T``. Metrics are doubled the same way, so
+    the RL ones keep their values and ``ptx_nll`` / ``ptx_kl`` is the term's value."""
     if ptx is None or gamma <= 0:
         return loss_fn, mbs, weights
 
     def mixed(model: nn.Module, mb: Any) -> LossOutput:
         if isinstance(mb, Batch):
-            out = next_token_loss(model, mb)
-            return LossOutput(2.0 * gamma * out.loss, out.weight, {"ptx_nll": 2.0 * out.metrics["ce"]})
+            if reference is None:
+                out = next_token_loss(model, mb)
+                name, value = "ptx_nll", out.metrics["ce"]
+            else:
+                out = distill_batch_loss(model, reference, mb, alpha=0.0, temperature=1.0)
+                name, value = "ptx_kl", out.metrics["kl"]
+            return LossOutput(2.0 * gamma * out.loss, out.weight, {name: 2.0 * value})
         out = loss_fn(model, mb)
         return LossOutput(2.0 * out.loss, out.weight, {k: 2.0 * v for k, v in out.metrics.items()})
 
@@ -131,7 +144,7 @@ def update(ctx: RLContext, step: int, scored: Scored, old: OldPass, adv: Advanta
                 continue
             ptx = ptx_batch(ctx, step, stats.steps) if ctx.ptx is not None else None
             fn, mbs, weights = with_ptx(loss_fn, mbs, [micro_batch_weight(ctx.obj, mb) for mb in mbs], ptx,
-                                        o.ptx_coef)
+                                        o.ptx_coef, ctx.parts.reference if o.ptx_loss == "kl" else None)
             st = tr.step(mbs, lr, loss_fn=fn, weights=weights)
             for k, v in {"loss": st.loss, **st.metrics}.items():
                 stats.metrics[k] = stats.metrics.get(k, 0.0) + v.float()
