@@ -58,6 +58,11 @@ def test_quick_demo_learns_and_reports(tmp_path):
     # off-policy guidance: every prompt carries its item's right reply, and the report says so
     assert g["guidance"] == 1 and all(p["reference"]["content"] for p in prompts)
     assert "Off-policy guidance" in report and "Month ends are 60% of the next-day date prompts" in report
+    # the retain term: thinking-off SFT rows of the kinds GRPO does not train, its KL logged and reported
+    retain = [json.loads(ln) for ln in (out / "data" / "grpo_retain.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert g["retain_kinds"] and not set(g["retain_kinds"]) & set(g["kinds"])
+    assert retain and all("reasoning_content" not in m for r in retain for m in r["conversations"])
+    assert g["retain_kl_last"] > 0 and "Retain term" in report
     asked = {p["conversations"][-2]["content"] for p in prompts}
     assert not asked & {r["conversations"][-2]["content"] if "conversations" in r else "" for r in evaluated}
 

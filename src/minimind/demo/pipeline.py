@@ -95,7 +95,7 @@ class DemoSettings:
     # +5.1, five of seven >= 5); the previous recipe (8 x 8, no guidance, month ends as in SFT) gave
     # +0.5..+1.5 there. On the AVX2 path (fp32, DPO model at 0.755): +2.5..+11.0 (mean +7.9, four of
     # five >= 5; docs/demo.md, fourteenth round). Same cost per step: 64 samples.
-    grpo_steps: int = 80
+    grpo_steps: int = 120
     grpo_prompts: int = 16  # prompts per step
     grpo_generations: int = 4  # samples per prompt (a GRPO group)
     # GRPO trains rank-16 LoRA adapters on every Linear of the frozen DPO model (merged when saved):
@@ -122,7 +122,7 @@ class DemoSettings:
     grpo_ptx_coef: float = 0.0
     # retain term: gamma of KL(start model || policy) on thinking-off SFT rows of the kinds GRPO does
     # not train (--ptx_loss kl): the mode and the kinds no rollout sees stay where GRPO started
-    grpo_retain_coef: float = 0.0
+    grpo_retain_coef: float = 1.0
     grpo_retain_rows: int = 4  # packed rows of the retain data per step (sft_seq_len tokens each)
     # DAPO's dynamic sampling: extra rounds of prompts until every group of the step has rewards that
     # differ (a group all right or all wrong has advantage 0: no signal)
@@ -343,17 +343,17 @@ class ReinforcementLearning:
     name = "grpo"
 
     @staticmethod
-    def _supervised_term(ctx: DemoContext) -> dict[str, Any]:
+    def _supervised_term(ctx: DemoContext) -> tuple[dict[str, Any], list[str]]:
         """The GRPO options of the optional term beside the RL loss: PPO-ptx's NLL on the SFT rows
         (``grpo_ptx_coef``), or the retain KL to the start model (``grpo_retain_coef``) on thinking-off
-        rows of the kinds GRPO does not train, written to ``data/grpo_retain.jsonl``."""
+        rows of the kinds GRPO does not train, written to ``data/grpo_retain.jsonl``; and those kinds."""
         s = ctx.settings
         if s.grpo_ptx_coef > 0 and s.grpo_retain_coef > 0:
             raise ValueError("grpo_ptx_coef and grpo_retain_coef are two uses of one term: set one of them")
         if s.grpo_ptx_coef > 0:
-            return {"ptx_coef": s.grpo_ptx_coef, "ptx_data": str(ctx.artifacts["sft"])}
+            return {"ptx_coef": s.grpo_ptx_coef, "ptx_data": str(ctx.artifacts["sft"])}, []
         if s.grpo_retain_coef <= 0:
-            return {}
+            return {}, []
         from minimind.tasks.generators import generate_tasks
         from minimind.tasks.rows import task_to_sft_row
         kinds = sorted({row["kind"] for row in _read_jsonl(ctx.artifacts["eval_tasks"])} - set(s.grpo_kinds))
@@ -364,7 +364,7 @@ class ReinforcementLearning:
         with open(data, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(task_to_sft_row(t), ensure_ascii=False) + "\n" for t in tasks)
         return {"ptx_coef": s.grpo_retain_coef, "ptx_loss": "kl", "ptx_data": str(data),
-                "ptx_rows": s.grpo_retain_rows}
+                "ptx_rows": s.grpo_retain_rows}, kinds
 
     def run(self, ctx: DemoContext) -> None:
         from minimind.tasks.generators import generate_tasks
@@ -383,6 +383,7 @@ class ReinforcementLearning:
                                learning_rate=s.grpo_lr, epochs=1, max_steps=s.grpo_steps, warmup_steps=0,
                                min_lr_ratio=1.0, weight_decay=0.0, batch_size=s.grpo_prompts, log_interval=1,
                                max_seq_len=s.sft_seq_len, progress=0, optimizer="adamw")
+        supervised, retained = self._supervised_term(ctx)
         opts = GRPOOptions(loss_type="grpo", num_generations=s.grpo_generations, beta=s.grpo_beta, reward="task:1",
                            max_gen_len=s.grpo_max_gen_len, temperature=s.grpo_temperature,
                            thinking_ratio=s.grpo_thinking_ratio,
@@ -390,7 +391,7 @@ class ReinforcementLearning:
                            lora_rank=s.grpo_lora_rank, lora_alpha=s.grpo_lora_alpha,
                            dynamic_sampling=s.grpo_dynamic_sampling,
                            compile_rollouts=s.grpo_compile_rollouts, guidance=s.grpo_guidance,
-                           **self._supervised_term(ctx))
+                           **supervised)
         heldout = [row for row in _read_jsonl(ctx.artifacts["eval_tasks"]) if row["kind"] in s.grpo_kinds]
         thinking = s.grpo_thinking_ratio >= 0.5
         sample = {"n": s.grpo_generations, "max_new_tokens": s.grpo_max_gen_len, "open_thinking": thinking,
@@ -417,7 +418,9 @@ class ReinforcementLearning:
             "steps": res.steps, "seconds": round(res.seconds, 1), "prompts_per_step": s.grpo_prompts,
             "generations": s.grpo_generations, "kinds": list(s.grpo_kinds), "lr": s.grpo_lr,
             "steps_per_generation": s.grpo_steps_per_generation, "ptx_coef": s.grpo_ptx_coef,
-            "retain_coef": s.grpo_retain_coef,
+            # the retain term: its kinds and KL(start || policy) on their rows over the last steps
+            "retain_coef": s.grpo_retain_coef, "retain_kinds": retained,
+            "retain_kl_last": round(sum(rec.get("ptx_kl", 0.0) for rec in res.records[-k:]) / k, 6),
             "lora_rank": s.grpo_lora_rank, "lora_alpha": s.grpo_lora_alpha,
             "dynamic_sampling": s.grpo_dynamic_sampling, "guidance": s.grpo_guidance,
             "month_end_share": s.grpo_month_end_share,

@@ -89,13 +89,17 @@ def _dpo_section(ctx: Any, d: dict[str, Any]) -> list[str]:
 
 
 def _grpo_data(g: dict[str, Any]) -> str:
-    """What the GRPO prompts and groups held beyond the plain samples (month ends, guidance)."""
+    """What the GRPO prompts and groups held beyond the plain samples (month ends, guidance, retain)."""
     out = ""
     if "date_fact" in g["kinds"] and g.get("month_end_share") is not None:
         out += f" Month ends are {g['month_end_share']:.0%} of the next-day date prompts."
     if g.get("guidance"):
         out += (f" Off-policy guidance: a group with no right sample trains on the item's right reply in place of "
                 f"its last sample ({g.get('guided_share', 0.0):.1%} of the groups).")
+    if g.get("retain_kinds"):
+        out += (f" Retain term: γ = {g['retain_coef']:g} times the KL from the start model on thinking-off rows of "
+                f"the kinds GRPO does not train ({', '.join(g['retain_kinds'])}); over the last steps it is "
+                f"{g['retain_kl_last']:.5f} nats per token.")
     return out
 
 
