@@ -63,6 +63,9 @@ def test_quick_demo_learns_and_reports(tmp_path):
     assert g["retain_kinds"] and not set(g["retain_kinds"]) & set(g["kinds"])
     assert retain and all("reasoning_content" not in m for r in retain for m in r["conversations"])
     assert g["retain_kl_last"] > 0 and "Retain term" in report
+    drift = g["untrained_reply_kl"]
+    assert set(drift) == set(g["retain_kinds"]) and min(drift.values()) >= 0 < max(drift.values())
+    assert "their drift" in report
     asked = {p["conversations"][-2]["content"] for p in prompts}
     assert not asked & {r["conversations"][-2]["content"] if "conversations" in r else "" for r in evaluated}
 

@@ -401,6 +401,7 @@ class ReinforcementLearning:
         ctx.artifacts["grpo_weights"] = res.weights_path
         ctx.artifacts["grpo_metrics"] = res.metrics_path
         after = _sampled_accuracy(ctx, res.weights_path, heldout, **sample)
+        drift = _untrained_drift(ctx, start, res.weights_path)
         r = res.rewards
         k = max(1, min(10, len(r) // 2))
         sec = sorted(rec["sec_per_step"] for rec in res.records)
@@ -421,6 +422,8 @@ class ReinforcementLearning:
             # the retain term: its kinds and KL(start || policy) on their rows over the last steps
             "retain_coef": s.grpo_retain_coef, "retain_kinds": retained,
             "retain_kl_last": round(sum(rec.get("ptx_kl", 0.0) for rec in res.records[-k:]) / k, 6),
+            # KL(start || GRPO) per reply token on the held-out items of the other kinds, thinking off
+            "untrained_reply_kl": drift,
             "lora_rank": s.grpo_lora_rank, "lora_alpha": s.grpo_lora_alpha,
             "dynamic_sampling": s.grpo_dynamic_sampling, "guidance": s.grpo_guidance,
             "month_end_share": s.grpo_month_end_share,
@@ -565,6 +568,19 @@ def _sampled_accuracy(ctx: DemoContext, weights: Path, rows: list[dict], n: int,
     return {"mean": round(sum(ok) / len(ok), 4), "pass_at_n": round(sum(map(any, per_row)) / len(rows), 4),
             "per_kind": {k: round(sum(map(sum, v)) / (n * len(v)), 4) for k, v in sorted(kinds.items())},
             "pass_at_n_per_kind": {k: round(sum(map(any, v)) / len(v), 4) for k, v in sorted(kinds.items())}}
+
+
+def _untrained_drift(ctx: DemoContext, start: Path, tuned: Path) -> dict[str, float]:
+    """Per kind GRPO does not train: KL(start || tuned) per reply token on its held-out items, thinking
+    off (:func:`~minimind.eval.drift.reply_kl`), the drift before it flips an answer."""
+    from minimind.eval.drift import reply_kl
+    from minimind.model import load_model
+    s = ctx.settings
+    rows = [r for r in _read_jsonl(ctx.artifacts["eval_tasks"]) if r["kind"] not in s.grpo_kinds]
+    a, b = load_model(start).eval(), load_model(tuned).eval()
+    return {k: round(reply_kl(a, b, ctx.tokenizer, [r["messages"] for r in rows if r["kind"] == k],
+                              max_len=s.sft_seq_len), 6)
+            for k in sorted({r["kind"] for r in rows})}
 
 
 def _engine(ctx: DemoContext, weights: Path):

@@ -140,6 +140,10 @@ def _grpo_section(ctx: Any, g: dict[str, Any], task_eval: dict[str, Any]) -> lis
         if others:
             drops = ", ".join(f"{k} {before['per_kind'].get(k, 0):.2f} → {after['per_kind'][k]:.2f}" for k in others)
             lines.append(f"| kinds GRPO did not train, greedy, thinking off | {drops} | |")
+        if g.get("untrained_reply_kl"):
+            kls = ", ".join(f"{k} {v:.5f}" for k, v in g["untrained_reply_kl"].items())
+            lines.append(f"| … their drift before it flips an answer: KL(start ‖ GRPO) per reply token, "
+                         f"held-out items | | {kls} |")
         lines.append("")
     metrics = ctx.artifacts.get("grpo_metrics")
     if metrics is not None and Path(metrics).exists():
