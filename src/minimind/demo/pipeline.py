@@ -89,12 +89,12 @@ class DemoSettings:
     dpo_batch_size: int = 2  # packed rows per step
     # GRPO after DPO (or SFT) on the single-turn task kinds, reward = the task checker (exact answer);
     # held-out accuracy before/after comes from the task evaluation, which also scores this model.
-    # 80 steps of 16 prompts x 4 samples with a k3 KL term (beta 0.04), off-policy guidance and the
-    # date prompts aimed at month ends (below). On the AVX-512 BF16 kind's DPO model (0.87 greedy with
-    # thinking on) the greedy lift on the trained kinds over GRPO seeds 0-6 was +3.0..+6.5 points (mean
-    # +5.1, five of seven >= 5); the previous recipe (8 x 8, no guidance, month ends as in SFT) gave
-    # +0.5..+1.5 there. On the AVX2 path (fp32, DPO model at 0.755): +2.5..+11.0 (mean +7.9, four of
-    # five >= 5; docs/demo.md, fourteenth round). Same cost per step: 64 samples.
+    # 120 steps of 16 prompts x 4 samples with a k3 KL term (beta 0.04), off-policy guidance, the date
+    # prompts aimed at month ends and a retain term for the kinds it does not train (below). On the
+    # AVX-512 BF16 kind's DPO model (0.87 greedy with thinking on) the greedy lift on the trained kinds
+    # over GRPO seeds 0-6 was +3.0..+7.0 points (mean +5.1, four of seven >= 5: the misses are one
+    # arithmetic problem, five of the 200 items), every untrained kind within 2 items; on the AVX2
+    # path (fp32, DPO model at 0.755) +11.0..+15.5 over seeds 0-3 (docs/demo.md, fifteenth round).
     grpo_steps: int = 120
     grpo_prompts: int = 16  # prompts per step
     grpo_generations: int = 4  # samples per prompt (a GRPO group)
