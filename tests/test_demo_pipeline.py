@@ -112,6 +112,15 @@ def test_the_sampled_accuracy_draws_at_the_rollout_temperature(monkeypatch, tmp_
     assert seen == [0.8] and got["mean"] == 1.0 and got["pass_at_n"] == 1.0
 
 
+def test_two_uses_of_the_grpo_supervised_term_fail_before_any_step(tmp_path, capsys):
+    """PPO-ptx (grpo_ptx_coef) and the retain term (grpo_retain_coef) are one GRPO term: asking for both
+    is refused with a clear error before the demo writes anything."""
+    from minimind.cli import main
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out_dir", str(out), "--set", "grpo_ptx_coef=0.5"]) != 0
+    assert "grpo_retain_coef" in capsys.readouterr().err and not out.exists()
+
+
 @pytest.mark.slow
 def test_full_demo_meets_its_promises(tmp_path):
     """The figures docs/demo.md and the README report, with margin.

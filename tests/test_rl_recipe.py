@@ -412,11 +412,13 @@ def test_ptx_kl_adds_gamma_times_the_kl_to_the_reference(ws: dict[str, Path], tm
 
     fn, all_mbs, w = with_ptx(base, mbs, rl_w, ptx, gamma, reference=ref)
     assert float(fn(model, ptx).metrics["ptx_kl"]) == pytest.approx(0.0, abs=1e-6)  # policy == reference
+    torch.manual_seed(0)
     with torch.no_grad():  # move the policy away from the reference
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     outs = [fn(model, mb) for mb in all_mbs]
     g_mixed = _grads(model, sum(o.loss * wi / sum(w) for o, wi in zip(outs, w)))
+
     def rl_mean() -> torch.Tensor:
         return sum(base(model, mb).loss * wi / sum(rl_w) for mb, wi in zip(mbs, rl_w))
 

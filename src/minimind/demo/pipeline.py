@@ -348,8 +348,6 @@ class ReinforcementLearning:
         (``grpo_ptx_coef``), or the retain KL to the start model (``grpo_retain_coef``) on thinking-off
         rows of the kinds GRPO does not train, written to ``data/grpo_retain.jsonl``; and those kinds."""
         s = ctx.settings
-        if s.grpo_ptx_coef > 0 and s.grpo_retain_coef > 0:
-            raise ValueError("grpo_ptx_coef and grpo_retain_coef are two uses of one term: set one of them")
         if s.grpo_ptx_coef > 0:
             return {"ptx_coef": s.grpo_ptx_coef, "ptx_data": str(ctx.artifacts["sft"])}, []
         if s.grpo_retain_coef <= 0:
@@ -598,6 +596,9 @@ def run_demo(settings: DemoSettings, steps: list[DemoStep] | None = None) -> Dem
     the sections of the steps that did not run again.
     """
     from minimind.demo.report import write_report
+    if settings.grpo_ptx_coef > 0 and settings.grpo_retain_coef > 0:  # fail before any step runs
+        raise ValueError("grpo_ptx_coef and grpo_retain_coef are two uses of one GRPO term: set one of them "
+                         "(the other to 0)")
     ctx = DemoContext(settings)
     ctx.out.mkdir(parents=True, exist_ok=True)
     partial = steps is not None and [st.name for st in steps] != [st.name for st in DEFAULT_STEPS]
