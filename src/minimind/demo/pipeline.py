@@ -94,7 +94,7 @@ class DemoSettings:
     # AVX-512 BF16 kind's DPO model (0.87 greedy with thinking on) the greedy lift on the trained kinds
     # over GRPO seeds 0-6 was +3.0..+7.0 points (mean +5.1, four of seven >= 5: the misses are one
     # arithmetic problem, five of the 200 items), every untrained kind within 2 items; on the AVX2
-    # path (fp32, DPO model at 0.755) +11.0..+15.5 over seeds 0-3 (docs/demo.md, fifteenth round).
+    # path (fp32, DPO model at 0.755) +11.0..+15.5 over seeds 0-4 (docs/demo.md, fifteenth round).
     grpo_steps: int = 120
     grpo_prompts: int = 16  # prompts per step
     grpo_generations: int = 4  # samples per prompt (a GRPO group)
