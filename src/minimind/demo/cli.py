@@ -1,5 +1,5 @@
 """``minimind demo`` on the command line: its flags, ``--set FIELD=VALUE`` overrides of
-:class:`~minimind.demo.pipeline.DemoSettings`, and ``--steps`` subsets of the pipeline."""
+:class:`~minimind.demo.settings.DemoSettings`, and ``--steps`` subsets of the pipeline."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from minimind.demo.pipeline import STEPS_BY_NAME, DemoSettings, run_demo
+from minimind.demo.pipeline import STEPS_BY_NAME, run_demo
+from minimind.demo.settings import DemoSettings
 
 __all__ = ["add_demo_arguments", "demo_main"]
 

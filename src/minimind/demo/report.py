@@ -97,9 +97,9 @@ def _grpo_data(g: dict[str, Any]) -> str:
         out += (f" Off-policy guidance: a group with no right sample trains on the item's right reply in place of "
                 f"its last sample ({g.get('guided_share', 0.0):.1%} of the groups).")
     if g.get("retain_kinds"):
-        out += (f" Retain term: γ = {g['retain_coef']:g} times the KL from the start model on thinking-off rows of "
-                f"the kinds GRPO does not train ({', '.join(g['retain_kinds'])}); over the last steps it is "
-                f"{g['retain_kl_last']:.5f} nats per token.")
+        out += (f" Retain term: γ = {g['retain_coef']:g} times the KL from the start model on thinking-off "
+                f"rows of the kinds GRPO does not train ({', '.join(g['retain_kinds'])}); over the last steps "
+                f"it is {g['retain_kl_last']:.5f} nats per token.")
     return out
 
 

@@ -40,7 +40,8 @@ def reply_kl(start: nn.Module, tuned: nn.Module, tokenizer: Any, conversations: 
         ids, mask = tokenize_conversation(tokenizer, msgs, tools, random.Random(0), add_system_ratio=0.0,
                                           empty_think_ratio=1.0, max_len=max_len, markers=markers)
         x = torch.tensor([ids])
-        targets = torch.tensor([[t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])] + [IGNORE_INDEX]])
+        targets = [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])] + [IGNORE_INDEX]
+        targets = torch.tensor([targets])
         n = int((targets != IGNORE_INDEX).sum())
         if n == 0:
             continue
