@@ -28,14 +28,20 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8
 
 
 def cpu_info() -> dict[str, object]:
-    """The CPU's model name and the flags that decide bf16 matmul speed (Linux; empty elsewhere)."""
+    """The CPU's model name, family/model numbers and the flags that decide bf16 matmul speed (Linux;
+    empty elsewhere)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return {}
-    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "")
-    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
-    return {"cpu": name, "cpu_flags": [f for f in CPU_FLAGS if f in flags],
+
+    def field(key: str) -> str:
+        return next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.split(":")[0].strip() == key), "")
+
+    flags = set(field("flags").split())
+    # family/model tell apart CPUs of one name ("AMD EPYC": family 25 is Zen 3/4, 26 is Zen 5)
+    return {"cpu": field("model name"), "cpu_family_model": f"{field('cpu family')}/{field('model')}",
+            "cpu_flags": [f for f in CPU_FLAGS if f in flags],
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 

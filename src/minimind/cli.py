@@ -494,7 +494,9 @@ def finish_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from minimind.cpu_allocator import tune_malloc
     args = build_parser().parse_args(argv)
+    tune_malloc()  # large CPU tensors reuse heap pages instead of page-faulting fresh ones every step
     with warnings.catch_warnings():  # restores the default display when main returns (tests call it)
         warnings.showwarning = _show_warning
         return _run(args)
