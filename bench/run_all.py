@@ -1,4 +1,4 @@
-"""Every benchmark in one command, one JSON of the ratios: pretrain, SFT, decode, RL step.
+"""Every benchmark in one command, one JSON of the ratios: pretrain, SFT, decode, RL step, allocator.
 
 Runs, one after the other, each as its own process (so one's threads, compiled graphs and memory do
 not leak into the next) and with its own arguments:
@@ -10,6 +10,8 @@ not leak into the next) and with its own arguments:
 * ``decode`` -- ``bench_engine.py``: our engine vs the reference ``generate()`` loop vs llama.cpp
   (where ``llama-cpp-python`` is installed), per dtype and batch size;
 * ``rl`` -- ``rl_toy.py``: seconds per RL step split into rollout and update, per loss type;
+* ``allocator`` -- ``cpu_allocator.py``: the demo's training step with glibc's default malloc and with
+  :func:`minimind.cpu_allocator.tune_malloc` (always on the CPU);
 * ``reference_pretrain`` -- ``reference_pretrain.py``: the reference project's own
   ``train_pretrain.py`` timed from its log (only with ``--reference_pretrain_args "--reference_repo
   <checkout> --data_path <jsonl>"``: nothing of that project ships here).
@@ -50,18 +52,19 @@ QUICK_ARGS: dict[str, list[str]] = {
             "--conversations", "150", "--steps", "2"],
     "decode": ["--quick", "--repeats", "1"],
     "rl": ["--steps", "20", "--loss_types", "grpo,ppo"],
+    "allocator": ["--steps", "8", "--warmup", "2", "--rounds", "1"],
     "reference_pretrain": ["--seconds", "40", "--batch_size", "4", "--hidden_size", "128",
                            "--num_hidden_layers", "2", "--extra", "--num_workers 1"],
 }
 SCRIPTS = {"pretrain": "bench_pretrain.py", "sft": "bench_sft.py", "decode": "bench_engine.py", "rl": "rl_toy.py",
-           "reference_pretrain": "reference_pretrain.py"}
+           "allocator": "cpu_allocator.py", "reference_pretrain": "reference_pretrain.py"}
 
 
 def part_args(name: str, device: torch.device, quick: bool, extra: str) -> list[str]:
     """The command-line arguments of one part: device, quick sizes, then the user's extras (argparse
     keeps the last value of a repeated flag, so the extras win)."""
     args = list(QUICK_ARGS[name]) if quick else []
-    if name == "reference_pretrain":  # the reference's trainer picks its own device
+    if name in ("reference_pretrain", "allocator"):  # its own device: the reference's choice, the CPU
         return args + shlex.split(extra)
     if name == "rl":
         args += ["--out", "", "--device", device.type,
@@ -108,6 +111,10 @@ def summary(name: str, report: dict[str, Any]) -> dict[str, Any]:
         return {k: report.get(k) for k in ("packed_vs_reference", "bf16_vs_fp32")}
     if name == "reference_pretrain":
         return {k: report.get(k) for k in ("useful_tokens_per_s", "mfu", "micro_steps_per_s")}
+    if name == "allocator":
+        return {"speedup": report.get("speedup"), "same_loss": report.get("same_loss"),
+                "faults_per_step": {side: report.get(side, {}).get("minor_faults_per_step")
+                                    for side in ("plain", "tuned")}}
     if name == "decode":  # decode tok/s of each engine variant over the other sides, per mode and batch
         per_mode = {mode: {b: {k: round(v["decode"], 3) for k, v in cell.items() if "_vs_" in k}
                            for b, cell in batches.items()}
@@ -124,7 +131,7 @@ def summary(name: str, report: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes for every part (~3 min on 2 CPU cores)")
-    p.add_argument("--only", default="pretrain,sft,decode,rl", help="comma-separated parts to run")
+    p.add_argument("--only", default="pretrain,sft,decode,rl,allocator", help="comma-separated parts to run")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--timeout", type=float, default=0, help="seconds per part (0: 900 quick, 7200 full)")
     for name, script in SCRIPTS.items():

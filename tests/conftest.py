@@ -7,6 +7,13 @@ from pathlib import Path
 import pytest
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Tune glibc malloc as the CLI does (large tensors reuse heap pages): faster, the same results."""
+    from minimind.cpu_allocator import tune_malloc
+
+    tune_malloc()
+
+
 def shared_path() -> Path:
     """``<repo>/../shared``: reference fixtures and docs, present only in the full workspace."""
     return Path(__file__).resolve().parents[1].parent / "shared"

@@ -16,8 +16,8 @@ import pytest
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                                 reason="glibc malloc only")
 
-# A step's pattern: two 48 MiB results made from one input and freed, twelve times; report the
-# minor page faults of the last four steps (each fresh 4 KiB page the kernel zeroes is one) and a
+# A step's pattern: two 48 MiB results made from one input and freed, 24 times; report the
+# minor page faults of the last twelve steps (each fresh 4 KiB page the kernel zeroes is one) and a
 # checksum of the results.
 _PROBE = """
 import json, resource, sys, torch
@@ -25,13 +25,13 @@ from minimind.cpu_allocator import tune_malloc
 applied = tune_malloc() if sys.argv[1] == "tune" else None
 x = torch.linspace(-1.0, 1.0, 12 << 20)  # 48 MiB of fp32
 total, faults = 0.0, 0
-for step in range(12):
+for step in range(24):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     y = x * 2
     z = y.exp()
     total += float(z[::4096].sum())
     del y, z
-    if step >= 8:
+    if step >= 12:
         faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 print(json.dumps({"applied": applied, "faults": faults, "sum": total}))
 """
@@ -49,10 +49,11 @@ def test_freed_large_tensors_reuse_heap_pages_instead_of_faulting_fresh_ones():
     tuned = _probe("tune")
     assert plain["applied"] is None and tuned["applied"] and tuned["applied"] >= 48 << 20
     # glibc's default: every 48 MiB block is a fresh mmap (the dynamic threshold stops at 32 MiB),
-    # so each of the four steps faults both results' pages in again
-    assert plain["faults"] >= 4 * 2 * pages * 0.9
-    # tuned: after the heap has grown to hold them (the first steps), the steps reuse its pages
-    assert tuned["faults"] < 0.1 * pages
+    # so each of the twelve steps faults both results' pages in again
+    assert plain["faults"] >= 12 * 2 * pages * 0.9
+    # tuned: once the heap has grown to hold them (the first few steps) the steps reuse its pages; a
+    # block now and then still lands past the heap's top (0-2 of the 24 blocks, measured)
+    assert tuned["faults"] < 0.25 * plain["faults"]
     assert tuned["sum"] == plain["sum"]  # where the bytes live changes no result
 
 

@@ -440,8 +440,10 @@ def run_demo(settings: DemoSettings, steps: list[DemoStep] | None = None) -> Dem
     data and weights (see :func:`_restore`), and its ``results.json`` figures, so the report keeps
     the sections of the steps that did not run again.
     """
+    from minimind.cpu_allocator import tune_malloc
     from minimind.demo.report import write_report
     settings.validate()
+    tune_malloc()  # also when called from Python, not the CLI: the same figures, ~20 % sooner on a CPU
     ctx = DemoContext(settings)
     ctx.out.mkdir(parents=True, exist_ok=True)
     partial = steps is not None and [st.name for st in steps] != [st.name for st in DEFAULT_STEPS]
