@@ -6,7 +6,7 @@ back with ``munmap`` on free.  A training step frees and re-allocates the same l
 logits and gradients every time, so each step page-faults all of them in again: the kernel zeroes
 every 4 KiB page before the tensor's first write.  On a 2-core CPU that is most of the time of a
 large element-wise op (``x - lse`` over a 2048 x 4096 fp32 logits block: 9.7 ms with fresh pages,
-1.5 ms in reused ones, measured on a 2-core AMD EPYC) and about a sixth of a demo training step.
+1.5 ms in reused ones, measured on a 2-core AMD EPYC) and about a quarter of a demo training step.
 
 :func:`tune_malloc` raises the mmap threshold and the heap trim threshold (``mallopt(3)``:
 ``M_MMAP_THRESHOLD``, ``M_TRIM_THRESHOLD``) to 1 GiB, so blocks below it come from the heap and freed
@@ -28,7 +28,7 @@ import sys
 M_TRIM_THRESHOLD = -1  # mallopt(3) parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
 THRESHOLD = 1 << 30
-#: glibc before 2.35 caps the mmap threshold at half its heap size (32 MiB on 64-bit): the fallback
+#: where glibc refuses a threshold above half its heap size (32 MiB on 64-bit builds): the fallback
 _FALLBACK_THRESHOLD = 32 << 20
 _PRELOADED = ("jemalloc", "tcmalloc", "mimalloc")
 _GLIBC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
