@@ -23,13 +23,13 @@ import sys
 import time
 
 import torch
-from _common import emit_json, environment
+from _common import emit_json, environment, optimizer_step
 from bench_pretrain import packed_batch
 
 from minimind.config import TrainConfig, preset
 from minimind.model import MiniMindForCausalLM
 from minimind.train.core import make_optimizer
-from minimind.train.device import autocast, pick_device, pick_dtype
+from minimind.train.device import pick_device, pick_dtype
 from minimind.train.stages.base import next_token_loss
 
 
@@ -49,14 +49,9 @@ def worker(mode: str, steps: int, warmup: int, dtype_name: str) -> dict[str, flo
     batches = [packed_batch(8, 256, 4096, gen) for _ in range(4)]
     times, faults, loss = [], [], 0.0
     for i in range(warmup + steps):
+        batch = batches[i % len(batches)]
         f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-        with autocast(device, dtype):
-            out = next_token_loss(model, batches[i % len(batches)])
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss = float(out.loss)
+        loss = float(optimizer_step(model, opt, lambda b=batch: next_token_loss(model, b).loss, device, dtype))
         if i >= warmup:
             times.append(time.perf_counter() - t0)
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
