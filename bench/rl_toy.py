@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import emit_json, environment  # bench/ is not a package: scripts import it from their own folder
 
 from minimind.config import TrainConfig
 from minimind.rl.objective import LOSS_TYPES
@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs/img/rl_toy_reward.png", help="reward curves ('' = no plot)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (the engine then samples from a bf16 copy)")
     ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 (training autocast)")
+    ap.add_argument("--json", default="", help="also write the JSON report here")
     args = ap.parse_args()
     torch.set_num_threads(1)
     register_toy_reward()
@@ -103,10 +104,9 @@ def main() -> None:
                          title="toy digit task, every loss_type (64 completions per step)")
     for r in results:
         r.pop("metrics")
-    print(json.dumps({"task": "toy digit (say <d>), 2-layer 32-wide model from scratch, 64 completions/step, "
-                              "max_gen_len 2, T 1", "device": args.device, "dtype": args.dtype, "lr": args.lr,
-                      "results": results}, indent=1))
-
+    emit_json({"task": "toy digit (say <d>), 2-layer 32-wide model from scratch, 64 completions/step, "
+                       "max_gen_len 2, T 1", "device": args.device, "dtype": args.dtype, "lr": args.lr,
+               "environment": environment(torch.device(args.device)), "results": results}, args.json or None)
 
 if __name__ == "__main__":
     main()
