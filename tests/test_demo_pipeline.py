@@ -37,6 +37,19 @@ def test_quick_demo_learns_and_reports(tmp_path):
     assert on["open_thinking"] is True and on["n_per_kind"] == sft_eval["n_per_kind"] and 0 <= on["think_closed"] <= 1
     assert "thinking" not in res["task_eval"]["pretrain"] and "thinking" in res["task_eval"]["grpo"]
     assert list(res["task_eval"]) == ["pretrain", "sft", "dpo", "grpo"]  # the DPO and GRPO models too
+    # the GRPO model's change from the DPO model, item by item on the GRPO-trained kinds' rows
+    trained = [r for r in evaluated if r["kind"] in res["grpo"]["kinds"]]
+    for mode in ("off", "on"):
+        before, after = res["task_eval"]["dpo"], res["task_eval"]["grpo"]
+        if mode == "on":
+            before, after = before["thinking"], after["thinking"]
+        vs = after["vs_start"]
+        acc = {lab: sum(v["per_kind"].get(k, 0) * v["n_per_kind"].get(k, 0) for k in vs["kinds"])
+               for lab, v in (("before", before), ("after", after))}
+        assert vs["start"] == "dpo" and vs["n"] == len(trained)
+        assert vs["fixed"] - vs["broken"] == round(acc["after"] - acc["before"])
+        assert vs["problems"] == len({r["key"] for r in trained}) and vs["se_problems"] >= 0
+        assert "correct" not in after  # read for the comparison, not stored
     for name in ("report.md", "loss.png", "tasks.png", "dpo.png", "grpo.png", "pretrain_256.safetensors",
                  "full_sft_256.safetensors", "dpo_256.safetensors", "grpo_256.safetensors",
                  "tokenizer/tokenizer.json", "data/dpo_train.jsonl", "data/dpo_heldout.jsonl",
@@ -63,6 +76,7 @@ def test_quick_demo_learns_and_reports(tmp_path):
     assert g["retain_kinds"] and not set(g["retain_kinds"]) & set(g["kinds"])
     assert retain and all("reasoning_content" not in m for r in retain for m in r["conversations"])
     assert g["retain_kl_last"] > 0 and "Retain term" in report
+    assert "… item by item: fixed / broken of" in report
     drift = g["untrained_reply_kl"]
     assert set(drift) == set(g["retain_kinds"]) and min(drift.values()) >= 0 < max(drift.values())
     assert "their drift" in report

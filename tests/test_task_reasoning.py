@@ -151,6 +151,7 @@ def test_evaluate_tasks_with_open_thinking_grades_the_answer_after_the_think_blo
     assert res["per_kind"] == {"arithmetic": 1.0, "unit_conversion": 0.0}
     assert res["think_closed"] == pytest.approx(0.5)
     assert res["reasoning_per_kind"] == {"arithmetic": 1.0, "unit_conversion": 1.0}
+    assert res["correct"] == [int(t.kind == "arithmetic") for t in tasks]  # row by row, in order
     off = evaluate_tasks(Engine(), Tok(), [t.to_dict() for t in tasks], check_answer)
     assert off["open_thinking"] is False and "think_closed" not in off and off["accuracy"] == 1.0
     assert rendered_with.count(False) == len(tasks)

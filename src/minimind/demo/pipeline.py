@@ -286,6 +286,9 @@ class TaskEval:
     The chat-tuned models are scored twice: with the default generation prompt (an empty, closed
     think block: thinking off) and with ``open_thinking`` (an open ``<think>`` block: the model
     writes its reasoning, closes the block and answers); the second is under ``[label]["thinking"]``.
+    The GRPO model's evaluations also carry ``vs_start``: its change from the model GRPO started from
+    on the kinds GRPO trained, item by item (:func:`minimind.eval.paired.paired_change`), so that the
+    report can say how far the lift stands from noise.
     """
 
     name = "task_eval"
@@ -306,7 +309,27 @@ class TaskEval:
                                     max_new_tokens=s.think_max_new_tokens, open_thinking=True)
                 on["samples"] = on["samples"][:60]
                 out[label]["thinking"] = on
+        _add_paired_change(out, rows, ctx.results.get("grpo", {}).get("kinds") or list(s.grpo_kinds))
+        for res in out.values():  # the per-item grades are read above, not kept in results.json
+            res.pop("correct", None)
+            res.get("thinking", {}).pop("correct", None)
         ctx.results[self.name] = out
+
+
+def _add_paired_change(out: dict[str, Any], rows: list[dict], kinds: list[str]) -> None:
+    """``out["grpo"][...]["vs_start"]``: the GRPO model against its start (DPO, else SFT) on the
+    items of the GRPO-trained ``kinds``, thinking off and on, item by item, problems as the clusters."""
+    from minimind.eval.paired import paired_change
+    from minimind.eval.tasks import problem_key
+    start = next((k for k in ("dpo", "sft") if k in out), None)
+    if start is None or "grpo" not in out:
+        return
+    idx = [i for i, r in enumerate(rows) if r.get("kind") in kinds]
+    problems = [problem_key(rows[i]) for i in idx]
+    for before, after in ((out[start], out["grpo"]), (out[start].get("thinking"), out["grpo"].get("thinking"))):
+        if before is not None and after is not None:
+            change = paired_change([before["correct"][i] for i in idx], [after["correct"][i] for i in idx], problems)
+            after["vs_start"] = {"start": start, "kinds": list(kinds), **change.to_dict()}
 
 
 DEFAULT_STEPS: list[DemoStep] = [BuildCorpus(), TrainTokenizer(), Pretrain(), SupervisedFinetune(), PreferenceTuning(),

@@ -136,6 +136,8 @@ def _grpo_section(ctx: Any, g: dict[str, Any], task_eval: dict[str, Any]) -> lis
             lines.append(f"| greedy, {name}: exact accuracy ({n_items} items) | {kinds_acc(b):.3f} | "
                          f"**{kinds_acc(a):.3f}** |")
             lines += [f"| … {k} | {b['per_kind'].get(k, 0):.3f} | {a['per_kind'].get(k, 0):.3f} |" for k in g["kinds"]]
+            if a.get("vs_start"):
+                lines.append(_paired_row(a["vs_start"]))
         others = [k for k in after["per_kind"] if k not in g["kinds"]]
         if others:
             drops = ", ".join(f"{k} {before['per_kind'].get(k, 0):.2f} → {after['per_kind'][k]:.2f}" for k in others)
@@ -151,6 +153,14 @@ def _grpo_section(ctx: Any, g: dict[str, Any], task_eval: dict[str, Any]) -> lis
                            title="GRPO: mean reward of the sampled answers per step")
         lines += [f"![GRPO reward]({png.name})", ""]
     return lines
+
+
+def _paired_row(c: dict[str, Any]) -> str:
+    """The item-by-item change as a table row: how far the lift stands from noise."""
+    return (f"| … item by item: fixed / broken of {c['n']}, change ± standard error in points (items as "
+            f"draws / the {c['problems']} distinct problems as draws), exact McNemar p | | {c['fixed']} / "
+            f"{c['broken']}: {100 * c['delta']:+.1f} ± {100 * c['se']:.1f} / ± {100 * c['se_problems']:.1f}, "
+            f"p {c['mcnemar_p']:.3f} |")
 
 
 def _thinking_table(t: dict[str, Any]) -> list[str]:

@@ -38,6 +38,12 @@ def prompt_of(row: dict[str, Any]) -> tuple[list[dict], list | None]:
     return conv, tools
 
 
+def problem_key(row: dict[str, Any]) -> str:
+    """The problem an item asks (its task key; else its prompt): items of one key are one problem in
+    other words."""
+    return row.get("key") or json.dumps(prompt_of(row)[0], ensure_ascii=False)
+
+
 def evaluate_tasks(engine: GenerationEngine, tokenizer: Any, rows: Sequence[dict[str, Any]],
                    checker: Callable[[str, Any, str], bool], max_new_tokens: int = 96,
                    batch_size: int = 16,
@@ -45,6 +51,8 @@ def evaluate_tasks(engine: GenerationEngine, tokenizer: Any, rows: Sequence[dict
                    open_thinking: bool = False) -> dict[str, Any]:
     """Greedy-decode every row (chat template, generation prompt) and report accuracy overall and
     per ``kind``; with ``format_checker(kind, text)`` also the share of well-formed answers.
+    ``correct`` lists each row's grade (1/0) in order, for item-by-item comparisons of two models
+    (:func:`minimind.eval.paired.paired_change`).
 
     Every model gets the same rendered prompts, so comparing a pretrained and an SFT model
     isolates what SFT taught, not prompt engineering.  ``open_thinking`` renders the generation
@@ -63,6 +71,7 @@ def evaluate_tasks(engine: GenerationEngine, tokenizer: Any, rows: Sequence[dict
     closed: list[bool] = []
     reasoned: dict[str, list[bool]] = defaultdict(list)
     samples = []
+    correct: list[int] = []  # per row, in order: what a paired before/after comparison needs
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         prompts = []
@@ -82,7 +91,8 @@ def evaluate_tasks(engine: GenerationEngine, tokenizer: Any, rows: Sequence[dict
             # with thinking on, a reply that never closes its think block has no answer outside it
             ok = bool(checker(row.get("kind", ""), row.get("gt"), text)) and (not open_thinking or "</think>" in text)
             per_kind[row.get("kind", "")].append(ok)
-            keys[row.get("kind", "")].add(row.get("key") or json.dumps(prompt_of(row)[0], ensure_ascii=False))
+            keys[row.get("kind", "")].add(problem_key(row))
+            correct.append(int(ok))
             if format_checker is not None:
                 fmt_kind[row.get("kind", "")].append(bool(format_checker(row.get("kind", ""), text)))
             if len(samples) < 400:
@@ -94,7 +104,7 @@ def evaluate_tasks(engine: GenerationEngine, tokenizer: Any, rows: Sequence[dict
            "n": total, "n_per_kind": {k: len(v) for k, v in sorted(per_kind.items())},
            # a kind with few possible problems repeats them in other words (single-digit arithmetic:
            # 100 held-out items, 24 problems): its accuracy moves in steps of one problem, not one item
-           "distinct_per_kind": {k: len(v) for k, v in sorted(keys.items())}, "samples": samples,
+           "distinct_per_kind": {k: len(v) for k, v in sorted(keys.items())}, "samples": samples, "correct": correct,
            "open_thinking": open_thinking}
     if open_thinking:
         out["think_closed"] = sum(closed) / max(len(closed), 1)
