@@ -108,5 +108,6 @@ def main() -> None:
                        "max_gen_len 2, T 1", "device": args.device, "dtype": args.dtype, "lr": args.lr,
                "environment": environment(torch.device(args.device)), "results": results}, args.json or None)
 
+
 if __name__ == "__main__":
     main()
