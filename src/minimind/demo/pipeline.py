@@ -310,26 +310,26 @@ class TaskEval:
                 on["samples"] = on["samples"][:60]
                 out[label]["thinking"] = on
         _add_paired_change(out, rows, ctx.results.get("grpo", {}).get("kinds") or list(s.grpo_kinds))
-        for res in out.values():  # the per-item grades are read above, not kept in results.json
-            res.pop("correct", None)
-            res.get("thinking", {}).pop("correct", None)
         ctx.results[self.name] = out
 
 
 def _add_paired_change(out: dict[str, Any], rows: list[dict], kinds: list[str]) -> None:
     """``out["grpo"][...]["vs_start"]``: the GRPO model against its start (DPO, else SFT) on the
-    items of the GRPO-trained ``kinds``, thinking off and on, item by item, problems as the clusters."""
+    items of the GRPO-trained ``kinds``, thinking off and on, item by item, problems as the clusters.
+    The per-item grades (``correct``) are consumed here: results.json keeps only the comparison."""
     from minimind.eval.paired import paired_change
     from minimind.eval.tasks import problem_key
     start = next((k for k in ("dpo", "sft") if k in out), None)
-    if start is None or "grpo" not in out:
-        return
-    idx = [i for i, r in enumerate(rows) if r.get("kind") in kinds]
-    problems = [problem_key(rows[i]) for i in idx]
-    for before, after in ((out[start], out["grpo"]), (out[start].get("thinking"), out["grpo"].get("thinking"))):
-        if before is not None and after is not None:
-            change = paired_change([before["correct"][i] for i in idx], [after["correct"][i] for i in idx], problems)
-            after["vs_start"] = {"start": start, "kinds": list(kinds), **change.to_dict()}
+    if start is not None and "grpo" in out:
+        idx = [i for i, r in enumerate(rows) if r.get("kind") in kinds]
+        problems = [problem_key(rows[i]) for i in idx]
+        for b, a in ((out[start], out["grpo"]), (out[start].get("thinking"), out["grpo"].get("thinking"))):
+            if b is not None and a is not None:
+                change = paired_change([b["correct"][i] for i in idx], [a["correct"][i] for i in idx], problems)
+                a["vs_start"] = {"start": start, "kinds": list(kinds), **change.to_dict()}
+    for res in out.values():
+        for graded in (res, res.get("thinking", {})):
+            graded.pop("correct", None)
 
 
 DEFAULT_STEPS: list[DemoStep] = [BuildCorpus(), TrainTokenizer(), Pretrain(), SupervisedFinetune(), PreferenceTuning(),
